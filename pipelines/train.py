@@ -1,0 +1,230 @@
+"""The training job: validate, tune, refit, profile, log and register one model version."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import requests
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from sklearn.model_selection import train_test_split
+
+from monitoring import profile as baseline
+from pipelines import keras_family, sklearn_family
+from pipelines.data import DEMO_DATA, TrainingData, load_training_data
+from pipelines.errors import UserError
+from pipelines.metrics import SCORERS, TASK_METRICS, resolve_metric
+from pipelines.preprocess import with_preprocessing
+from pipelines.pyfunc_model import TabularModel
+from pipelines.tune import SearchResult, search
+
+FAMILIES = ("sklearn", "keras")
+VALIDATION_FRACTION = 0.25
+INPUT_EXAMPLE_ROWS = 5
+TAG_PREFIX = "flowline."
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The MLproject's parameters, with their defaults."""
+
+    data: str = "demo"
+    target: str = ""
+    task: str = "auto"
+    family: str = "sklearn"
+    max_evals: int = 20
+    metric: str = ""
+    registered_model: str = ""
+    test_size: float = 0.2
+    seed: int = 42
+    epochs: int = keras_family.DEFAULT_EPOCHS
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Reject parameter values that cannot work, before any data is read."""
+    if config.family not in FAMILIES:
+        raise UserError(f"unknown family '{config.family}': use one of {', '.join(FAMILIES)}")
+    if config.max_evals < 1:
+        raise UserError(f"max_evals must be at least 1 (got {config.max_evals})")
+    if not 0.0 < config.test_size < 1.0:
+        raise UserError(f"test_size must be between 0 and 1 (got {config.test_size})")
+    if config.epochs < 1:
+        raise UserError(f"epochs must be at least 1 (got {config.epochs})")
+
+
+def check_tracking_server(uri: str) -> None:
+    """Fail fast, in one line, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise UserError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); "
+            "start one with `flowline server` or set MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def default_model_name(config: TrainConfig, data: TrainingData) -> str:
+    """``registered_model`` if given, else a name derived from the data file."""
+    if config.registered_model:
+        return config.registered_model
+    if data.source == DEMO_DATA:
+        return "flowline-demo"
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in data.source.stem)
+
+
+def _estimator_factory(config: TrainConfig, task: str) -> tuple[Any, Callable[[dict], Any]]:
+    if config.family == "keras":
+        return keras_family.search_space(task), lambda p: keras_family.build_estimator(
+            p, task, config.seed, config.epochs
+        )
+    return sklearn_family.search_space(task), lambda p: sklearn_family.build_estimator(
+        p, task, config.seed
+    )
+
+
+def _split(data: TrainingData, size: float, seed: int) -> list[Any]:
+    stratify = data.target if data.task == "classification" else None
+    try:
+        return train_test_split(
+            data.features, data.target, test_size=size, random_state=seed, stratify=stratify
+        )
+    except ValueError as exc:
+        raise UserError(f"cannot split the data for training: {exc}") from None
+
+
+def _signature(features: pd.DataFrame, predictions: Any) -> ModelSignature:
+    # Built from the normalised dtypes rather than inferred, so every column is exact.
+    inputs = Schema(
+        [
+            ColSpec("double" if pd.api.types.is_float_dtype(col) else "string", name)
+            for name, col in features.items()
+        ]
+    )
+    outputs = infer_signature(features.head(1), predictions).outputs
+    params = ParamSchema([ParamSpec("predict_method", "string", "predict")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _requirements(family: str) -> list[str]:
+    packages = ["mlflow", "scikit-learn", "pandas", "numpy", "cloudpickle"]
+    if family == "keras":
+        packages += ["tensorflow-cpu", "keras"]
+    return [f"{name}=={version(name)}" for name in packages]
+
+
+def _log_search(result: SearchResult, metric: str) -> None:
+    mlflow.log_params(
+        {f"best.{k}": "None" if v is None else str(v) for k, v in result.best_params.items()}
+    )
+    mlflow.log_metric(f"best_val_{metric}", result.best_score)
+    failed = sum(r.status == "failed" for r in result.trials)
+    mlflow.log_metrics({"trials_total": len(result.trials), "trials_failed": failed})
+    rows = [
+        {**{k: v for k, v in asdict(r).items() if k != "params"}, **r.params} for r in result.trials
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "trials.csv")
+        pd.DataFrame(rows).to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+
+
+def _log_project_params(config: TrainConfig) -> None:
+    # `mlflow run` has already logged the parameters it was given; log only the rest.
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: str(v) for k, v in asdict(config).items() if k not in existing})
+
+
+def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVersion:
+    """Run the whole job and return the registered model version.
+
+    Every check that can fail on the user's input runs before the first MLflow write,
+    so bad input never leaves a half-registered version behind.
+    """
+    validate_config(config)
+    data = load_training_data(config.data, config.target, config.task)
+    metric = resolve_metric(config.metric, data.task)
+    check_tracking_server(mlflow.get_tracking_uri())
+    name = default_model_name(config, data)
+    X_train, X_test, y_train, y_test = _split(data, config.test_size, config.seed)
+    X_fit, X_val, y_fit, y_val = _split(
+        TrainingData(X_train, y_train, data.task, data.fingerprint, data.source),
+        VALIDATION_FRACTION,
+        config.seed,
+    )
+    space, make_estimator = _estimator_factory(config, data.task)
+    scorer = SCORERS[data.task]
+
+    def evaluate(params: dict[str, Any]) -> float:
+        pipeline = with_preprocessing(X_fit, make_estimator(params)).fit(X_fit, y_fit)
+        return scorer(pipeline, X_val, y_val)[metric]
+
+    report(
+        f"training {config.family} {data.task} on {data.source.name}: {len(data.features)} rows, "
+        f"{data.features.shape[1]} features, target '{data.target.name}', metric {metric}, "
+        f"{config.max_evals} trials"
+    )
+    with mlflow.start_run(run_name=f"tune-{config.family}") as parent:
+        _log_project_params(config)
+        mlflow.set_tags(
+            {
+                f"{TAG_PREFIX}task": data.task,
+                f"{TAG_PREFIX}family": config.family,
+                f"{TAG_PREFIX}metric": metric,
+                f"{TAG_PREFIX}data_fingerprint": data.fingerprint,
+            }
+        )
+        try:
+            result = search(space, evaluate, metric, config.max_evals, config.seed, report)
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from None
+        _log_search(result, metric)
+
+        pipeline = with_preprocessing(X_train, make_estimator(result.best_params))
+        pipeline.fit(X_train, y_train)
+        test_scores = scorer(pipeline, X_test, y_test)
+        mlflow.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
+        train_predictions = pipeline.predict(X_train)
+        with tempfile.TemporaryDirectory() as tmp:
+            profile_path = os.path.join(tmp, baseline.FILE_NAME)
+            Path(profile_path).write_text(
+                baseline.dumps(baseline.build_profile(X_train, train_predictions))
+            )
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=TabularModel(pipeline, data.task),
+                artifacts={"baseline": profile_path},
+                signature=_signature(X_train, train_predictions),
+                input_example=X_train.head(INPUT_EXAMPLE_ROWS),
+                pip_requirements=_requirements(config.family),
+                code_paths=[str(Path(__file__).resolve().parent)],
+            )
+        version_ = mlflow.register_model(
+            info.model_uri,
+            name,
+            tags={
+                f"{TAG_PREFIX}family": config.family,
+                f"{TAG_PREFIX}task": data.task,
+                f"{TAG_PREFIX}metric": metric,
+                f"{TAG_PREFIX}metric_value": f"{test_scores[metric]:.6g}",
+                f"{TAG_PREFIX}data_fingerprint": data.fingerprint,
+                f"{TAG_PREFIX}training_rows": str(len(X_train)),
+                f"{TAG_PREFIX}parent_run_id": parent.info.run_id,
+                f"{TAG_PREFIX}baseline": f"artifacts/{baseline.FILE_NAME}",
+            },
+        )
+        mlflow.set_tag(f"{TAG_PREFIX}registered_version", f"{name}/{version_.version}")
+    scores = ", ".join(f"{k}={test_scores[k]:.4f}" for k in TASK_METRICS[data.task])
+    report(f"registered {name} version {version_.version} (test {scores})")
+    return version_

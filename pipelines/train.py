@@ -146,14 +146,21 @@ def _log_project_params(config: TrainConfig) -> None:
     mlflow.log_params({k: str(v) for k, v in asdict(config).items() if k not in existing})
 
 
+def preflight(config: TrainConfig) -> TrainingData:
+    """Every check on the user's input, without touching MLflow."""
+    validate_config(config)
+    data = load_training_data(config.data, config.target, config.task)
+    resolve_metric(config.metric, data.task)
+    return data
+
+
 def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVersion:
     """Run the whole job and return the registered model version.
 
     Every check that can fail on the user's input runs before the first MLflow write,
     so bad input never leaves a half-registered version behind.
     """
-    validate_config(config)
-    data = load_training_data(config.data, config.target, config.task)
+    data = preflight(config)
     metric = resolve_metric(config.metric, data.task)
     check_tracking_server(mlflow.get_tracking_uri())
     name = default_model_name(config, data)

@@ -11,6 +11,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from hyperopt import STATUS_FAIL, STATUS_OK, Trials, fmin, tpe
+from hyperopt.exceptions import AllTrialsFailed
 from mlflow.entities import RunStatus
 
 from pipelines.metrics import GREATER_IS_BETTER
@@ -89,16 +90,19 @@ def search(
         )
         return {"status": STATUS_OK, "loss": sign * score}
 
-    trials = Trials()
-    fmin(
-        objective,
-        space,
-        algo=tpe.suggest,
-        max_evals=max_evals,
-        trials=trials,
-        rstate=np.random.default_rng(seed),
-        show_progressbar=False,
-    )
+    try:
+        fmin(
+            objective,
+            space,
+            algo=tpe.suggest,
+            max_evals=max_evals,
+            trials=Trials(),
+            rstate=np.random.default_rng(seed),
+            show_progressbar=False,
+        )
+    except AllTrialsFailed:
+        pass  # reported below with the last trial's error
+
     ok = [r for r in records if r.score is not None]
     if not ok:
         raise RuntimeError(f"all {len(records)} trials failed; last error: {records[-1].error}")

@@ -1,0 +1,122 @@
+"""Child processes in their own process groups, with health polling and clean stops.
+
+Every server flowline starts (tracking server, scoring replicas) goes through here so
+that a stop always reaches the whole group, including workers the child forked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import requests
+
+STOP_GRACE_SECONDS = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something already listens on ``host:port``."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+@dataclass
+class ManagedProcess:
+    """A child process started in a new session, so it and its children stop together."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str] | None = None
+    log_path: Path | None = None
+    cwd: Path | None = None
+    popen: subprocess.Popen | None = field(default=None, init=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> ManagedProcess:
+        """Start the process; its output goes to ``log_path`` (or is discarded)."""
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            list(self.argv),
+            env=dict(self.env) if self.env is not None else None,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The child's process id (also its process-group id)."""
+        assert self.popen is not None, "process not started"
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """True while the child has not exited."""
+        return self.popen is not None and self.popen.poll() is None
+
+    def wait_healthy(self, url: str, timeout: float) -> None:
+        """Poll ``url`` until it answers 200; raise if the child dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.argv[0]} exited with {self.popen.returncode}: {self.tail()}"
+                )
+            try:
+                response = requests.get(url, timeout=2)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                last = type(exc).__name__
+            time.sleep(0.2)
+        raise TimeoutError(f"{url} not healthy after {timeout:.0f}s ({last}): {self.tail()}")
+
+    def tail(self, lines: int = 5) -> str:
+        """The last lines of the child's log, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM the whole group, then SIGKILL what is left after ``grace`` seconds."""
+        if self.popen is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Workers forked by the child share its group; make sure none outlive it.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -1,0 +1,82 @@
+"""Shared fixtures: real tracking servers on SQLite and PostgreSQL, and project runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from flowline.tracking import TrackingServer
+from serving.processes import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+POSTGRES_ADMIN = os.environ.get(
+    "FLOWLINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: this venv first on PATH, quiet Python."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database; mandatory (never skipped) when CI=true."""
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI but unreachable at {POSTGRES_ADMIN}: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_ADMIN}")
+    name = f"flowline_test_{uuid.uuid4().hex[:10]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            base = POSTGRES_ADMIN.rsplit("/", 1)[0]
+            yield f"{base}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def tracking_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrackingServer]:
+    """A real `mlflow server` process on a free port, backed by SQLite or PostgreSQL."""
+    backend = request.getfixturevalue("postgres_database") if request.param == "postgres" else ""
+    home = tmp_path_factory.mktemp(f"home-{request.param}")
+    server = TrackingServer(home=home, port=free_port(), backend_store_uri=backend, workers=1)
+    process = server.start()
+    try:
+        yield server
+    finally:
+        process.stop()
+
+
+def mlflow_run(
+    tracking_uri: str, timeout: float = 600, **params: object
+) -> subprocess.CompletedProcess:
+    """`mlflow run <repo> -e main --env-manager local -P k=v ...` as a real subprocess."""
+    argv = [str(BIN / "mlflow"), "run", str(REPO), "-e", "main", "--env-manager", "local"]
+    for key, value in params.items():
+        argv += ["-P", f"{key}={value}"]
+    return subprocess.run(
+        argv,
+        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_uri),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,159 @@
+"""Bad input: one clear line, a non-zero exit, no traceback and no model version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.processes import free_port
+from projects.train import main as train_main
+from tests.conftest import BIN, REPO, mlflow_run, subprocess_env
+
+
+def _write(tmp_path: Path, frame: pd.DataFrame, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _frame(n: int = 40) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "a": rng.normal(size=n),
+            "b": rng.choice(["x", "y"], n),
+            "label": rng.choice(["p", "q"], n),
+        }
+    )
+
+
+def _train(uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "projects.train", *args],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+CASES = {
+    "missing file": (
+        lambda p: ["--data", str(p / "nope.csv"), "--target", "label"],
+        "data file not found",
+    ),
+    "unsupported format": (
+        lambda p: ["--data", str(_touch(p / "data.xlsx")), "--target", "label"],
+        "unsupported data format '.xlsx'",
+    ),
+    "unknown target": (
+        lambda p: ["--data", str(_write(p, _frame())), "--target", "nope"],
+        "target column 'nope' not found",
+    ),
+    "empty data": (
+        lambda p: ["--data", str(_write(p, _frame(0))), "--target", "label"],
+        "has no rows",
+    ),
+    "single class": (
+        lambda p: ["--data", str(_write(p, _frame().assign(label="p"))), "--target", "label"],
+        "has a single class ('p')",
+    ),
+    "non-numeric regression target": (
+        lambda p: ["--data", str(_write(p, _frame())), "--target", "label", "--task", "regression"],
+        "is not numeric, so task=regression",
+    ),
+    "all-null column": (
+        lambda p: ["--data", str(_write(p, _frame().assign(b=np.nan))), "--target", "label"],
+        "column(s) b contain only missing values",
+    ),
+    "max_evals below one": (
+        lambda p: ["--data", str(_write(p, _frame())), "--target", "label", "--max-evals", "0"],
+        "max_evals must be at least 1",
+    ),
+    "unreadable parquet": (
+        lambda p: ["--data", str(_touch(p / "data.parquet", b"garbage")), "--target", "label"],
+        "cannot read parquet file",
+    ),
+}
+
+
+def _touch(path: Path, content: bytes = b"") -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _assert_one_clear_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("flowline: error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_registers_nothing(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    make_args, expected = CASES[case]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # In-process for speed; the subprocess tests below cover the real command line.
+    code = train_main(make_args(tmp_path))
+    captured = capsys.readouterr()
+    _assert_one_clear_line(
+        subprocess.CompletedProcess([], code, captured.out, captured.err), expected
+    )
+    if (tmp_path / "mlflow.db").exists():
+        client = mlflow.MlflowClient(uri)
+        assert client.search_model_versions() == []
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = _train(uri, "--max-evals", "1")
+    _assert_one_clear_line(result, f"cannot reach the MLflow tracking server at {uri}")
+
+
+def test_flowline_train_checks_server_before_mlflow_run(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [str(BIN / "flowline"), "train", "-P", "max_evals=1"],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _assert_one_clear_line(result, "cannot reach the MLflow tracking server")
+
+
+def test_flowline_train_checks_data_before_creating_a_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run(
+        [str(BIN / "flowline"), "train", "-P", f"data={tmp_path / 'nope.csv'}", "-P", "target=y"],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _assert_one_clear_line(result, "data file not found")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_through_mlflow_run_against_a_real_server(
+    tracking_server, tmp_path: Path
+) -> None:
+    data = _write(tmp_path, _frame().assign(label="p"))
+    result = mlflow_run(tracking_server.url, data=data, target="label", registered_model="bad")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "flowline: error: target 'label' has a single class ('p')" in result.stderr
+    client = mlflow.MlflowClient(tracking_server.url)
+    assert client.search_model_versions("name='bad'") == []

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import requests
 
 from flowline.config import Ports, home
+from flowline.platform import Platform
 from flowline.tracking import TrackingServer
 from serving.processes import port_in_use
 
@@ -82,34 +88,179 @@ def show_version(url: str, name: str) -> None:
     _say(f"see it in the UI: {url}/#/models/{name}/versions/{latest['version']}")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Start a tracking server, run the tuning project, show the registered version."""
-    server = _tracking_server(args)
-    process = None
-    if port_in_use(server.port, server.host):
-        _say(f"using the tracking server already listening at {server.url}")
-    else:
-        _say(f"starting MLflow tracking server on {server.backend_uri()}")
-        process = server.start()
+def _platform(args: argparse.Namespace) -> Platform:
+    ports = Ports(
+        tracking=args.port,
+        gateway=args.gateway_port,
+        controller=args.controller_port,
+        monitor=Ports().monitor,
+        replicas_from=args.replica_port_from,
+    )
+    return Platform(
+        home=home(), ports=ports, host=args.host, backend_store_uri=args.backend_store_uri,
+        replicas=args.replicas,
+    )  # fmt: skip
+
+
+def _start_platform(platform: Platform) -> bool:
+    busy = platform.busy_ports()
+    if busy:
+        _say(
+            f"port(s) {', '.join(map(str, busy))} already in use: is flowline already up? "
+            "(`flowline status`); choose other ports with --port/--gateway-port/--controller-port"
+        )
+        return False
+    _say(f"starting flowline (home {platform.home})")
     try:
-        _say(f"tracking server and UI: {server.url}")
-        env = dict(os.environ, MLFLOW_TRACKING_URI=server.url)
+        platform.start()
+    except (RuntimeError, TimeoutError) as exc:
+        _say(f"could not start: {exc}")
+        return False
+    for name, url in platform.urls().items():
+        _say(f"{name:<28} {url}")
+    return True
+
+
+def _supervise(platform: Platform) -> int:
+    """Wait for Ctrl-C (or a role dying), then stop everything."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    _say("press Ctrl-C to stop")
+    code = 0
+    while not stop.wait(1.0):
+        dead = platform.dead()
+        if dead:
+            _say(f"{', '.join(dead)} exited unexpectedly; see {platform.home / 'logs'}; stopping")
+            code = 1
+            break
+    _say("stopping")
+    platform.stop()
+    _say("stopped")
+    return code
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the whole platform and supervise it until Ctrl-C."""
+    platform = _platform(args)
+    if not _start_platform(platform):
+        return 1
+    return _supervise(platform)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what the controller and gateway report."""
+    platform = _platform(args)
+    try:
+        status = requests.get(
+            f"{platform.urls()['controller (GET /status)']}/status", timeout=5
+        ).json()
+    except requests.RequestException:
+        _say("the controller does not answer: is flowline up?")
+        return 1
+    print(json.dumps(status, indent=2))
+    return 0
+
+
+def _wait_until_served(gateway: str, name: str, version: str, timeout: float = 180) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            models = requests.get(f"{gateway}/models", timeout=5).json().get("models", [])
+            if any(m.get("name") == name and str(m.get("version")) == version for m in models):
+                return time.monotonic() - started
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{name} version {version} was not deployed within {timeout:.0f}s")
+
+
+def _curl(url: str, body_file: Path) -> None:
+    argv = [
+        "curl",
+        "-s",
+        "-X",
+        "POST",
+        url,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        f"@{body_file}",
+    ]
+    _say("$ " + " ".join(shlex.quote(a) for a in argv))
+    if shutil.which("curl"):
+        subprocess.run(argv + ["-i"], check=False)
+    else:
+        response = requests.post(
+            url,
+            data=body_file.read_bytes(),
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        print(response.status_code, response.text)
+    print(flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The full lifecycle: up, train and register, promote, score, show the deployment."""
+    from mlflow import MlflowClient
+
+    platform = _platform(args)
+    if not _start_platform(platform):
+        return 1
+    try:
+        tracking = platform.tracking.url
+        gateway = platform.urls()["gateway (POST /invocations)"]
+        env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         run = _mlflow_run_argv(
             {"family": args.family, "max_evals": str(args.max_evals)}, "flowline-demo"
         )
-        _say("$ " + " ".join(run[1:]))
+        _say("1/4 tune and register: $ " + " ".join(run[1:]))
         if subprocess.run(run, env=env, cwd=PROJECT_DIR).returncode != 0:
             _say("training failed; see the messages above")
+            platform.stop()
             return 1
-        show_version(server.url, "flowline-demo")
-        if process is not None and not args.exit:
-            _say("the tracking server keeps running; press Ctrl-C to stop it")
-            _wait_for_interrupt()
-    finally:
-        if process is not None:
-            process.stop()
-    return 0
+        client = MlflowClient(tracking, tracking)
+        latest = max(
+            client.search_model_versions("name='flowline-demo'"), key=lambda v: int(v.version)
+        )
+        show_version(tracking, "flowline-demo")
+        _say(
+            f"2/4 promote: alias 'production' -> version {latest.version} "
+            "(what 'Add alias' in the registry UI does)"
+        )
+        client.set_registered_model_alias("flowline-demo", "production", latest.version)
+        seconds = _wait_until_served(gateway, "flowline-demo", latest.version)
+        _say(f"version {latest.version} is serving on the gateway {seconds:.1f}s after promotion")
+        example = Path(
+            mlflow_artifacts_download(
+                tracking, f"models:/flowline-demo/{latest.version}/serving_input_example.json"
+            )
+        )
+        _say("3/4 score it:")
+        _curl(f"{gateway}/invocations", example)
+        _say("4/4 the deployment:")
+        print(json.dumps(requests.get(f"{gateway}/models", timeout=5).json(), indent=2), flush=True)
+        tags = client.get_model_version("flowline-demo", latest.version).tags
+        _say(f"flowline.deployment.status = {tags.get('flowline.deployment.status')}")
+        for name, url in platform.urls().items():
+            _say(f"{name:<28} {url}")
+        if args.exit:
+            platform.stop()
+            return 0
+    except BaseException:
+        platform.stop()
+        raise
+    return _supervise(platform)
+
+
+def mlflow_artifacts_download(tracking: str, uri: str) -> str:
+    """Download one artifact of a model version from ``tracking`` to a temporary folder."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp())
 
 
 def _mlflow_run_argv(params: dict[str, str], experiment: str | None = None) -> list[str]:
@@ -186,8 +337,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment-name", default=None)
     train.set_defaults(func=cmd_train)
 
-    demo = commands.add_parser("demo", help="train and register the demo model end to end")
-    server_options(demo)
+    def platform_options(sub: argparse.ArgumentParser) -> None:
+        server_options(sub)
+        defaults = Ports()
+        sub.add_argument("--gateway-port", type=int, default=defaults.gateway)
+        sub.add_argument("--controller-port", type=int, default=defaults.controller)
+        sub.add_argument("--replica-port-from", type=int, default=defaults.replicas_from)
+        sub.add_argument(
+            "--replicas",
+            type=int,
+            default=int(os.environ.get("FLOWLINE_REPLICAS", 1)),
+            help="scoring replicas per deployed version",
+        )
+
+    up = commands.add_parser("up", help="start the whole platform (Ctrl-C stops it)")
+    platform_options(up)
+    up.set_defaults(func=cmd_up)
+
+    status = commands.add_parser("status", help="show deployments and errors")
+    platform_options(status)
+    status.set_defaults(func=cmd_status)
+
+    demo = commands.add_parser(
+        "demo", help="the full lifecycle: up, train, promote, score, show the deployment"
+    )
+    platform_options(demo)
     demo.add_argument("--family", default="sklearn", choices=("sklearn", "keras"))
     demo.add_argument("--max-evals", type=int, default=20)
     demo.add_argument("--exit", action="store_true", help="stop the server when done")

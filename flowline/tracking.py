@@ -86,6 +86,9 @@ class TrackingServer:
                 "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                 "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
                 "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhook_encryption_key(self.home),
+                # The server caches the webhook list (60 s by default): a controller's new
+                # webhook should take effect within seconds, not a minute.
+                "MLFLOW_WEBHOOK_CACHE_TTL": os.environ.get("MLFLOW_WEBHOOK_CACHE_TTL", "5"),
                 # The venv's bin first, so the server's helpers are this install's.
                 "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
             }

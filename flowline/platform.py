@@ -1,0 +1,114 @@
+"""`flowline up`: the tracking server, gateway and controller as one supervised group."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowline.config import Ports
+from flowline.tracking import TrackingServer
+from serving.controller.app import persistent_secret
+from serving.processes import ManagedProcess, port_in_use
+
+START_TIMEOUT_SECONDS = 120.0
+
+
+@dataclass
+class Platform:
+    """Every role on one machine, started in dependency order and stopped in reverse."""
+
+    home: Path
+    ports: Ports = field(default_factory=Ports)
+    host: str = "127.0.0.1"
+    backend_store_uri: str = ""
+    replicas: int = 1
+    reconcile_interval: float = 5.0
+    processes: list[tuple[str, ManagedProcess]] = field(default_factory=list)
+
+    @property
+    def tracking(self) -> TrackingServer:
+        """The tracking server's settings."""
+        return TrackingServer(
+            home=self.home, host=self.host, port=self.ports.tracking,
+            backend_store_uri=self.backend_store_uri,
+        )  # fmt: skip
+
+    def urls(self) -> dict[str, str]:
+        """Every URL a user needs."""
+        return {
+            "tracking server and UI": self.tracking.url,
+            "gateway (POST /invocations)": f"http://{self.host}:{self.ports.gateway}",
+            "controller (GET /status)": f"http://{self.host}:{self.ports.controller}",
+        }
+
+    def _env(self) -> dict[str, str]:
+        bin_dir = os.path.dirname(sys.executable)
+        return dict(
+            os.environ,
+            MLFLOW_TRACKING_URI=self.tracking.url,
+            FLOWLINE_HOME=str(self.home),
+            FLOWLINE_ADMIN_TOKEN=persistent_secret(self.home / "admin-token"),
+            FLOWLINE_GATEWAY_URL=f"http://{self.host}:{self.ports.gateway}",
+            PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            PYTHONUNBUFFERED="1",
+        )
+
+    def _spawn(self, name: str, argv: list[str], health: str) -> None:
+        process = ManagedProcess(argv, env=self._env(), log_path=self.home / "logs" / f"{name}.log")
+        self.processes.append((name, process.start()))
+        process.wait_healthy(health, START_TIMEOUT_SECONDS)
+
+    def busy_ports(self) -> list[int]:
+        """Configured ports something else already listens on."""
+        wanted = [self.ports.tracking, self.ports.gateway, self.ports.controller]
+        return [port for port in wanted if port_in_use(port, self.host)]
+
+    def start(self) -> None:
+        """Start everything; on any failure stop what was started and re-raise."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        python = sys.executable
+        try:
+            tracking = self.tracking.process(self.home / "logs" / "tracking.log")
+            self.processes.append(("tracking", tracking.start()))
+            tracking.wait_healthy(f"{self.tracking.url}/health", START_TIMEOUT_SECONDS)
+            gateway = f"http://{self.host}:{self.ports.gateway}"
+            self._spawn(
+                "gateway",
+                [
+                    python,
+                    "-m",
+                    "serving.gateway",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.ports.gateway),
+                ],
+                f"{gateway}/ping",
+            )
+            controller = f"http://{self.host}:{self.ports.controller}"
+            self._spawn(
+                "controller",
+                [
+                    python, "-m", "serving.controller", "--host", self.host,
+                    "--port", str(self.ports.controller), "--home", str(self.home),
+                    "--replicas", str(self.replicas),
+                    "--replica-port-from", str(self.ports.replicas_from),
+                    "--interval", str(self.reconcile_interval),
+                ],
+                f"{controller}/health",
+            )  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop in reverse order: the controller first, so it can stop its replicas."""
+        while self.processes:
+            _, process = self.processes.pop()
+            process.stop(grace=30.0)
+
+    def dead(self) -> list[str]:
+        """Names of roles whose process has exited."""
+        return [name for name, process in self.processes if not process.alive()]

@@ -1,0 +1,176 @@
+"""The default backend: each replica is a local `mlflow models serve` process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from serving.backends.base import BackendError, Replica
+from serving.processes import ManagedProcess, port_in_use
+
+STARTUP_TIMEOUT_SECONDS = 120.0
+
+
+class LocalProcessBackend:
+    """Runs replicas as child processes on consecutive free loopback ports."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        state_dir: Path,
+        host: str = "127.0.0.1",
+        port_from: int = 9000,
+        env_manager: str = "local",
+        workers: int = 1,
+        startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.state_dir = state_dir
+        self.host = host
+        self.port_from = port_from
+        self.env_manager = env_manager
+        self.workers = workers
+        self.startup_timeout = startup_timeout
+        self._used_ports: set[int] = set()
+        self._lock = threading.Lock()
+        self._live: dict[str, Replica] = {}
+        (state_dir / "replicas").mkdir(parents=True, exist_ok=True)
+
+    def _take_port(self) -> int:
+        with self._lock:
+            port = self.port_from
+            while port in self._used_ports or port_in_use(port, self.host):
+                port += 1
+            self._used_ports.add(port)
+            return port
+
+    def _pidfile(self, port: int) -> Path:
+        return self.state_dir / "replicas" / f"{port}.json"
+
+    def start_replica(self, model: str, version: str, model_uri: str) -> Replica:
+        """Start ``mlflow models serve`` for ``model_uri`` and wait for ``/ping``."""
+        port = self._take_port()
+        bin_dir = os.path.dirname(sys.executable)
+        argv = [
+            os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri,
+            "--env-manager", self.env_manager, "-h", self.host, "-p", str(port),
+            "-w", str(self.workers),
+        ]  # fmt: skip
+        # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: use this venv's.
+        env = dict(
+            os.environ,
+            MLFLOW_TRACKING_URI=self.tracking_uri,
+            PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        )
+        log = self.state_dir / "logs" / f"replica-{model}-{version}-{port}.log"
+        process = ManagedProcess(argv, env=env, log_path=log).start()
+        self._pidfile(port).write_text(
+            json.dumps({"pid": process.pid, "model": model, "version": version})
+        )
+        replica = Replica(model, version, f"http://{self.host}:{port}", process)
+        try:
+            process.wait_healthy(f"{replica.url}/ping", self.startup_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop_replica(replica)
+            raise BackendError(f"replica of {model}/{version} failed to start: {exc}") from None
+        with self._lock:
+            self._live[replica.url] = replica
+        return replica
+
+    def is_alive(self, replica: Replica) -> bool:
+        """True while the replica's process has not exited."""
+        return replica.handle is not None and replica.handle.alive()
+
+    def stop_replica(self, replica: Replica) -> None:
+        """Stop the replica's whole process group and release its port."""
+        if replica.handle is not None:
+            replica.handle.stop()
+        port = int(replica.url.rsplit(":", 1)[1])
+        self._pidfile(port).unlink(missing_ok=True)
+        with self._lock:
+            self._live.pop(replica.url, None)
+            self._used_ports.discard(port)
+
+    def stop_all(self) -> None:
+        """Stop every replica started by this backend."""
+        with self._lock:
+            replicas = list(self._live.values())
+        for replica in replicas:
+            self.stop_replica(replica)
+
+    def adopt_running(self) -> list[Replica]:
+        """Replicas left running by a controller that died without stopping them.
+
+        A restarted controller takes them over instead of restarting them, so the
+        gateway keeps serving across the restart. Each pid file is checked against the
+        process's command line (a recycled pid is never touched) and against ``/ping``.
+        """
+        adopted = []
+        for pidfile in (self.state_dir / "replicas").glob("*.json"):
+            port = int(pidfile.stem)
+            try:
+                record = json.loads(pidfile.read_text())
+                pid = int(record["pid"])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except (OSError, ValueError, KeyError):
+                pidfile.unlink(missing_ok=True)
+                continue
+            if b"models serve" not in cmdline:
+                pidfile.unlink(missing_ok=True)
+                continue
+            replica = Replica(
+                record["model"],
+                record["version"],
+                f"http://{self.host}:{port}",
+                AdoptedProcess(pid),
+            )
+            if not _pings(replica.url):
+                self.stop_replica(replica)
+                continue
+            with self._lock:
+                self._used_ports.add(port)
+                self._live[replica.url] = replica
+            adopted.append(replica)
+        return adopted
+
+
+def _pings(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/ping", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class AdoptedProcess:
+    """A replica process found running from an earlier controller, known only by its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def alive(self) -> bool:
+        """True while the process exists and is not a zombie."""
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().split(") ", 1)[1][0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL it if it outlives ``grace`` seconds."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + grace
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self.alive():
+                return

@@ -1,0 +1,1 @@
+"""The deployment controller: converges serving to the MLflow registry's production versions."""

@@ -1,0 +1,75 @@
+"""``python -m serving.controller``: run the deployment controller (settings from FLOWLINE_*)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+from mlflow import MlflowClient
+
+from serving.backends.local import LocalProcessBackend
+from serving.controller.app import (
+    WEBHOOK_PATH,
+    build_app,
+    env_float,
+    persistent_secret,
+    register_webhook_safely,
+)
+from serving.controller.gateway_client import GatewayClient
+from serving.controller.reconciler import Reconciler
+from serving.controller.webhooks import WebhookVerifier
+
+
+def main() -> None:
+    """Parse options, wire the backend, gateway client and loop, and serve."""
+    parser = argparse.ArgumentParser(description="flowline deployment controller")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("FLOWLINE_CONTROLLER_PORT", 8081))
+    )
+    parser.add_argument(
+        "--gateway-url", default=os.environ.get("FLOWLINE_GATEWAY_URL", "http://127.0.0.1:8080")
+    )
+    parser.add_argument("--home", default=os.environ.get("FLOWLINE_HOME", ".flowline"))
+    parser.add_argument("--replicas", type=int, default=int(os.environ.get("FLOWLINE_REPLICAS", 1)))
+    parser.add_argument(
+        "--replica-port-from",
+        type=int,
+        default=int(os.environ.get("FLOWLINE_REPLICA_PORT_FROM", 9000)),
+    )
+    parser.add_argument("--env-manager", default=os.environ.get("FLOWLINE_ENV_MANAGER", "local"))
+    parser.add_argument(
+        "--interval", type=float, default=env_float("FLOWLINE_RECONCILE_INTERVAL_S", 5.0)
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    home = Path(args.home).resolve()
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri, tracking_uri)
+    backend = LocalProcessBackend(
+        tracking_uri, home, port_from=args.replica_port_from, env_manager=args.env_manager
+    )
+    admin_token = os.environ.get("FLOWLINE_ADMIN_TOKEN") or persistent_secret(home / "admin-token")
+    reconciler = Reconciler(
+        client, backend, GatewayClient(args.gateway_url, admin_token), replicas=args.replicas
+    )
+    secret = persistent_secret(home / "webhook-secret")
+    url = f"http://{args.host}:{args.port}{WEBHOOK_PATH}"
+    app = build_app(
+        reconciler,
+        WebhookVerifier(secret),
+        args.interval,
+        on_start=[
+            lambda: reconciler.adopt(backend.adopt_running()),
+            lambda: register_webhook_safely(client, url, secret),
+        ],
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

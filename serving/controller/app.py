@@ -1,0 +1,155 @@
+"""The controller process: webhook receiver, status API and the reconcile loop.
+
+``python -m serving.controller`` runs it; `flowline up` starts it with everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.controller.desired import PRODUCTION_ALIAS
+from serving.controller.reconciler import Reconciler
+from serving.controller.webhooks import ALIAS_EVENTS, WebhookRejected, WebhookVerifier
+
+log = logging.getLogger("flowline.controller")
+WEBHOOK_NAME = "flowline-controller"
+WEBHOOK_PATH = "/webhooks/mlflow"
+
+
+def persistent_secret(path: Path) -> str:
+    """A random secret kept in ``path``: stable across restarts, created on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def ensure_webhook(client: MlflowClient, url: str, secret: str) -> str:
+    """Register (or repair) the controller's alias webhook in the registry; return its id."""
+    for hook in client.list_webhooks():
+        if hook.name == WEBHOOK_NAME:
+            client.update_webhook(
+                hook.webhook_id, url=url, events=list(ALIAS_EVENTS), secret=secret, status="ACTIVE"
+            )
+            return hook.webhook_id
+    hook = client.create_webhook(
+        name=WEBHOOK_NAME,
+        url=url,
+        events=list(ALIAS_EVENTS),
+        secret=secret,
+        description="flowline: deploy on alias 'production'",
+    )
+    return hook.webhook_id
+
+
+@dataclass
+class LoopControl:
+    """Wakes the reconcile loop early (a webhook arrived) and stops it."""
+
+    wake: threading.Event
+    stop: threading.Event
+
+
+def run_loop(reconciler: Reconciler, control: LoopControl, interval: float) -> None:
+    """Reconcile every ``interval`` seconds, or at once when woken."""
+    while not control.stop.is_set():
+        try:
+            reconciler.reconcile()
+        except Exception:  # a failing pass (registry down, say) must not end the loop
+            log.exception("reconcile pass failed; retrying in %.0fs", interval)
+        control.wake.wait(interval)
+        control.wake.clear()
+
+
+def build_app(
+    reconciler: Reconciler,
+    verifier: WebhookVerifier,
+    interval: float,
+    on_start: list | None = None,
+) -> Starlette:
+    """The controller's HTTP app; the reconcile loop lives as long as the app."""
+    control = LoopControl(threading.Event(), threading.Event())
+
+    async def webhook(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            verifier.verify({k.lower(): v for k, v in request.headers.items()}, body)
+            event = json.loads(body)
+        except WebhookRejected as exc:
+            log.warning("rejected webhook delivery: %s", exc.reason)
+            return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        except ValueError:
+            return JSONResponse({"error": "body is not JSON"}, status_code=400)
+        name = f"{event.get('entity')}.{event.get('action')}"
+        data = event.get("data") or {}
+        log.info("webhook %s %s", name, {k: data.get(k) for k in ("name", "alias", "version")})
+        if name in ALIAS_EVENTS and data.get("alias") == PRODUCTION_ALIAS:
+            if name.endswith(".created") and data.get("name") and data.get("version"):
+                reconciler.retry(str(data["name"]), str(data["version"]))
+            control.wake.set()
+        return JSONResponse({"accepted": name})
+
+    async def status(_: Request) -> JSONResponse:
+        return JSONResponse(reconciler.status())
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "last_reconcile": reconciler.last_pass})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        for hook in on_start or []:
+            hook()
+        thread = threading.Thread(
+            target=run_loop, args=(reconciler, control, interval), name="reconcile", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            control.stop.set()
+            control.wake.set()
+            thread.join(timeout=60)
+            reconciler.stop_all()
+
+    return Starlette(
+        routes=[
+            Route(WEBHOOK_PATH, webhook, methods=["POST"]),
+            Route("/status", status, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def register_webhook_safely(client: MlflowClient, url: str, secret: str) -> None:
+    """Register the webhook, or explain why promotion will wait for the reconcile loop."""
+    try:
+        ensure_webhook(client, url, secret)
+        log.info("registry webhook -> %s", url)
+    except MlflowException as exc:
+        log.warning(
+            "could not register the registry webhook (%s); the reconcile loop still "
+            "deploys promotions, within its interval",
+            str(exc).splitlines()[0],
+        )
+
+
+def env_float(name: str, default: float) -> float:
+    """A float setting from the environment."""
+    return float(os.environ.get(name, default))

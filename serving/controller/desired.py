@@ -1,0 +1,34 @@
+"""Desired state: which version of each registered model should serve, read from the registry.
+
+The registry is the only source of truth. A version is wanted in production when it
+carries the alias ``production``; failing that, the version in the legacy stage
+``Production`` (stages fire no webhook, so the reconcile loop is what notices them).
+"""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+
+PRODUCTION_ALIAS = "production"
+PRODUCTION_STAGE = "Production"
+
+
+def desired_versions(client: MlflowClient) -> dict[str, str]:
+    """{registered model name: version to serve} for every model promoted to production."""
+    wanted: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_registered_models(max_results=200, page_token=token)
+        for model in page:
+            version = model.aliases.get(PRODUCTION_ALIAS) if model.aliases else None
+            if version is None:
+                staged = [
+                    v for v in model.latest_versions or [] if v.current_stage == PRODUCTION_STAGE
+                ]
+                if staged:
+                    version = max(staged, key=lambda v: int(v.version)).version
+            if version is not None:
+                wanted[model.name] = str(version)
+        token = page.token
+        if not token:
+            return wanted

@@ -1,0 +1,72 @@
+"""The controller's client for the gateway's admin API (see docs/gateway.md)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+
+from serving.gateway.routes import Deployment
+
+
+class GatewayError(RuntimeError):
+    """The gateway refused or did not answer an admin call."""
+
+
+class GatewayClient:
+    """PUT/DELETE deployments, read routes and in-flight counts, with the admin token."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(
+                method, f"{self.base_url}{path}", timeout=self.timeout, **kwargs
+            )
+        except requests.RequestException as exc:
+            raise GatewayError(
+                f"gateway unreachable at {self.base_url}: {type(exc).__name__}"
+            ) from None
+        if response.status_code >= 400 and not (method == "DELETE" and response.status_code == 404):
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise GatewayError(f"gateway answered {response.status_code}: {message[:500]}")
+        return response
+
+    def put(self, deployment: Deployment, verify: bool = False) -> None:
+        """Make ``deployment`` the model's active route (the blue/green switch)."""
+        suffix = "?verify=true" if verify else ""
+        self._call(
+            "PUT", f"/admin/deployments/{deployment.model}{suffix}", json=deployment.to_dict()
+        )
+
+    def delete(self, model: str) -> None:
+        """Stop routing ``model``; absent already is fine."""
+        self._call("DELETE", f"/admin/deployments/{model}")
+
+    def routes(self) -> dict[str, dict[str, Any]]:
+        """{model: the gateway's view of its deployment}."""
+        data = self._call("GET", "/admin/deployments").json()
+        return {d["model"]: d for d in data.get("deployments", [])}
+
+    def inflight(self, replica_url: str) -> int:
+        """Requests the gateway is sending to ``replica_url`` right now."""
+        return int(
+            self._call("GET", "/admin/inflight", params={"replica": replica_url}).json()["inflight"]
+        )
+
+    def drain(self, replica_urls: list[str], timeout: float) -> bool:
+        """Wait until no request is in flight to any of ``replica_urls``; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.inflight(url) == 0 for url in replica_urls):
+                return True
+            time.sleep(0.05)
+        return False

@@ -1,0 +1,329 @@
+"""The reconcile loop: make serving match the registry, idempotently.
+
+Desired state is read from the registry on every pass (`desired.py`); actual state is
+the running replicas and the gateway's routes. Nothing else is remembered between
+passes that the registry and the running processes could not rebuild: a deployment's
+outcome is written back to the model version as tags (`flowline.deployment.*`), which
+is also what stops a failed version from being retried in a loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import mlflow
+import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from serving.backends.base import Backend, BackendError, Replica
+from serving.controller.desired import desired_versions
+from serving.controller.gateway_client import GatewayClient, GatewayError
+from serving.gateway.model_metadata import read_model_metadata
+from serving.gateway.routes import BatchingSettings, Deployment
+
+log = logging.getLogger("flowline.controller")
+
+STATUS_TAG = "flowline.deployment.status"
+REASON_TAG = "flowline.deployment.reason"
+REPLICAS_MODEL_TAG = "flowline.replicas"
+BATCHING_MODEL_TAG = "flowline.batching"
+SMOKE_TIMEOUT_SECONDS = 30.0
+
+
+class RolloutFailed(Exception):
+    """A new version could not be made to serve; the reason goes on the version's tags."""
+
+
+@dataclass
+class Deployed:
+    """A model version the controller has put behind the gateway."""
+
+    model: str
+    version: str
+    replicas: list[Replica]
+    deployment: Deployment
+    since: float = field(default_factory=time.time)
+
+
+def smoke_test(url: str, example: dict[str, Any] | None) -> None:
+    """Score the version's own input example on one replica; raise RolloutFailed if it fails."""
+    if example is None:
+        return
+    try:
+        response = requests.post(f"{url}/invocations", json=example, timeout=SMOKE_TIMEOUT_SECONDS)
+    except requests.RequestException as exc:
+        raise RolloutFailed(f"smoke test could not reach {url}: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        try:
+            error = response.json()
+        except ValueError:
+            error = {"message": response.text}
+        # The stock scorer hides the model's own exception in stack_trace; its last line
+        # is the one a person needs to see on the version's tag.
+        cause = (error.get("stack_trace") or "").strip().splitlines()[-1:] or [""]
+        message = " ".join(p for p in (error.get("message", ""), cause[0]) if p)
+        raise RolloutFailed(f"smoke test got HTTP {response.status_code}: {message[:400]}")
+    predictions = response.json().get("predictions")
+    rows = example.get("dataframe_split", {}).get("data") or example.get("dataframe_records")
+    if predictions is None or (rows is not None and len(predictions) != len(rows)):
+        raise RolloutFailed("smoke test answer does not hold one prediction per example row")
+
+
+class Reconciler:
+    """Converges replicas and gateway routes to the registry's production versions."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        backend: Backend,
+        gateway: GatewayClient,
+        replicas: int = 1,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.backend = backend
+        self.gateway = gateway
+        self.default_replicas = replicas
+        self.drain_timeout = drain_timeout
+        self.deployed: dict[str, Deployed] = {}
+        self.last_error: dict[str, str] = {}
+        self.last_pass: float | None = None
+        self._retry: set[tuple[str, str]] = set()
+        # Held for a whole pass; the HTTP handlers never take it, so /status and
+        # webhooks answer at once even while replicas are starting.
+        self._lock = threading.RLock()
+        self._retry_lock = threading.Lock()
+
+    # -- triggers -------------------------------------------------------------------
+
+    def retry(self, model: str, version: str) -> None:
+        """Allow one more rollout of a version marked failed (a fresh promotion asked)."""
+        with self._retry_lock:
+            self._retry.add((model, str(version)))
+
+    def adopt(self, replicas: list[Replica]) -> None:
+        """Seed state with replicas a previous controller left running."""
+        groups: dict[tuple[str, str], list[Replica]] = {}
+        for replica in replicas:
+            groups.setdefault((replica.model, replica.version), []).append(replica)
+        for (model, version), members in groups.items():
+            if model in self.deployed:
+                for replica in members:
+                    self.backend.stop_replica(replica)
+                continue
+            meta = self._metadata(model, version)
+            deployment = self._deployment(model, version, members, meta)
+            self.deployed[model] = Deployed(model, version, members, deployment)
+            log.info("adopted %d running replica(s) of %s/%s", len(members), model, version)
+
+    # -- the pass -------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """One idempotent pass: deploy, heal, re-route and undeploy as the registry says."""
+        with self._lock:
+            desired = desired_versions(self.client)
+            try:
+                routes = self.gateway.routes()
+            except GatewayError as exc:
+                log.warning("%s; routes will be pushed when it answers", exc)
+                routes = None
+            for model, version in desired.items():
+                current = self.deployed.get(model)
+                if current is not None and current.version == version:
+                    self._heal(current)
+                    if routes is not None:
+                        self._sync_route(current, routes.get(model))
+                elif self._may_roll_out(model, version):
+                    self._roll_out(model, version)
+            for model in [m for m in self.deployed if m not in desired]:
+                self._undeploy(model)
+            self.last_pass = time.time()
+
+    def _may_roll_out(self, model: str, version: str) -> bool:
+        with self._retry_lock:
+            if (model, version) in self._retry:
+                self._retry.discard((model, version))
+                return True
+        try:
+            tags = self.client.get_model_version(model, version).tags
+        except MlflowException:
+            return False
+        return tags.get(STATUS_TAG) != "failed"
+
+    def _model_settings(self, model: str) -> tuple[int, BatchingSettings]:
+        # Per-model settings live on the registered model as tags, editable in the UI.
+        tags = self.client.get_registered_model(model).tags
+        replicas = int(tags.get(REPLICAS_MODEL_TAG, self.default_replicas))
+        batching = BatchingSettings.from_dict(json.loads(tags.get(BATCHING_MODEL_TAG, "null")))
+        return max(1, replicas), batching
+
+    def _metadata(self, model: str, version: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = f"models:/{model}/{version}"
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=tmp)
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{uri}/serving_input_example.json", dst_path=tmp
+                )
+            except (MlflowException, OSError):
+                pass  # a model without an example is smoke-tested by /ping alone
+            return read_model_metadata(tmp)
+
+    def _deployment(
+        self, model: str, version: str, replicas: list[Replica], meta: dict[str, Any]
+    ) -> Deployment:
+        _, batching = self._model_settings(model)
+        return Deployment(
+            model=model,
+            version=version,
+            replicas=tuple(r.url for r in replicas),
+            input_example=meta["input_example"],
+            signature=meta["signature"],
+            batching=batching,
+        )
+
+    def _start_replicas(self, model: str, version: str, count: int) -> list[Replica]:
+        uri = f"models:/{model}/{version}"
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            futures = [
+                pool.submit(self.backend.start_replica, model, version, uri) for _ in range(count)
+            ]
+        started, errors = [], []
+        for future in futures:
+            try:
+                started.append(future.result())
+            except BackendError as exc:
+                errors.append(str(exc))
+        if errors:
+            for replica in started:
+                self.backend.stop_replica(replica)
+            raise RolloutFailed(errors[0])
+        return started
+
+    def _roll_out(self, model: str, version: str) -> None:
+        """Blue/green: start and smoke-test the new replicas, switch, then drain the old."""
+        log.info("deploying %s/%s", model, version)
+        self._tag(model, version, "deploying", "")
+        new: list[Replica] = []
+        try:
+            count, _ = self._model_settings(model)
+            meta = self._metadata(model, version)
+            new = self._start_replicas(model, version, count)
+            for replica in new:
+                smoke_test(replica.url, meta["input_example"])
+            deployment = self._deployment(model, version, new, meta)
+            self.gateway.put(deployment)
+        except (RolloutFailed, GatewayError, MlflowException, OSError, ValueError) as exc:
+            for replica in new:
+                self.backend.stop_replica(replica)
+            reason = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+            log.error("deployment of %s/%s failed: %s", model, version, reason)
+            self.last_error[model] = f"version {version}: {reason}"
+            self._tag(model, version, "failed", reason)
+            return
+        old = self.deployed.get(model)
+        self.deployed[model] = Deployed(model, version, new, deployment)
+        self.last_error.pop(model, None)
+        self._tag(model, version, "deployed", "")
+        log.info("%s/%s serving on %s", model, version, ", ".join(r.url for r in new))
+        if old is not None:
+            self._retire(old, f"replaced by version {version}")
+
+    def _retire(self, old: Deployed, reason: str) -> None:
+        urls = [r.url for r in old.replicas]
+        try:
+            self.gateway.drain(urls, self.drain_timeout)
+        except GatewayError as exc:
+            log.warning("could not drain %s/%s: %s", old.model, old.version, exc)
+        for replica in old.replicas:
+            self.backend.stop_replica(replica)
+        self._tag(old.model, old.version, "undeployed", reason)
+
+    def _heal(self, current: Deployed) -> None:
+        """Replace replicas that died; the gateway routes around them meanwhile."""
+        dead = [r for r in current.replicas if not self.backend.is_alive(r)]
+        if not dead:
+            return
+        log.warning(
+            "%d replica(s) of %s/%s died; restarting", len(dead), current.model, current.version
+        )
+        try:
+            fresh = self._start_replicas(current.model, current.version, len(dead))
+        except RolloutFailed as exc:
+            self.last_error[current.model] = f"restart failed: {exc}"
+            return
+        for replica in dead:
+            self.backend.stop_replica(replica)
+        current.replicas = [r for r in current.replicas if r not in dead] + fresh
+        current.deployment = replace(
+            current.deployment, replicas=tuple(r.url for r in current.replicas)
+        )
+        try:
+            self.gateway.put(current.deployment)
+        except GatewayError as exc:
+            log.warning("could not update the gateway: %s", exc)
+
+    def _sync_route(self, current: Deployed, route: dict[str, Any] | None) -> None:
+        # A restarted gateway has no routes: give it ours back.
+        urls = {r.url for r in current.replicas}
+        if (
+            route is None
+            or str(route.get("version")) != current.version
+            or set(route.get("replicas", [])) != urls
+        ):
+            try:
+                self.gateway.put(current.deployment)
+            except GatewayError as exc:
+                log.warning("could not restore the route of %s: %s", current.model, exc)
+
+    def _undeploy(self, model: str) -> None:
+        current = self.deployed.pop(model)
+        log.info("undeploying %s/%s", model, current.version)
+        try:
+            self.gateway.delete(model)
+        except GatewayError as exc:
+            log.warning("could not remove the route of %s: %s", model, exc)
+        self._retire(current, "no longer in production")
+
+    def _tag(self, model: str, version: str, status: str, reason: str) -> None:
+        try:
+            # Reason first: whoever sees the new status must also see its reason.
+            self.client.set_model_version_tag(model, version, REASON_TAG, reason)
+            self.client.set_model_version_tag(model, version, STATUS_TAG, status)
+        except MlflowException as exc:
+            log.warning("could not tag %s/%s: %s", model, version, exc)
+
+    def stop_all(self) -> None:
+        """Stop every replica (clean shutdown); routes vanish with the gateway."""
+        with self._lock:
+            for current in self.deployed.values():
+                for replica in current.replicas:
+                    self.backend.stop_replica(replica)
+            self.deployed.clear()
+
+    def status(self) -> dict[str, Any]:
+        """The controller's view, for `GET /status` and `flowline status` (lock-free)."""
+        deployed = list(self.deployed.values())
+        return {
+            "last_reconcile": self.last_pass,
+            "deployments": [
+                {
+                    "model": d.model,
+                    "version": d.version,
+                    "since": d.since,
+                    "replicas": [
+                        {"url": r.url, "alive": self.backend.is_alive(r)} for r in list(d.replicas)
+                    ],
+                }
+                for d in deployed
+            ],
+            "errors": dict(self.last_error),
+        }

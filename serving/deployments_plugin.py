@@ -1,0 +1,156 @@
+"""The ``flowline`` target of ``mlflow deployments``.
+
+flowline's desired state is the registry, so this target does not keep deployments of
+its own: ``create``/``update`` set the alias ``production`` on the version named by
+``-m models:/NAME/VERSION`` (the deployment name is the registered model's name) and
+wait until the controller serves it; ``delete`` removes the alias. ``list``, ``get``
+and ``predict`` talk to the gateway. Settings come from the environment:
+``MLFLOW_TRACKING_URI``, ``FLOWLINE_GATEWAY_URL`` (default http://127.0.0.1:8080).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pandas as pd
+import requests
+from mlflow import MlflowClient
+from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+from serving.controller.desired import PRODUCTION_ALIAS
+from serving.controller.reconciler import REASON_TAG, STATUS_TAG
+
+WAIT_SECONDS = 180.0
+
+
+def target_help() -> str:
+    """Help text for ``mlflow deployments help -t flowline``."""
+    return __doc__ or ""
+
+
+def run_local(
+    target: str, name: str, model_uri: str, flavor: str | None = None, config: dict | None = None
+) -> None:
+    """Serve ``model_uri`` in the foreground with the stock scorer, as one flowline replica runs."""
+    port = str((config or {}).get("port", 5001))
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    subprocess.run(
+        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "-p", port,
+         "--env-manager", "local"],
+        env=env, check=True,
+    )  # fmt: skip
+
+
+def _parse_model_uri(name: str, model_uri: str, client: MlflowClient) -> str:
+    """The version that ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names."""
+    if not model_uri.startswith("models:/"):
+        raise MlflowException(
+            "the flowline target deploys registry versions: use -m models:/NAME/VERSION",
+            INVALID_PARAMETER_VALUE,
+        )
+    ref = model_uri[len("models:/") :].strip("/")
+    model, sep, alias = ref.partition("@")
+    version = client.get_model_version_by_alias(model, alias).version if sep else None
+    if not sep:
+        model, _, version = ref.partition("/")
+    if model != name:
+        raise MlflowException(
+            f"deployment name must be the registered model's name ({model!r})",
+            INVALID_PARAMETER_VALUE,
+        )
+    if not version or not version.isdigit():
+        raise MlflowException(f"no version in {model_uri!r}", INVALID_PARAMETER_VALUE)
+    return version
+
+
+class FlowlineDeploymentClient(BaseDeploymentClient):
+    """Deployments are promotions: the registry alias ``production`` is the desired state."""
+
+    def __init__(self, target_uri: str) -> None:
+        super().__init__(target_uri)
+        self.client = MlflowClient()
+        self.gateway = os.environ.get("FLOWLINE_GATEWAY_URL", "http://127.0.0.1:8080").rstrip("/")
+
+    def _served(self) -> dict[str, dict[str, Any]]:
+        try:
+            models = requests.get(f"{self.gateway}/models", timeout=10).json()["models"]
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            raise MlflowException(
+                f"flowline gateway not reachable at {self.gateway}: {exc}"
+            ) from None
+        return {m["name"]: m for m in models}
+
+    def _wait(self, name: str, version: str | None) -> dict[str, Any] | None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            served = self._served().get(name)
+            if version is None and served is None:
+                return None
+            if version is not None and served and str(served["version"]) == version:
+                return served
+            if version is not None:
+                tags = self.client.get_model_version(name, version).tags
+                if tags.get(STATUS_TAG) == "failed":
+                    raise MlflowException(
+                        f"deployment of {name}/{version} failed: {tags.get(REASON_TAG)}"
+                    )
+            time.sleep(0.5)
+        raise MlflowException(
+            f"{name} did not reach the requested state within {WAIT_SECONDS:.0f}s"
+        )
+
+    def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
+        """Promote the version (alias ``production``) and wait until it serves."""
+        version = _parse_model_uri(name, model_uri, self.client)
+        self.client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
+        served = self._wait(name, version) or {}
+        return {"name": name, "flavor": "python_function", **served}
+
+    def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
+        """Move the alias to another version; blue/green as for any promotion."""
+        if model_uri is None:
+            raise MlflowException("update needs -m models:/NAME/VERSION", INVALID_PARAMETER_VALUE)
+        return self.create_deployment(name, model_uri, flavor, config, endpoint)
+
+    def delete_deployment(self, name, config=None, endpoint=None):
+        """Remove the alias ``production`` and wait until the model is no longer served."""
+        try:
+            self.client.delete_registered_model_alias(name, PRODUCTION_ALIAS)
+        except MlflowException as exc:
+            raise MlflowException(f"{name} is not deployed by alias: {exc.message}") from None
+        self._wait(name, None)
+
+    def list_deployments(self, endpoint=None):
+        """Every model the gateway serves, as GET /models describes it."""
+        return list(self._served().values())
+
+    def get_deployment(self, name, endpoint=None):
+        """One served model's description."""
+        served = self._served().get(name)
+        if served is None:
+            raise MlflowException(f"no deployment named {name!r}", RESOURCE_DOES_NOT_EXIST)
+        return served
+
+    def predict(self, deployment_name=None, inputs=None, endpoint=None):
+        """Score through the gateway, in MLflow's /invocations wire format."""
+        if isinstance(inputs, pd.DataFrame):
+            body = {"dataframe_split": inputs.to_dict(orient="split", index=False)}
+        elif isinstance(inputs, dict):
+            body = inputs
+        else:
+            body = {"inputs": inputs}
+        response = requests.post(
+            f"{self.gateway}/models/{deployment_name}/invocations", json=body, timeout=60
+        )
+        if response.status_code != 200:
+            raise MlflowException(
+                f"prediction failed ({response.status_code}): {response.text[:500]}"
+            )
+        return PredictionsResponse.from_json(response.text)

@@ -1,0 +1,38 @@
+"""`python -m serving.gateway`: run the gateway (settings from FLOWLINE_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+
+from serving.gateway.config import GatewayConfig
+from serving.gateway.server import DEFAULT_HOST, DEFAULT_PORT, load_deployments, serve_gateway
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and serve."""
+    parser = argparse.ArgumentParser(prog="python -m serving.gateway", description=__doc__)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument("--default-model", help="model for POST /invocations")
+    parser.add_argument("--deployments", help="JSON file: list of deployments to start with")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    config = GatewayConfig.from_env()
+    if args.default_model:
+        config = replace(config, default_model=args.default_model)
+    serve_gateway(
+        args.host,
+        args.port,
+        config=config,
+        deployments=load_deployments(args.deployments) if args.deployments else None,
+        port_file=args.port_file,
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()

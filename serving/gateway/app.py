@@ -1,0 +1,385 @@
+"""The gateway's Starlette application: public scoring endpoints and their plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route as HttpRoute
+
+from serving.gateway import errors
+from serving.gateway.admin import admin_routes
+from serving.gateway.backend import Backend
+from serving.gateway.batching import AdaptiveBatcher, Outcome
+from serving.gateway.capture import CaptureDispatcher, CapturedRequest, OnScored
+from serving.gateway.config import GatewayConfig
+from serving.gateway.metrics import GatewayMetrics, RouteMetrics
+from serving.gateway.openapi import build_openapi, render_docs
+from serving.gateway.routes import ErrorNote, Route, RouteTable
+from serving.gateway.wire import BatchSchema, is_json_content_type, parse_tabular, scrub_error_body
+
+logger = logging.getLogger(__name__)
+
+VERSION_HEADER = "X-Flowline-Model-Version"
+BATCH_HEADER = "X-Flowline-Batch-Size"
+
+
+class Gateway:
+    """State shared by the gateway's endpoints: routes, backend pool, metrics, limits."""
+
+    def __init__(
+        self,
+        config: GatewayConfig | None = None,
+        table: RouteTable | None = None,
+        on_scored: OnScored | None = None,
+    ) -> None:
+        self.config = config or GatewayConfig.from_env()
+        self.table = table or RouteTable(self.config.default_model)
+        self.metrics = GatewayMetrics()
+        self.metrics.watch(self.table)
+        self.metrics.inflight.set_function(lambda: self._inflight)
+        self.backend = Backend(
+            self.table,
+            self.config.backend_timeout_s,
+            self.config.max_connections,
+            self.config.upstream,
+        )
+        self.capture = CaptureDispatcher(on_scored, self.metrics.capture_dropped.inc)
+        self._inflight = 0
+        self._api_keys = [k.encode() for k in sorted(self.config.api_keys)]
+        self._rejected = {
+            reason: self.metrics.rejected.labels(reason)
+            for reason in ("unauthorized", "body_too_large", "overloaded", "not_deployed")
+        }
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        """True when no API keys are configured or the request bears one of them."""
+        if not self._api_keys:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        candidate = token.strip().encode()
+        # Compare against every key so timing does not reveal which one nearly matched.
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    def unauthorized(self) -> Response:
+        """401 in MLflow's error shape."""
+        self._rejected["unauthorized"].inc()
+        return errors.error_response(
+            401,
+            errors.UNAUTHENTICATED,
+            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    async def read_body(self, request: Request) -> bytes | None:
+        """The request body, or None when it exceeds the size limit (read no further)."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit():
+            if int(length) > limit:
+                return None
+            return await request.body()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # --- scoring ---------------------------------------------------------------------------
+
+    async def score(self, request: Request, model: str | None) -> Response:
+        """Authenticate, limit, route and forward one scoring request."""
+        started = time.perf_counter()
+        if self._api_keys and not self.authorized(request):
+            return self.unauthorized()
+        if self._inflight >= self.config.max_inflight:
+            self._rejected["overloaded"].inc()
+            return errors.error_response(
+                503,
+                errors.TEMPORARILY_UNAVAILABLE,
+                f"The gateway is at its limit of {self.config.max_inflight} requests in flight.",
+                headers={"Retry-After": "1"},
+            )
+        self._inflight += 1
+        try:
+            try:
+                body = await self.read_body(request)
+            except ClientDisconnect:
+                # Nobody is left to answer; skip routing and the error log.
+                return Response(status_code=400)
+            if body is None:
+                self._rejected["body_too_large"].inc()
+                return errors.error_response(
+                    413,
+                    errors.REQUEST_LIMIT_EXCEEDED,
+                    f"Request body exceeds the limit of {self.config.max_body_bytes} bytes.",
+                )
+            route, reason = self.table.admit(model)
+            if route is None:
+                self._rejected["not_deployed"].inc()
+                return errors.error_response(404, errors.RESOURCE_DOES_NOT_EXIST, reason)
+            try:
+                content_type = request.headers.get("content-type")
+                outcome = await self.dispatch(route, body, content_type)
+            finally:
+                self.table.release(route)
+            return self._answer(route, body, content_type, outcome, started)
+        finally:
+            self._inflight -= 1
+
+    async def dispatch(self, route: Route, body: bytes, content_type: str | None) -> Outcome:
+        """Send through the route's batcher when the request may be merged, else directly."""
+        batcher = self._batcher(route)
+        if (
+            batcher is not None
+            and batcher.disabled_reason is None
+            and is_json_content_type(content_type)
+        ):
+            if batcher.idle:
+                # Sent alone and unchanged, so no need to parse it; the slot it takes
+                # makes concurrent requests queue (and coalesce) behind it.
+                return await batcher.send_alone(body, content_type)
+            item = parse_tabular(body, batcher.schema, batcher.settings.max_batch_size)
+            if item is not None:
+                return await batcher.submit(item, body, content_type)
+        return await self._send(route, body, content_type, "single")
+
+    async def _send(
+        self, route: Route, body: bytes, content_type: str | None, kind: str
+    ) -> Outcome:
+        result = await self.backend.invoke(route, body, content_type)
+        _route_metrics(self, route).backend_call(kind)
+        answer = result.body
+        if result.status >= 400 and not result.gateway_error:
+            answer = scrub_error_body(answer)
+        return Outcome(result.status, answer, result.content_type, result.gateway_error)
+
+    def _batcher(self, route: Route) -> AdaptiveBatcher | None:
+        # False marks "decided: no batching" so the signature is examined once per route.
+        if route.batcher is None:
+            route.batcher = self._make_batcher(route) or False
+        return route.batcher or None
+
+    def _make_batcher(self, route: Route) -> AdaptiveBatcher | None:
+        deployment = route.deployment
+        if not deployment.batching.enabled:
+            return None
+        try:
+            schema = BatchSchema.from_signature_inputs(deployment.input_columns())
+        except ValueError:
+            schema = None
+        if schema is None:
+            logger.info("batching off for %s: no named scalar input columns", deployment.label)
+            return None
+        route_metrics = _route_metrics(self, route)
+        per_replica = deployment.batching.calls_per_replica
+        return AdaptiveBatcher(
+            deployment.batching,
+            schema,
+            lambda body, ct, kind: self._send(route, body, ct, kind),
+            lambda: max(1, self.table.healthy_count(route)) * per_replica,
+            route_metrics.batch,
+            deployment.label,
+        )
+
+    def _answer(
+        self,
+        route: Route,
+        body: bytes,
+        content_type: str | None,
+        outcome: Outcome,
+        started: float,
+    ) -> Response:
+        deployment = route.deployment
+        headers = {VERSION_HEADER: deployment.label}
+        if outcome.content_type is not None:
+            headers["content-type"] = outcome.content_type
+        if outcome.batch_size > 1:
+            headers[BATCH_HEADER] = str(outcome.batch_size)
+        status = outcome.status
+        if status >= 500 or outcome.gateway_error:
+            route.last_error = ErrorNote(time.time(), status, _message_of(outcome.body))
+        elif status == 200 and self.capture.enabled:
+            self.capture.submit(
+                deployment.model,
+                deployment.version,
+                CapturedRequest(body, content_type),
+                outcome.body,
+                outcome.predictions,
+            )
+        _route_metrics(self, route).request(
+            status, time.perf_counter() - started, outcome.gateway_error
+        )
+        return Response(outcome.body, status_code=status, headers=headers)
+
+    # --- read-only endpoints ---------------------------------------------------------------
+
+    def model_states(self) -> list[dict[str, Any]]:
+        """What GET /models shows for each active deployment."""
+        default_route, _ = self.table.resolve_default()
+        inflight = self.table.inflight_by_replica()
+        out = []
+        for route in self.table.routes():
+            d = route.deployment
+            replicas = []
+            for url in d.replicas:
+                state = self.table.replica(url)
+                replicas.append({
+                    "url": url,
+                    "healthy": state.healthy,
+                    "inflight": inflight.get(url, 0),
+                    "last_error": state.last_error,
+                })  # fmt: skip
+            healthy = sum(r["healthy"] for r in replicas)
+            note = route.last_error
+            out.append({
+                "name": d.model,
+                "version": d.version,
+                "state": "ready" if healthy == len(replicas)
+                else "degraded" if healthy else "unavailable",
+                "default": route is default_route,
+                "since": d.since,
+                "replicas": replicas,
+                "batching": {
+                    "enabled": d.batching.enabled and bool(self._batcher(route)),
+                    "max_batch_size": d.batching.max_batch_size,
+                    "max_wait_ms": d.batching.max_wait_ms,
+                    "calls_per_replica": d.batching.calls_per_replica,
+                },
+                "last_error": None if note is None
+                else {"at": note.at, "status": note.status, "message": note.message},
+            })  # fmt: skip
+        return out
+
+
+def _route_metrics(gateway: Gateway, route: Route) -> RouteMetrics:
+    d = route.deployment
+    return gateway.metrics.for_route(d.model, d.version)
+
+
+def _message_of(body: bytes) -> str:
+    try:
+        payload = json.loads(body)
+        if isinstance(payload, dict) and "message" in payload:
+            return str(payload["message"])[:500]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return body[:500].decode("utf-8", "replace")
+
+
+def create_app(
+    config: GatewayConfig | None = None,
+    table: RouteTable | None = None,
+    on_scored: OnScored | None = None,
+) -> Starlette:
+    """Build the gateway app; `app.state.gateway` exposes its `Gateway` (and route table)."""
+    gateway = Gateway(config, table, on_scored)
+
+    async def invocations(request: Request) -> Response:
+        return await gateway.score(request, None)
+
+    async def model_invocations(request: Request) -> Response:
+        return await gateway.score(request, request.path_params["name"])
+
+    async def ping(request: Request) -> Response:
+        # Same answer as the stock scorer's /ping.
+        return Response("\n", media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        states = gateway.model_states()
+        ok = bool(states) and all(s["state"] != "unavailable" for s in states)
+        summary = {s["name"]: s["state"] for s in states}
+        return JSONResponse({"status": "ok" if ok else "unavailable", "models": summary},
+                            status_code=200 if ok else 503)  # fmt: skip
+
+    async def models(request: Request) -> Response:
+        if not gateway.authorized(request):
+            return gateway.unauthorized()
+        return JSONResponse({"models": gateway.model_states()})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def deployed() -> tuple[list[Any], Any]:
+        default_route, _ = gateway.table.resolve_default()
+        return (
+            [r.deployment for r in gateway.table.routes()],
+            default_route.deployment if default_route else None,
+        )
+
+    async def openapi(request: Request) -> Response:
+        if not gateway.authorized(request):
+            return gateway.unauthorized()
+        return JSONResponse(build_openapi(*deployed()))
+
+    async def docs(request: Request) -> Response:
+        if not gateway.authorized(request):
+            return gateway.unauthorized()
+        return HTMLResponse(render_docs(*deployed()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        prober = asyncio.create_task(
+            gateway.backend.probe_down_replicas(gateway.config.health_interval_s)
+        )
+        try:
+            yield
+        finally:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
+            await gateway.capture.drain()
+            await gateway.backend.aclose()
+
+    routes = [
+        HttpRoute("/invocations", invocations, methods=["POST"]),
+        HttpRoute("/models/{name}/invocations", model_invocations, methods=["POST"]),
+        HttpRoute("/models", models, methods=["GET"]),
+        HttpRoute("/ping", ping, methods=["GET"]),
+        HttpRoute("/health", health, methods=["GET"]),
+        HttpRoute("/metrics", metrics, methods=["GET"]),
+        HttpRoute("/openapi.json", openapi, methods=["GET"]),
+        HttpRoute("/docs", docs, methods=["GET"]),
+        *admin_routes(gateway),
+    ]
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Log the traceback; the client only gets MLflow's error shape.
+        logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return errors.error_response(500, errors.INTERNAL_ERROR, "Internal gateway error.")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown paths (404) and wrong methods (405), in MLflow's error shape.
+        assert isinstance(exc, HTTPException)
+        code = errors.ENDPOINT_NOT_FOUND if exc.status_code == 404 else errors.BAD_REQUEST
+        return errors.error_response(exc.status_code, code, exc.detail, headers=exc.headers)
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+    )
+    app.state.gateway = gateway
+    return app

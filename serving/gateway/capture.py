@@ -1,0 +1,150 @@
+"""The capture hook: hand every successful scoring to an observer, off the hot path.
+
+The drift monitor plugs its capture client in as `on_scored`. The gateway
+schedules the call after the answer is ready and never awaits it; a slow or
+failing hook only costs dropped captures (counted), never latency or errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_CAPTURES = 1024
+
+
+@dataclass(frozen=True)
+class CapturedRequest:
+    """A scored request as the client sent it."""
+
+    body: bytes
+    content_type: str | None
+    received_at: float = field(default_factory=time.time)
+
+    def to_frame(self, input_schema: Any = None) -> Any:
+        """Parse the body exactly as the stock scorer does (DataFrame, ndarray, dict ...).
+
+        `input_schema` is an `mlflow.types.Schema` (the deployment's input
+        schema) or None. Imports MLflow lazily: call it off the event loop.
+        """
+        from io import BytesIO, StringIO
+
+        from mlflow.pyfunc import scoring_server as stock
+
+        mime = (self.content_type or "").split(";")[0].strip()
+        if mime == stock.CONTENT_TYPE_CSV:
+            return stock.parse_csv_input(StringIO(self.body.decode("utf-8")), schema=input_schema)
+        if mime == stock.CONTENT_TYPE_PARQUET:
+            return stock.parse_parquet_input(BytesIO(self.body))
+        data, _params = stock._split_data_and_params(self.body)
+        return stock.infer_and_parse_data(data, input_schema)
+
+    def params(self) -> dict[str, Any] | None:
+        """The request's `params`, for JSON bodies."""
+        try:
+            payload = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return payload.get("params") if isinstance(payload, dict) else None
+
+
+OnScored = Callable[[str, str, CapturedRequest, Any], Awaitable[None] | None]
+"""on_scored(model, version, request, predictions): sync or async; its result is ignored.
+
+`predictions` is the decoded `predictions` value of the answer (or the whole
+decoded answer when it has no such key, as for MLflow's unified LLM format).
+A sync hook runs in a worker thread; an async hook runs as a task.
+"""
+
+
+class CaptureDispatcher:
+    """Schedules `on_scored` calls without blocking the request that triggered them."""
+
+    def __init__(
+        self, hook: OnScored | None, on_drop: Callable[[], None], limit: int = MAX_PENDING_CAPTURES
+    ) -> None:
+        self.hook = hook
+        self._is_async = hook is not None and inspect.iscoroutinefunction(hook)
+        self._on_drop = on_drop
+        self._limit = limit
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a hook is installed."""
+        return self.hook is not None
+
+    def submit(
+        self,
+        model: str,
+        version: str,
+        request: CapturedRequest,
+        answer: bytes,
+        predictions: list[Any] | None,
+    ) -> None:
+        """Schedule one capture and return at once."""
+        if self.hook is None:
+            return
+        if len(self._tasks) >= self._limit:
+            self._on_drop()
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(model, version, request, answer, predictions)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(
+        self,
+        model: str,
+        version: str,
+        request: CapturedRequest,
+        answer: bytes,
+        predictions: list[Any] | None,
+    ) -> None:
+        hook = self.hook
+        assert hook is not None
+        try:
+            if self._is_async:
+                if predictions is None:
+                    predictions = _decode_predictions(answer)
+                await hook(model, version, request, predictions)  # type: ignore[misc]
+            else:
+                await asyncio.to_thread(_call_sync, hook, model, version, request, answer,
+                                        predictions)  # fmt: skip
+        except Exception:
+            self._on_drop()
+            logger.exception("capture hook failed for %s/%s", model, version)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) for scheduled captures, e.g. at shutdown."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
+
+def _call_sync(
+    hook: OnScored,
+    model: str,
+    version: str,
+    request: CapturedRequest,
+    answer: bytes,
+    predictions: list[Any] | None,
+) -> None:
+    if predictions is None:
+        predictions = _decode_predictions(answer)
+    hook(model, version, request, predictions)
+
+
+def _decode_predictions(answer: bytes) -> Any:
+    payload = json.loads(answer)
+    if isinstance(payload, dict) and "predictions" in payload:
+        return payload["predictions"]
+    return payload

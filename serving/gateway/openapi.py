@@ -1,0 +1,310 @@
+"""OpenAPI 3.1 document and a self-contained docs page, built from deployed signatures."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from serving.gateway.routes import Deployment
+
+_SCALARS: dict[str, dict[str, Any]] = {
+    "double": {"type": "number", "format": "double"},
+    "float": {"type": "number", "format": "float"},
+    "long": {"type": "integer", "format": "int64"},
+    "integer": {"type": "integer", "format": "int32"},
+    "boolean": {"type": "boolean"},
+    "string": {"type": "string"},
+    "binary": {"type": "string", "contentEncoding": "base64"},
+    "datetime": {"type": "string", "format": "date-time"},
+}
+_NUMPY: dict[str, dict[str, Any]] = {
+    "float64": _SCALARS["double"],
+    "float32": _SCALARS["float"],
+    "int64": _SCALARS["long"],
+    "int32": _SCALARS["integer"],
+    "bool": _SCALARS["boolean"],
+    "str": _SCALARS["string"],
+    "object": {},
+}
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "description": "MLflow error. Gateway errors carry only error_code and message.",
+    "required": ["error_code", "message"],
+    "properties": {
+        "error_code": {"type": "string", "examples": ["BAD_REQUEST"]},
+        "message": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+
+
+def type_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """JSON schema of one MLflow column/tensor/param spec."""
+    kind = spec.get("type")
+    if kind == "tensor":
+        tensor = spec.get("tensor-spec", {})
+        schema: dict[str, Any] = dict(_NUMPY.get(str(tensor.get("dtype")), {}))
+        for _ in tensor.get("shape", [])[1:]:
+            schema = {"type": "array", "items": schema}
+        return schema
+    if kind == "array":
+        return {"type": "array", "items": type_schema(spec.get("items", {}))}
+    if kind == "object":
+        props = {p["name"]: type_schema(p) for p in spec.get("properties", [])}
+        if isinstance(spec.get("properties"), dict):
+            props = {k: type_schema(v) for k, v in spec["properties"].items()}
+        return {"type": "object", "properties": props}
+    if kind == "map":
+        return {"type": "object", "additionalProperties": type_schema(spec.get("values", {}))}
+    if kind == "any":
+        return {}
+    return dict(_SCALARS.get(str(kind), {}))
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if "type" in schema and isinstance(schema["type"], str):
+        return {**schema, "type": [schema["type"], "null"]}
+    return schema
+
+
+def _column_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    schema = type_schema(spec)
+    return schema if spec.get("required", True) else _nullable(schema)
+
+
+def request_schema(deployment: Deployment) -> dict[str, Any]:
+    """JSON body schema: one of dataframe_split / dataframe_records / instances / inputs."""
+    columns = deployment.input_columns()
+    params = deployment.params_spec()
+    params_schema: dict[str, Any] = {"type": "object"}
+    if params:
+        params_schema["properties"] = {
+            p["name"]: {
+                **(type_schema(p) if p.get("shape") is None
+                   else {"type": "array", "items": type_schema(p)}),
+                **({"default": p["default"]} if "default" in p else {}),
+            }
+            for p in params
+        }  # fmt: skip
+        params_schema["additionalProperties"] = False
+    named = bool(columns) and all("name" in c for c in columns)
+    if named:
+        assert columns is not None
+        names = [c["name"] for c in columns]
+        record = {
+            "type": "object",
+            "properties": {c["name"]: _column_schema(c) for c in columns},
+            "required": [c["name"] for c in columns if c.get("required", True)],
+        }
+        split = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "columns": {"type": "array", "items": {"type": "string", "enum": names},
+                            "examples": [names]},
+                "data": {"type": "array", "items": {
+                    "type": "array",
+                    "prefixItems": [_column_schema(c) for c in columns],
+                    "minItems": len(columns),
+                    "maxItems": len(columns),
+                }},
+                "index": {"type": "array"},
+            },
+            "additionalProperties": False,
+        }  # fmt: skip
+        columnar = {
+            "type": "object",
+            "properties": {c["name"]: {"type": "array", "items": _column_schema(c)}
+                           for c in columns},
+        }  # fmt: skip
+        records = {"type": "array", "items": record}
+        inputs: dict[str, Any] = {"oneOf": [columnar, records]}
+    else:
+        item = type_schema(columns[0]) if columns else {}
+        split = {"type": "object", "required": ["data"]}
+        records = {"type": "array", "items": {"type": "object"}}
+        inputs = {"type": "array", "items": item} if columns else {}
+
+    def body(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": [key],
+            "properties": {key: schema, "params": params_schema},
+            "additionalProperties": False,
+        }
+
+    return {
+        "oneOf": [
+            body("dataframe_split", split),
+            body("dataframe_records", records),
+            body("instances", records if named else inputs),
+            body("inputs", inputs),
+        ]
+    }
+
+
+def response_schema(deployment: Deployment) -> dict[str, Any]:
+    """`{"predictions": [...]}` with the signature's output types where known."""
+    outputs = deployment.output_spec()
+    item: dict[str, Any] = {}
+    if outputs and len(outputs) == 1 and "name" not in outputs[0]:
+        item = type_schema(outputs[0])
+        if outputs[0].get("type") == "tensor":
+            # The first tensor dimension is the row; a prediction is one row of it.
+            item = item if item.get("type") != "array" else item.get("items", {})
+    elif outputs:
+        item = {"type": "object", "properties": {o["name"]: _column_schema(o)
+                                                  for o in outputs if "name" in o}}  # fmt: skip
+    return {
+        "type": "object",
+        "required": ["predictions"],
+        "properties": {"predictions": {"type": "array", "items": item}},
+    }
+
+
+def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any]:
+    columns = deployment.input_columns() or []
+    header = ",".join(c["name"] for c in columns if "name" in c)
+    json_content: dict[str, Any] = {"schema": request_schema(deployment)}
+    if deployment.input_example is not None:
+        json_content["example"] = deployment.input_example
+    error = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    return {
+        "summary": summary,
+        "description": f"Scores rows with {deployment.label}. Wire format of `mlflow models "
+        "serve`: JSON (one of dataframe_split, dataframe_records, instances, inputs, plus "
+        "optional params), CSV with a header row, or Parquet.",
+        "security": [{"bearer": []}, {}],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": json_content,
+                "text/csv": {
+                    "schema": {
+                        "type": "string",
+                        "description": f"Header row: {header}"
+                        if header
+                        else "CSV with a header row.",
+                    }
+                },
+                "application/vnd.apache.parquet": {
+                    "schema": {"type": "string", "format": "binary"}
+                },
+            },
+        },  # fmt: skip
+        "responses": {
+            "200": {
+                "description": "Predictions, one per input row.",
+                "headers": {
+                    "X-Flowline-Model-Version": {
+                        "schema": {"type": "string"},
+                        "description": "name/version",
+                    }
+                },
+                "content": {"application/json": {"schema": response_schema(deployment)}},
+            },  # fmt: skip
+            "400": {"description": "Invalid input (as the stock scorer).", **error},
+            "401": {"description": "Missing or wrong API key.", **error},
+            "404": {"description": "Model not deployed.", **error},
+            "413": {"description": "Body too large.", **error},
+            "415": {"description": "Unsupported content type (text/plain body)."},
+            "503": {"description": "Overloaded or no replica reachable; see Retry-After.", **error},
+            "504": {"description": "The replica did not answer in time.", **error},
+        },
+    }
+
+
+def build_openapi(deployments: list[Deployment], default: Deployment | None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for the currently deployed models."""
+    paths: dict[str, Any] = {}
+    if default is not None:
+        paths["/invocations"] = {
+            "post": _invocation_operation(
+                default, f"Score with the default model ({default.label})"
+            )
+        }
+    for d in deployments:
+        paths[f"/models/{d.model}/invocations"] = {
+            "post": _invocation_operation(d, f"Score with {d.label}")
+        }
+    plain = {"200": {"description": "OK"}}
+    paths["/models"] = {"get": {"summary": "Deployed models, versions and replica health",
+                                "responses": plain}}  # fmt: skip
+    paths["/ping"] = {"get": {"summary": "Liveness", "security": [{}], "responses": plain}}
+    paths["/health"] = {"get": {"summary": "Readiness", "security": [{}], "responses": plain}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "security": [{}],
+                                 "responses": plain}}  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "flowline gateway",
+            "version": "1",
+            "description": "Scoring endpoints of the deployed MLflow models. Models: "
+            + (", ".join(d.label for d in deployments) or "none"),
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": ERROR_SCHEMA},
+        },
+    }
+
+
+def render_docs(deployments: list[Deployment], default: Deployment | None) -> str:
+    """A self-contained HTML page describing each model's endpoint, columns and an example."""
+    esc = html.escape
+    sections = []
+    for d in deployments:
+        rows = "".join(
+            f"<tr><td><code>{esc(str(c.get('name', '(unnamed)')))}</code></td>"
+            f"<td>{esc(_type_label(c))}</td><td>{'yes' if c.get('required', True) else 'no'}"
+            "</td></tr>"
+            for c in (d.input_columns() or [])
+        )
+        params = "".join(
+            f"<li><code>{esc(p['name'])}</code>: {esc(_type_label(p))}"
+            f" (default {esc(json.dumps(p.get('default')))})</li>"
+            for p in (d.params_spec() or [])
+        )
+        outputs = ", ".join(esc(_type_label(o)) for o in (d.output_spec() or [])) or "unknown"
+        example = json.dumps(d.input_example, indent=2) if d.input_example else None
+        curl = (
+            f"curl -X POST -H 'Content-Type: application/json' "
+            f"--data @request.json http://HOST/models/{d.model}/invocations"
+        )
+        sections.append(
+            f"<section><h2>{esc(d.model)} <small>version {esc(d.version)}</small></h2>"
+            f"<p><code>POST /models/{esc(d.model)}/invocations</code>"
+            + (" (also <code>POST /invocations</code>)" if default is d else "")
+            + "</p>"
+            + (f"<table><tr><th>column</th><th>type</th><th>required</th></tr>{rows}</table>"
+               if rows else "<p>No input signature.</p>")
+            + (f"<p>Params:</p><ul>{params}</ul>" if params else "")
+            + f"<p>Outputs: {outputs}</p>"
+            + (f"<p>Example body:</p><pre>{esc(example)}</pre>" if example else "")
+            + f"<pre>{esc(curl)}</pre></section>"
+        )  # fmt: skip
+    body = "".join(sections) or "<p>No model is deployed.</p>"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>flowline gateway</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "pre{background:#f4f4f4;padding:.6em;overflow:auto}</style></head><body>"
+        "<h1>flowline gateway</h1><p>Machine-readable spec: <a href='openapi.json'>"
+        "openapi.json</a>. Requests and answers use the wire format of "
+        "<code>mlflow models serve</code>. When API keys are configured, send "
+        "<code>Authorization: Bearer &lt;key&gt;</code>.</p>"
+        f"{body}</body></html>"
+    )
+
+
+def _type_label(spec: dict[str, Any]) -> str:
+    kind = spec.get("type", "?")
+    if kind == "tensor":
+        tensor = spec.get("tensor-spec", {})
+        return f"tensor {tensor.get('dtype')} {tensor.get('shape')}"
+    if kind == "array":
+        return f"array<{_type_label(spec.get('items', {}))}>"
+    return str(kind)

@@ -1,0 +1,378 @@
+"""Helpers for tests that start real scoring processes on loopback.
+
+Used by the gateway tests and meant to be reused by the controller tests: build
+tiny sklearn models, start `mlflow models serve` replicas and the flowline
+gateway as process groups, and always stop them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Columns of sklearn's breast_cancer data used by the small test model.
+FEW_COLUMNS = ["mean radius", "mean texture", "mean perimeter", "mean area", "mean smoothness"]
+
+
+def free_port() -> int:
+    """Return a port the OS just handed out for 127.0.0.1 (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serving_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for child processes: the venv's bin first on PATH (mlflow runs `uvicorn`)."""
+    env = os.environ.copy()
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    # Keep children from writing tracking data next to the test process.
+    env.setdefault("MLFLOW_TRACKING_URI", f"file://{tempfile.gettempdir()}/flowline-test-mlruns")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a child started with start_new_session=True, its whole group, then reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Children of the group (e.g. uvicorn under mlflow's shell) may outlive the leader.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process group at once (simulates a crashed replica)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
+    """Poll `predicate` until it is true or the deadline passes (then raise TimeoutError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """True when GET url answers 200."""
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class ManagedProcess:
+    """A child process group with the URL it serves and its log file."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the child's combined stdout/stderr."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the whole process group (idempotent)."""
+        stop_process_group(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group."""
+        kill_process_group(self.proc)
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns the descriptor
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def spawn_scoring_server(
+    model_dir: str | Path, log_dir: str | Path, workers: int = 1
+) -> ManagedProcess:
+    """Start `mlflow models serve --env-manager local` on a free port; do not wait for it."""
+    port = free_port()
+    log_path = Path(log_dir) / f"replica-{port}.log"
+    cmd = [
+        str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(model_dir),
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers),
+    ]  # fmt: skip
+    proc = _spawn(cmd, log_path, serving_env())
+    return ManagedProcess(f"http://127.0.0.1:{port}", port, proc, log_path)
+
+
+def wait_ready(server: ManagedProcess, timeout: float = 90.0) -> bool:
+    """Wait until the server answers /ping (True) or its process exits (False)."""
+    proc = server.proc
+    ping = f"{server.url}/ping"
+    wait_until(
+        lambda: proc.poll() is not None or http_ok(ping),
+        timeout,
+        interval=0.1,
+        what=f"{server.url} to answer /ping",
+    )
+    return proc.poll() is None
+
+
+def start_scoring_servers(
+    model_dirs: list[str | Path], log_dir: str | Path, timeout: float = 120.0, workers: int = 1
+) -> list[ManagedProcess]:
+    """Start several replicas in parallel (model loading dominates) and wait for all.
+
+    A replica that lost its port to another process in the meantime is
+    started again on a new port. On any failure every started one is stopped.
+    """
+    servers: list[ManagedProcess] = []
+    try:
+        servers = [spawn_scoring_server(d, log_dir, workers) for d in model_dirs]
+        for i, model_dir in enumerate(model_dirs):
+            for _ in range(3):
+                if wait_ready(servers[i], timeout):
+                    break
+                tail = servers[i].log_tail()
+                servers[i].stop()
+                if "address already in use" not in tail.lower():
+                    raise RuntimeError(f"scoring server failed to start:\n{tail}")
+                servers[i] = spawn_scoring_server(model_dir, log_dir, workers)
+            else:
+                raise RuntimeError(f"scoring server failed to start:\n{servers[i].log_tail()}")
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def start_scoring_server(
+    model_dir: str | Path, log_dir: str | Path, timeout: float = 120.0, workers: int = 1
+) -> ManagedProcess:
+    """Start one replica and wait until it answers /ping."""
+    return start_scoring_servers([model_dir], log_dir, timeout, workers)[0]
+
+
+def start_gateway(
+    log_dir: str | Path, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> ManagedProcess:
+    """Start `python -m serving.gateway` on port 0 and wait until it serves /ping.
+
+    The gateway binds port 0 itself and writes the port it got to a file, so
+    there is no window in which another process can take the port.
+    """
+    log_dir = Path(log_dir)
+    fd, port_file = tempfile.mkstemp(prefix="gateway-port-", dir=log_dir)
+    os.close(fd)
+    os.unlink(port_file)
+    log_path = log_dir / f"gateway-{Path(port_file).name}.log"
+    cmd = [
+        sys.executable, "-m", "serving.gateway",
+        "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
+    ]  # fmt: skip
+    proc = _spawn(cmd, log_path, serving_env(env))
+    gateway = ManagedProcess("", 0, proc, log_path)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or _port_written(port_file),
+            timeout,
+            what="gateway port file",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{gateway.log_tail()}")
+        gateway.port = int(Path(port_file).read_text())
+        gateway.url = f"http://127.0.0.1:{gateway.port}"
+        wait_until(lambda: http_ok(f"{gateway.url}/ping"), timeout, what="gateway /ping")
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def _port_written(path: str) -> bool:
+    try:
+        return Path(path).read_text().strip().isdigit()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running(server: ManagedProcess) -> Iterator[ManagedProcess]:
+    """Context manager that stops `server` on exit, also on failure."""
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- tiny models -----------------------------------------------------------------------------
+
+
+def breast_cancer_frame(columns: list[str] | None = None):
+    """Breast cancer features (optionally a subset of columns) and the target."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True)
+    frame = data.frame.drop(columns=["target"])
+    if columns is not None:
+        frame = frame[columns]
+    return frame, data.target
+
+
+def save_breast_cancer_model(path: str | Path, columns: list[str] | None = None) -> Path:
+    """LogisticRegression on breast_cancer (given columns), saved with signature + example."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+
+    features, target = breast_cancer_frame(columns)
+    model = LogisticRegression(max_iter=5000).fit(features, target)
+    signature = infer_signature(features, model.predict(features))
+    mlflow.sklearn.save_model(model, str(path), signature=signature, input_example=features.head(2))
+    return Path(path)
+
+
+def categorical_frame():
+    """A small frame with one string column and two float columns, plus a target."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(7)
+    n = 200
+    colour = rng.choice(["red", "green", "blue"], size=n)
+    x = rng.normal(size=n)
+    y = rng.normal(size=n)
+    frame = pd.DataFrame({"colour": colour.astype(object), "x": x, "y": y})
+    target = ((colour == "red") ^ (x + y > 0)).astype(int)
+    return frame, pd.Series(target)
+
+
+def save_categorical_model(path: str | Path) -> Path:
+    """OneHotEncoder(handle_unknown='ignore') + LogisticRegression, with a string column."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    features, target = categorical_frame()
+    pre = ColumnTransformer(
+        [("cat", OneHotEncoder(handle_unknown="ignore"), ["colour"])], remainder="passthrough"
+    )
+    model = Pipeline([("pre", pre), ("clf", LogisticRegression())]).fit(features, target)
+    signature = infer_signature(features, model.predict(features))
+    mlflow.sklearn.save_model(model, str(path), signature=signature, input_example=features.head(2))
+    return Path(path)
+
+
+def model_metadata(model_dir: str | Path) -> dict[str, Any]:
+    """Signature dict and serving input example of a saved model, as the gateway expects them."""
+    from serving.gateway.model_metadata import read_model_metadata
+
+    return read_model_metadata(model_dir)
+
+
+def dumps(payload: Any) -> bytes:
+    """JSON body bytes for a request."""
+    return json.dumps(payload).encode()
+
+
+class HeldScorer:
+    """A stub replica whose POST /invocations answers only once released.
+
+    Lets a test hold requests in flight deterministically (concurrency limits,
+    draining). Runs a ThreadingHTTPServer on a free loopback port in a thread;
+    held requests give up after `hold_timeout` so nothing can hang forever.
+    """
+
+    def __init__(self, hold_timeout: float = 30.0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.release = threading.Event()
+        self.received = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server naming
+                self._answer(b"\n")
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    outer.received += 1
+                outer.release.wait(hold_timeout)
+                self._answer(b'{"predictions": [0]}')
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Release held requests and stop serving."""
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)

@@ -1,0 +1,36 @@
+"""Small pyfunc models for serving tests, pickled by value so replicas need no test code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+
+class FailsOnExample(mlflow.pyfunc.PythonModel):
+    """Loads and answers /ping, but every prediction fails: the smoke test must catch it."""
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> Any:
+        """Always raise, as a version with a broken preprocessing step would."""
+        raise ValueError("this version is broken on purpose")
+
+
+def log_broken_version(name: str) -> str:
+    """Register a version of ``name`` that starts fine and fails its smoke test."""
+    import cloudpickle
+
+    import tests.model_fixtures as module
+
+    cloudpickle.register_pickle_by_value(module)
+    example = pd.DataFrame({"x": [1.0, 2.0]})
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=FailsOnExample(),
+            input_example=example,
+            signature=mlflow.models.infer_signature(example, [0.0, 0.0]),
+            pip_requirements=["mlflow"],
+            registered_model_name=name,
+        )
+    return str(info.registered_model_version)

@@ -1,0 +1,301 @@
+"""Promotion deploys: the real platform (tracking server, gateway, controller, replicas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from flowline.config import Ports
+from flowline.platform import Platform
+from pipelines.train import TrainConfig, train
+from serving.controller.webhooks import signature
+from serving.processes import free_port
+from tests.conftest import BIN, subprocess_env
+from tests.model_fixtures import log_broken_version
+
+pytestmark = pytest.mark.slow
+DEADLINE = 120.0
+
+
+def _ports() -> Ports:
+    return Ports(
+        tracking=free_port(), gateway=free_port(), controller=free_port(),
+        monitor=free_port(), replicas_from=free_port(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """`flowline up` in a fresh home, 2 replicas per version, a fast reconcile loop."""
+    home = tmp_path_factory.mktemp("platform")
+    running = Platform(home=home, ports=_ports(), replicas=2, reconcile_interval=1.0)
+    running.start()
+    mlflow.set_tracking_uri(running.tracking.url)
+    try:
+        yield running
+    finally:
+        running.stop()
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(autouse=True)
+def _track_the_platform(request: pytest.FixtureRequest) -> None:
+    # Tests that start their own platform point MLflow elsewhere; point it back.
+    if "platform" in request.fixturenames:
+        mlflow.set_tracking_uri(request.getfixturevalue("platform").tracking.url)
+
+
+def _gateway(platform: Platform) -> str:
+    return f"http://{platform.host}:{platform.ports.gateway}"
+
+
+def _served_version(platform: Platform, name: str) -> str | None:
+    models = requests.get(f"{_gateway(platform)}/models", timeout=5).json()["models"]
+    return next((str(m["version"]) for m in models if m["name"] == name), None)
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _status_tag(client: MlflowClient, name: str, version: str) -> str | None:
+    return client.get_model_version(name, version).tags.get("flowline.deployment.status")
+
+
+def _train(name: str, seed: int = 1) -> str:
+    return train(
+        TrainConfig(max_evals=1, registered_model=name, seed=seed), report=lambda _: None
+    ).version
+
+
+def _example(name: str, version: str) -> dict:
+    path = mlflow.artifacts.download_artifacts(
+        f"models:/{name}/{version}/serving_input_example.json"
+    )
+    return json.loads(Path(path).read_text())
+
+
+def _score(platform: Platform, name: str, body: dict) -> requests.Response:
+    return requests.post(f"{_gateway(platform)}/models/{name}/invocations", json=body, timeout=30)
+
+
+def test_alias_promotion_deploys_and_switches_without_failing_a_request(platform: Platform) -> None:
+    name = f"churn-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    first, second = _train(name, seed=1), _train(name, seed=2)
+    body = _example(name, first)
+
+    client.set_registered_model_alias(name, "production", first)
+    _wait_for(lambda: _served_version(platform, name) == first, "version 1 to serve")
+    response = _score(platform, name, body)
+    assert response.status_code == 200
+    assert response.headers["x-flowline-model-version"] == f"{name}/{first}"
+    assert len(response.json()["predictions"]) == len(body["dataframe_split"]["data"])
+    _wait_for(lambda: _status_tag(client, name, first) == "deployed", "the deployed tag")
+
+    statuses: Counter = Counter()
+    versions: Counter = Counter()
+    stop = threading.Event()
+
+    def load() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                r = session.post(
+                    f"{_gateway(platform)}/models/{name}/invocations", json=body, timeout=30
+                )
+                statuses[r.status_code] += 1
+                versions[r.headers.get("x-flowline-model-version")] += 1
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        client.set_registered_model_alias(name, "production", second)
+        _wait_for(lambda: versions[f"{name}/{second}"] >= 20, "traffic on version 2")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert set(statuses) == {200}, statuses
+    assert versions[f"{name}/{first}"] > 0 and versions[f"{name}/{second}"] > 0
+    _wait_for(
+        lambda: (
+            client.get_model_version(name, first).tags.get("flowline.deployment.status")
+            == "undeployed"
+        ),
+        "the old version to be retired",
+    )
+
+    client.delete_registered_model_alias(name, "production")
+    _wait_for(lambda: _served_version(platform, name) is None, "the undeploy")
+    assert _score(platform, name, body).status_code == 404
+
+
+def test_legacy_stage_promotion_deploys_and_archiving_undeploys(platform: Platform) -> None:
+    name = f"staged-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    version = _train(name)
+    client.transition_model_version_stage(name, version, "Production")
+    _wait_for(lambda: _served_version(platform, name) == version, "the staged version to serve")
+    assert _score(platform, name, _example(name, version)).status_code == 200
+    client.transition_model_version_stage(name, version, "Archived")
+    _wait_for(lambda: _served_version(platform, name) is None, "the archived version to go")
+
+
+def test_failed_smoke_test_keeps_the_old_version_and_tags_the_reason(platform: Platform) -> None:
+    name = f"guarded-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    good = _train(name)
+    client.set_registered_model_alias(name, "production", good)
+    _wait_for(lambda: _served_version(platform, name) == good, "the good version")
+    broken = log_broken_version(name)
+    client.set_registered_model_alias(name, "production", broken)
+    _wait_for(
+        lambda: (
+            client.get_model_version(name, broken).tags.get("flowline.deployment.status")
+            == "failed"
+        ),
+        "the failure tag",
+    )
+    reason = client.get_model_version(name, broken).tags["flowline.deployment.reason"]
+    assert "smoke test" in reason and "broken on purpose" in reason
+    assert _served_version(platform, name) == good
+    assert _score(platform, name, _example(name, good)).status_code == 200
+    status = requests.get(
+        f"http://{platform.host}:{platform.ports.controller}/status", timeout=5
+    ).json()
+    assert f"version {broken}" in status["errors"][name]
+
+
+def test_killed_replica_is_routed_around_and_restarted(platform: Platform) -> None:
+    name = f"sturdy-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    version = _train(name)
+    client.set_registered_model_alias(name, "production", version)
+    _wait_for(lambda: _served_version(platform, name) == version, "the version to serve")
+    body = _example(name, version)
+    controller = f"http://{platform.host}:{platform.ports.controller}"
+
+    def replicas() -> list[dict]:
+        status = requests.get(f"{controller}/status", timeout=5).json()
+        return next(d["replicas"] for d in status["deployments"] if d["model"] == name)
+
+    victim = replicas()[0]["url"]
+    pidfile = platform.home / "replicas" / f"{victim.rsplit(':', 1)[1]}.json"
+    os.killpg(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
+    for _ in range(20):
+        assert _score(platform, name, body).status_code == 200
+    _wait_for(
+        lambda: (
+            len(replicas()) == 2
+            and all(r["alive"] for r in replicas())
+            and victim not in [r["url"] for r in replicas()]
+        ),
+        "a replacement replica",
+    )
+    assert _score(platform, name, body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "tamper, status",
+    [("signature", 401), ("stale", 401), ("replay", 409), ("unsigned", 401)],
+)
+def test_forged_or_replayed_webhooks_are_rejected(
+    platform: Platform, tamper: str, status: int
+) -> None:
+    secret = (platform.home / "webhook-secret").read_text().strip()
+    body = json.dumps(
+        {"entity": "model_version_alias", "action": "created", "timestamp": "now",
+         "data": {"name": "nobody", "alias": "production", "version": "1"}}
+    ).encode()  # fmt: skip
+    delivery, stamp = uuid.uuid4().hex, str(int(time.time()) - (3600 if tamper == "stale" else 0))
+    headers = {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Signature": signature(
+            "wrong" if tamper == "signature" else secret, delivery, stamp, body
+        ),
+        "Content-Type": "application/json",
+    }
+    if tamper == "unsigned":
+        del headers["X-MLflow-Signature"]
+    url = f"http://{platform.host}:{platform.ports.controller}/webhooks/mlflow"
+    if tamper == "replay":
+        assert requests.post(url, data=body, headers=headers, timeout=5).status_code == 200
+    assert requests.post(url, data=body, headers=headers, timeout=5).status_code == status
+
+
+def test_restart_resumes_the_deployed_state(tmp_path: Path) -> None:
+    ports = _ports()
+    first = Platform(home=tmp_path, ports=ports, replicas=1, reconcile_interval=1.0)
+    first.start()
+    name = "resume"
+    try:
+        mlflow.set_tracking_uri(first.tracking.url)
+        version = _train(name)
+        MlflowClient().set_registered_model_alias(name, "production", version)
+        _wait_for(lambda: _served_version(first, name) == version, "the first deployment")
+    finally:
+        first.stop()
+    assert not first.busy_ports()
+    again = Platform(home=tmp_path, ports=ports, replicas=1, reconcile_interval=1.0)
+    again.start()
+    try:
+        _wait_for(lambda: _served_version(again, name) == version, "the deployment to come back")
+        assert _score(again, name, _example(name, version)).status_code == 200
+    finally:
+        again.stop()
+        mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_deployments_cli_with_the_flowline_target(
+    platform: Platform, tmp_path: Path
+) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    version = _train(name)
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=platform.tracking.url, FLOWLINE_GATEWAY_URL=_gateway(platform)
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "mlflow"), "deployments", *args, "-t", "flowline"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    created = cli("create", "--name", name, "-m", f"models:/{name}/{version}")
+    assert created.returncode == 0, created.stderr[-600:]
+    assert _served_version(platform, name) == version
+    assert name in cli("list").stdout
+    got = cli("get", "--name", name)
+    assert got.returncode == 0 and f"version: {version}\n" in got.stdout
+    example = tmp_path / "input.json"
+    split = _example(name, version)["dataframe_split"]
+    # `mlflow deployments predict` reads the file with pandas.read_json.
+    pd.DataFrame(split["data"], columns=split["columns"]).to_json(example, orient="records")
+    predicted = cli("predict", "--name", name, "--input-path", str(example))
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert "predictions" in predicted.stdout
+    assert cli("delete", "--name", name).returncode == 0
+    assert _served_version(platform, name) is None
+    wrong = cli("create", "--name", "other", "-m", f"models:/{name}/{version}")
+    assert wrong.returncode != 0 and "registered model's name" in wrong.stderr

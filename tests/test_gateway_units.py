@@ -1,0 +1,484 @@
+"""Fast in-process tests of the gateway's parts: wire rules, batcher, route table, app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.gateway import BatchingSettings, Deployment, GatewayConfig, RouteTable, create_app
+from serving.gateway.batching import AdaptiveBatcher, Outcome
+from serving.gateway.openapi import build_openapi
+from serving.gateway.wire import (
+    BatchSchema,
+    is_json_content_type,
+    merge_body,
+    parse_tabular,
+    scrub_error_body,
+    split_predictions,
+)
+
+SIGNATURE = {
+    "inputs": json.dumps([
+        {"type": "double", "name": "a", "required": True},
+        {"type": "long", "name": "n", "required": True},
+        {"type": "string", "name": "s", "required": False},
+    ]),
+    "outputs": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}]),
+    "params": None,
+}  # fmt: skip
+SCHEMA = BatchSchema.from_signature_inputs(json.loads(SIGNATURE["inputs"]))
+
+
+def split_body(rows: list[list[Any]], columns: tuple[str, ...] = ("a", "n", "s"), **extra: Any):
+    return json.dumps({"dataframe_split": {"columns": list(columns), "data": rows}, **extra})
+
+
+# --- wire --------------------------------------------------------------------------------------
+
+
+def test_json_content_type_follows_the_stock_parser() -> None:
+    assert is_json_content_type("application/json")
+    assert is_json_content_type("application/json; charset=UTF-8")
+    assert not is_json_content_type("application/json; charset=latin-1")
+    assert not is_json_content_type("application/json; foo=bar")
+    assert not is_json_content_type("Application/JSON")
+    assert not is_json_content_type("text/csv")
+    assert not is_json_content_type(None)
+
+
+def test_schema_needs_named_scalar_columns() -> None:
+    assert SCHEMA is not None and SCHEMA.float_columns == {"a"}
+    tensor = [{"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": [-1, 4]}}]
+    assert BatchSchema.from_signature_inputs(tensor) is None
+    assert BatchSchema.from_signature_inputs([{"type": "binary", "name": "b"}]) is None
+    assert BatchSchema.from_signature_inputs(None) is None
+
+
+def test_same_kinds_share_a_key_and_floats_absorb_ints_and_nulls() -> None:
+    assert SCHEMA is not None
+    one = parse_tabular(split_body([[1.5, 2, "x"]]).encode(), SCHEMA, 64)
+    two = parse_tabular(split_body([[1, 3, "y"], [None, 4, "z"]]).encode(), SCHEMA, 64)
+    assert one is not None and two is not None
+    assert one.key == two.key  # ints/nulls in the double column cast the same way
+    float_in_long = parse_tabular(split_body([[1.5, 2.5, "x"]]).encode(), SCHEMA, 64)
+    null_string = parse_tabular(split_body([[1.5, 2, None]]).encode(), SCHEMA, 64)
+    assert float_in_long is not None and float_in_long.key != one.key
+    assert null_string is not None and null_string.key != one.key
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        split_body([[1.5, 2, "x"]], index=[0]),  # unknown top-level key
+        json.dumps({"dataframe_split": {"columns": ["a"], "data": [[1]], "index": [7]}}),
+        json.dumps({"dataframe_split": {"data": [[1, 2, "x"]]}}),  # positional columns
+        split_body([]),  # no rows
+        split_body([[1.5, 2]]),  # ragged row
+        split_body([[1.5, 2, ["x"]]]),  # nested value
+        split_body([[1.5, 2, "x"]], columns=("a", "n", "other")),  # not in the signature
+        split_body([[1.5, 2, "x"]], columns=("a", "a", "s")),  # duplicate column
+        json.dumps({"dataframe_records": [{"a": 1.0, "n": 1}, {"n": 1, "a": 1.0}]}),
+        json.dumps({"instances": [{"a": 1.0}]}),
+        json.dumps({"inputs": {"a": [1.0]}}),
+        json.dumps([1, 2]),
+        "not json",
+    ],
+)
+def test_anything_unusual_is_forwarded_unchanged(body: str) -> None:
+    assert SCHEMA is not None
+    assert parse_tabular(body.encode(), SCHEMA, 64) is None
+
+
+def test_requests_above_the_batch_size_go_alone() -> None:
+    assert SCHEMA is not None
+    assert parse_tabular(split_body([[1.0, 1, "x"]] * 5).encode(), SCHEMA, 4) is None
+
+
+def test_params_are_part_of_the_key() -> None:
+    assert SCHEMA is not None
+    a = parse_tabular(split_body([[1.0, 1, "x"]], params={"k": 1}).encode(), SCHEMA, 64)
+    b = parse_tabular(split_body([[1.0, 1, "x"]], params={"k": 2}).encode(), SCHEMA, 64)
+    c = parse_tabular(split_body([[1.0, 1, "x"]]).encode(), SCHEMA, 64)
+    assert a is not None and b is not None and c is not None
+    assert len({a.key, b.key, c.key}) == 3
+
+
+def test_merge_and_split_round_trip() -> None:
+    assert SCHEMA is not None
+    first = parse_tabular(split_body([[1.0, 1, "x"]], params={"k": 1}).encode(), SCHEMA, 64)
+    second = parse_tabular(split_body([[2.0, 2, "y"], [3.0, 3, "z"]], params={"k": 1}).encode(),
+                           SCHEMA, 64)  # fmt: skip
+    assert first is not None and second is not None
+    merged = json.loads(merge_body([first, second]))
+    assert merged == {
+        "dataframe_split": {"columns": ["a", "n", "s"],
+                            "data": [[1.0, 1, "x"], [2.0, 2, "y"], [3.0, 3, "z"]]},
+        "params": {"k": 1},
+    }  # fmt: skip
+    parts = split_predictions(b'{"predictions": [0, 1, 0.5]}', [1, 2])
+    assert parts == [(b'{"predictions": [0]}', [0]), (b'{"predictions": [1, 0.5]}', [1, 0.5])]
+    assert split_predictions(b'{"predictions": [0, 1]}', [1, 2]) is None
+    assert split_predictions(b'{"predictions": {"a": 1}}', [1]) is None
+    assert split_predictions(b'{"predictions": [1], "extra": 1}', [1]) is None
+
+
+def test_stack_traces_are_removed_and_the_rest_kept() -> None:
+    body = json.dumps({"error_code": "BAD_REQUEST", "message": "m", "stack_trace": "Traceback"})
+    assert json.loads(scrub_error_body(body.encode())) == {
+        "error_code": "BAD_REQUEST",
+        "message": "m",
+    }
+    plain = b'{"error_code": "BAD_REQUEST", "message": "m"}'
+    assert scrub_error_body(plain) is plain
+
+
+# --- batcher ------------------------------------------------------------------------------------
+
+
+class FakeReplica:
+    """A `send` for the batcher that records calls and answers after a gate opens."""
+
+    def __init__(self, fail_merged: bool = False) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_merged = fail_merged
+
+    async def send(self, body: bytes, content_type: str | None, kind: str) -> Outcome:
+        self.calls.append((kind, json.loads(body)))
+        await self.gate.wait()
+        rows = json.loads(body)["dataframe_split"]["data"]
+        if any(r[0] < 0 for r in rows):  # a "bad" row fails its whole call
+            return Outcome(
+                400, b'{"error_code": "BAD_REQUEST", "message": "bad"}', "application/json"
+            )
+        if kind == "batch" and self.fail_merged:
+            return Outcome(200, b'{"predictions": "not a list"}', "application/json")
+        preds = [r[0] * 10 for r in rows]
+        return Outcome(200, json.dumps({"predictions": preds}).encode(), "application/json")
+
+
+def make_batcher(replica: FakeReplica, **settings: Any) -> AdaptiveBatcher:
+    assert SCHEMA is not None
+    return AdaptiveBatcher(
+        BatchingSettings(**settings), SCHEMA, replica.send, lambda: 1, lambda r, n: None, "t/1"
+    )
+
+
+async def submit(batcher: AdaptiveBatcher, value: float) -> Outcome:
+    body = split_body([[value, 1, "x"]]).encode()
+    item = parse_tabular(body, batcher.schema, batcher.settings.max_batch_size)
+    assert item is not None
+    return await batcher.submit(item, body, "application/json")
+
+
+def test_idle_batcher_sends_at_once_and_unchanged() -> None:
+    async def scenario() -> None:
+        replica = FakeReplica()
+        batcher = make_batcher(replica, max_wait_ms=10_000)
+        outcome = await asyncio.wait_for(submit(batcher, 1.0), 5)
+        assert outcome.body == b'{"predictions": [10.0]}'
+        assert [k for k, _ in replica.calls] == ["single"]
+
+    asyncio.run(scenario())
+
+
+def test_requests_queued_behind_a_busy_slot_are_merged_and_split() -> None:
+    async def scenario() -> None:
+        replica = FakeReplica()
+        replica.gate.clear()
+        batcher = make_batcher(replica, max_batch_size=4, max_wait_ms=10_000)
+        tasks = [asyncio.create_task(submit(batcher, float(i))) for i in range(7)]
+        while batcher.queued < 6:
+            await asyncio.sleep(0)
+        replica.gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        for i, outcome in enumerate(outcomes):
+            assert json.loads(outcome.body) == {"predictions": [i * 10.0]}
+        # One alone (the slot was free), then 6 queued ones in batches of at most 4 rows.
+        assert [(k, len(b["dataframe_split"]["data"])) for k, b in replica.calls] == [
+            ("single", 1), ("batch", 4), ("batch", 2),
+        ]  # fmt: skip
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_request_does_not_fail_its_batch_mates() -> None:
+    async def scenario() -> None:
+        replica = FakeReplica()
+        replica.gate.clear()
+        batcher = make_batcher(replica, max_wait_ms=10_000)
+        tasks = [asyncio.create_task(submit(batcher, v)) for v in (1.0, 2.0, -1.0, 3.0)]
+        while batcher.queued < 3:
+            await asyncio.sleep(0)
+        replica.gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert [o.status for o in outcomes] == [200, 200, 400, 200]
+        assert json.loads(outcomes[3].body) == {"predictions": [30.0]}
+        assert [k for k, _ in replica.calls] == ["single", "batch"] + ["fallback"] * 3
+
+    asyncio.run(scenario())
+
+
+def test_answers_that_are_not_row_aligned_disable_batching() -> None:
+    async def scenario() -> None:
+        replica = FakeReplica(fail_merged=True)
+        replica.gate.clear()
+        batcher = make_batcher(replica, max_wait_ms=10_000)
+        tasks = [asyncio.create_task(submit(batcher, v)) for v in (1.0, 2.0, 3.0)]
+        while batcher.queued < 2:
+            await asyncio.sleep(0)
+        replica.gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert [json.loads(o.body)["predictions"] for o in outcomes] == [[10.0], [20.0], [30.0]]
+        assert batcher.disabled_reason is not None
+
+    asyncio.run(scenario())
+
+
+def test_max_wait_sends_queued_requests_even_if_the_slot_stays_busy() -> None:
+    async def scenario() -> None:
+        replica = FakeReplica()
+        replica.gate.clear()
+        batcher = make_batcher(replica, max_wait_ms=20)
+        first = asyncio.create_task(submit(batcher, 1.0))
+        while not replica.calls:
+            await asyncio.sleep(0)
+        second = asyncio.create_task(submit(batcher, 2.0))
+        # The first call never finishes until the gate opens; the second must be sent anyway.
+        while len(replica.calls) < 2:
+            await asyncio.sleep(0.005)
+        replica.gate.set()
+        assert json.loads((await asyncio.wait_for(second, 5)).body) == {"predictions": [20.0]}
+        await asyncio.wait_for(first, 5)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+# --- route table -------------------------------------------------------------------------------
+
+
+def deployment(version: str, replicas: tuple[str, ...]) -> Deployment:
+    return Deployment("m", version, replicas, signature=SIGNATURE)
+
+
+def test_switch_keeps_admitted_requests_on_the_old_route() -> None:
+    table = RouteTable()
+    table.set_active(deployment("1", ("http://old:1",)))
+    route, _ = table.admit("m")
+    assert route is not None
+    previous = table.set_active(deployment("2", ("http://new:1",)))
+    assert previous is not None and previous.version == "1"
+    assert table.inflight("http://old:1") == 1
+    assert [r.deployment.version for r in table.draining()] == ["1"]
+    new_route, _ = table.admit("m")
+    assert new_route is not None and new_route.deployment.version == "2"
+    table.release(route)
+    assert table.inflight("http://old:1") == 0
+    assert table.draining() == []
+    # Setting the same deployment again (a reconcile loop) keeps the live route.
+    again = Deployment("m", "2", ("http://new:1",), signature=SIGNATURE, since=1.0)
+    assert table.set_active(again) is None
+    assert table.get("m") is new_route
+    table.release(new_route)
+
+
+def test_replica_choice_routes_around_down_replicas() -> None:
+    table = RouteTable()
+    table.set_active(deployment("1", ("http://a:1", "http://b:1")))
+    route = table.get("m")
+    assert route is not None
+    assert {table.choose_replica(route) for _ in range(4)} == {"http://a:1", "http://b:1"}
+    table.mark_down("http://a:1", "refused")
+    assert {table.choose_replica(route) for _ in range(4)} == {"http://b:1"}
+    assert table.choose_replica(route, exclude=("http://b:1",)) == "http://a:1"
+    assert table.replicas_to_probe() == ["http://a:1"]
+    table.mark_up("http://a:1")
+    assert table.healthy_count(route) == 2
+    table.mark_down("http://b:1", "draining", hold=True)  # the controller's mark sticks
+    assert table.replicas_to_probe() == []
+
+
+def test_deployment_json_round_trip_and_validation() -> None:
+    d = Deployment.from_dict(
+        {"version": 3, "replicas": ["http://x:1/"], "batching": {"max_batch_size": 8}},
+        model="m",
+    )
+    assert d.version == "3" and d.replicas == ("http://x:1",) and d.batching.max_batch_size == 8
+    assert Deployment.from_dict(d.to_dict()) == d
+    for bad in ({"version": "1"}, {"version": "1", "replicas": []},
+                {"version": "1", "replicas": ["x"]}, {"version": "1", "replicas": ["http://x"],
+                                                      "colour": 1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            Deployment.from_dict(bad, model="m")
+
+
+def test_openapi_has_exact_columns_and_types() -> None:
+    spec = build_openapi([deployment("1", ("http://x:1",))], None)
+    op = spec["paths"]["/models/m/invocations"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    records = body[1]["properties"]["dataframe_records"]["items"]
+    assert records["properties"] == {
+        "a": {"type": "number", "format": "double"},
+        "n": {"type": "integer", "format": "int64"},
+        "s": {"type": ["string", "null"]},
+    }
+    assert records["required"] == ["a", "n"]
+    split = body[0]["properties"]["dataframe_split"]["properties"]
+    assert split["columns"]["items"]["enum"] == ["a", "n", "s"]
+
+
+# --- app without replicas ----------------------------------------------------------------------
+
+
+def test_health_and_errors_without_a_reachable_replica() -> None:
+    async def scenario() -> None:
+        table = RouteTable()
+        app = create_app(GatewayConfig(admin_token="t"), table)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            assert (await client.get("/ping")).status_code == 200
+            unknown = await client.get("/nope")
+            assert unknown.status_code == 404
+            assert unknown.json() == {"error_code": "ENDPOINT_NOT_FOUND", "message": "Not Found"}
+            wrong_method = await client.get("/invocations")
+            assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+            assert wrong_method.json()["error_code"] == "BAD_REQUEST"
+            assert (await client.get("/health")).status_code == 503
+            answer = await client.post("/invocations", content=b"{}")
+            assert answer.status_code == 404
+            assert answer.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+            # A replica nobody listens on: the gateway answers 503 in MLflow's shape.
+            table.set_active(deployment("1", ("http://127.0.0.1:9",)))
+            answer = await client.post(
+                "/models/m/invocations",
+                content=split_body([[1.0, 1, "x"]]),
+                headers={"content-type": "application/json"},
+            )
+            assert answer.status_code == 503
+            assert set(answer.json()) == {"error_code", "message"}
+            assert answer.headers["x-flowline-model-version"] == "m/1"
+            health = await client.get("/health")
+            assert health.status_code == 503 and health.json()["models"] == {"m": "unavailable"}
+        await app.state.gateway.backend.aclose()
+
+    asyncio.run(scenario())
+
+
+# --- aiohttp upstream client --------------------------------------------------------------------
+
+
+async def serve_raw(answers: list[bytes]):
+    """A loopback server that replies to each request with the next raw answer."""
+    from serving.gateway.upstream import AiohttpUpstream
+
+    received: list[bytes] = []
+    queue = list(answers)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while queue:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                received.append(head + await reader.readexactly(length))
+                writer.write(queue.pop(0))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = AiohttpUpstream(max_connections=4, keepalive_expiry_s=4, connect_timeout_s=2)
+    return server, client, f"http://127.0.0.1:{port}/invocations", received
+
+
+def test_upstream_client_reads_length_chunked_and_close_delimited_answers() -> None:
+    async def scenario() -> None:
+        answers = [
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+            b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+        ]
+        server, client, url, received = await serve_raw(answers)
+        async with server:
+            first = await client.post(url, b"{}", "application/json", 5)
+            assert (first.status, first.content_type, first.body) == (
+                200,
+                "application/json",
+                b"{}",
+            )
+            second = await client.post(url, b"x", None, 5)
+            assert (second.status, second.content_type, second.body) == (
+                400,
+                "text/plain",
+                b"abcde",
+            )
+            third = await client.post(url, b"x", None, 5)
+            assert (third.status, third.body) == (204, b"")
+            fourth = await client.post(url, b"x", None, 5)
+            assert (fourth.status, fourth.body) == (200, b"until close")
+            await client.aclose()
+        assert received[0].startswith(b"POST /invocations HTTP/1.1\r\n")
+        assert b"Content-Type: application/json\r\n" in received[0]
+        assert b"Content-Type" not in received[1]  # none given, none sent (as the client did)
+
+    asyncio.run(scenario())
+
+
+def test_upstream_client_resends_when_a_kept_alive_connection_was_closed() -> None:
+    from serving.gateway.upstream import AiohttpUpstream, UpstreamError
+
+    async def scenario() -> None:
+        connections: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Each connection answers one request, then reads the next and hangs up
+            # without a word, like a server whose keep-alive timer just fired.
+            connections.append(1)
+            for answered in (True, False):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                if answered:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/invocations"
+        client = AiohttpUpstream(max_connections=4, keepalive_expiry_s=60, connect_timeout_s=2)
+        async with server:
+            assert (await client.post(url, b"1", None, 5)).body == b"ok"
+            assert (await client.post(url, b"2", None, 5)).body == b"ok"
+            assert (await client.post(url, b"3", None, 5)).body == b"ok"
+        assert len(connections) == 3
+        await client.aclose()
+        with pytest.raises(UpstreamError) as refused:
+            await client.post(url, b"4", None, 5)
+        assert refused.value.connect
+
+    asyncio.run(scenario())
+
+
+def test_admin_api_is_off_without_a_token() -> None:
+    async def scenario() -> None:
+        app = create_app(GatewayConfig(admin_token=None), RouteTable())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            answer = await client.get("/admin/deployments", headers={"Authorization": "Bearer x"})
+            assert answer.status_code == 403
+            assert answer.json()["error_code"] == "PERMISSION_DENIED"
+        await app.state.gateway.backend.aclose()
+
+    asyncio.run(scenario())

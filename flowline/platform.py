@@ -24,7 +24,9 @@ class Platform:
     host: str = "127.0.0.1"
     backend_store_uri: str = ""
     replicas: int = 1
-    reconcile_interval: float = 5.0
+    reconcile_interval: float = field(
+        default_factory=lambda: float(os.environ.get("FLOWLINE_RECONCILE_INTERVAL_S", 5.0))
+    )
     processes: list[tuple[str, ManagedProcess]] = field(default_factory=list)
 
     @property

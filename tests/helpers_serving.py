@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,13 @@ from typing import Any
 
 import httpx
 
+from serving.processes import free_port  # noqa: F401  (re-exported for the tests)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 # Columns of sklearn's breast_cancer data used by the small test model.
 FEW_COLUMNS = ["mean radius", "mean texture", "mean perimeter", "mean area", "mean smoothness"]
-
-
-def free_port() -> int:
-    """Return a port the OS just handed out for 127.0.0.1 (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serving_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import requests
 
 from flowline.config import Ports, home
@@ -93,7 +94,7 @@ def _platform(args: argparse.Namespace) -> Platform:
         tracking=args.port,
         gateway=args.gateway_port,
         controller=args.controller_port,
-        monitor=Ports().monitor,
+        monitor=args.monitor_port,
         replicas_from=args.replica_port_from,
     )
     return Platform(
@@ -201,6 +202,58 @@ def _curl(url: str, body_file: Path) -> None:
     print(flush=True)
 
 
+def _send_rows(url: str, frame: pd.DataFrame, rows_per_request: int = 50) -> None:
+    for start in range(0, len(frame), rows_per_request):
+        split = json.loads(
+            frame.iloc[start : start + rows_per_request].to_json(orient="split", index=False)
+        )
+        requests.post(url, json={"dataframe_split": split}, timeout=30).raise_for_status()
+
+
+def _next_window(monitor: str, name: str, seen: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = requests.get(f"{monitor}/drift/{name}", timeout=5)
+        if answer.status_code == 200:
+            windows = answer.json()["windows"]
+            if len(windows) > seen:
+                return windows[0]
+        time.sleep(0.5)
+    raise TimeoutError(f"no drift window for {name} within {timeout:.0f}s")
+
+
+def demo_drift(platform: Platform, name: str) -> None:
+    """Send training-like traffic, then shifted traffic, and show what the monitor says."""
+    from pipelines.data import DEMO_DATA, DEMO_TARGET
+
+    gateway = platform.urls()["gateway (POST /invocations)"]
+    monitor = platform.urls()["drift monitor (GET /drift)"]
+    window = int(os.environ.get("FLOWLINE_WINDOW_ROWS", 1000))
+    rows = pd.read_csv(DEMO_DATA).drop(columns=[DEMO_TARGET])
+    answer = requests.get(f"{monitor}/drift/{name}", timeout=5)
+    seen = len(answer.json()["windows"]) if answer.status_code == 200 else 0
+    calm = rows.sample(window, random_state=1, replace=len(rows) < window)
+    _send_rows(f"{gateway}/invocations", calm)
+    verdict = _next_window(monitor, name, seen)
+    _say(f"{window} rows like the training data: drifted={verdict['drifted']}")
+    shifted = rows.sample(window, random_state=2, replace=len(rows) < window)
+    # Longer-tenured customers on monthly contracts: a market the model never saw.
+    shifted = shifted.assign(tenure_months=shifted["tenure_months"] + 24, contract="month-to-month")
+    _send_rows(f"{gateway}/invocations", shifted)
+    verdict = _next_window(monitor, name, seen + 1)
+    _say(
+        f"{window} shifted rows: drifted={verdict['drifted']}, "
+        f"drifted features: {', '.join(verdict['drifted_features']) or 'none'}"
+    )
+    _say(f"report: {verdict['report_url']}")
+    _say(f"drift history (JSON): {monitor}/drift/{name}; Prometheus: {monitor}/metrics")
+    _say(
+        f"in the MLflow UI ({platform.tracking.url}): experiment 'flowline-monitoring', "
+        f"run 'monitor-{name}-v{verdict['version']}': its metrics chart drift per window, "
+        "and reports/ holds each window's HTML report"
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The full lifecycle: up, train and register, promote, score, show the deployment."""
     from mlflow import MlflowClient
@@ -216,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run = _mlflow_run_argv(
             {"family": args.family, "max_evals": str(args.max_evals)}, "flowline-demo"
         )
-        _say("1/4 tune and register: $ " + " ".join(run[1:]))
+        _say("1/5 tune and register: $ " + " ".join(run[1:]))
         if subprocess.run(run, env=env, cwd=PROJECT_DIR).returncode != 0:
             _say("training failed; see the messages above")
             platform.stop()
@@ -227,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         show_version(tracking, "flowline-demo")
         _say(
-            f"2/4 promote: alias 'production' -> version {latest.version} "
+            f"2/5 promote: alias 'production' -> version {latest.version} "
             "(what 'Add alias' in the registry UI does)"
         )
         client.set_registered_model_alias("flowline-demo", "production", latest.version)
@@ -238,12 +291,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 tracking, f"models:/flowline-demo/{latest.version}/serving_input_example.json"
             )
         )
-        _say("3/4 score it:")
+        _say("3/5 score it:")
         _curl(f"{gateway}/invocations", example)
-        _say("4/4 the deployment:")
+        _say("4/5 the deployment:")
         print(json.dumps(requests.get(f"{gateway}/models", timeout=5).json(), indent=2), flush=True)
         tags = client.get_model_version("flowline-demo", latest.version).tags
         _say(f"flowline.deployment.status = {tags.get('flowline.deployment.status')}")
+        _say("5/5 monitor: training-like traffic, then shifted traffic, through the gateway")
+        demo_drift(platform, "flowline-demo")
         for name, url in platform.urls().items():
             _say(f"{name:<28} {url}")
         if args.exit:
@@ -342,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         defaults = Ports()
         sub.add_argument("--gateway-port", type=int, default=defaults.gateway)
         sub.add_argument("--controller-port", type=int, default=defaults.controller)
+        sub.add_argument("--monitor-port", type=int, default=defaults.monitor)
         sub.add_argument("--replica-port-from", type=int, default=defaults.replicas_from)
         sub.add_argument(
             "--replicas",

@@ -1,4 +1,4 @@
-"""`flowline up`: the tracking server, gateway and controller as one supervised group."""
+"""`flowline up`: tracking server, drift monitor, gateway and controller as one group."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class Platform:
             "tracking server and UI": self.tracking.url,
             "gateway (POST /invocations)": f"http://{self.host}:{self.ports.gateway}",
             "controller (GET /status)": f"http://{self.host}:{self.ports.controller}",
+            "drift monitor (GET /drift)": f"http://{self.host}:{self.ports.monitor}",
         }
 
     def _env(self) -> dict[str, str]:
@@ -53,6 +54,7 @@ class Platform:
             FLOWLINE_HOME=str(self.home),
             FLOWLINE_ADMIN_TOKEN=persistent_secret(self.home / "admin-token"),
             FLOWLINE_GATEWAY_URL=f"http://{self.host}:{self.ports.gateway}",
+            FLOWLINE_MONITOR_URL=f"http://{self.host}:{self.ports.monitor}",
             PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
             PYTHONUNBUFFERED="1",
         )
@@ -64,7 +66,12 @@ class Platform:
 
     def busy_ports(self) -> list[int]:
         """Configured ports something else already listens on."""
-        wanted = [self.ports.tracking, self.ports.gateway, self.ports.controller]
+        wanted = [
+            self.ports.tracking,
+            self.ports.gateway,
+            self.ports.controller,
+            self.ports.monitor,
+        ]
         return [port for port in wanted if port_in_use(port, self.host)]
 
     def start(self) -> None:
@@ -75,6 +82,20 @@ class Platform:
             tracking = self.tracking.process(self.home / "logs" / "tracking.log")
             self.processes.append(("tracking", tracking.start()))
             tracking.wait_healthy(f"{self.tracking.url}/health", START_TIMEOUT_SECONDS)
+            # The monitor before the gateway, so captures flow from the first request.
+            self._spawn(
+                "monitor",
+                [
+                    python,
+                    "-m",
+                    "monitoring",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.ports.monitor),
+                ],
+                f"http://{self.host}:{self.ports.monitor}/health",
+            )
             gateway = f"http://{self.host}:{self.ports.gateway}"
             self._spawn(
                 "gateway",

@@ -299,3 +299,18 @@ def test_mlflow_deployments_cli_with_the_flowline_target(
     assert _served_version(platform, name) is None
     wrong = cli("create", "--name", "other", "-m", f"models:/{name}/{version}")
     assert wrong.returncode != 0 and "registered model's name" in wrong.stderr
+
+
+def test_keras_family_deploys_like_sklearn(platform: Platform) -> None:
+    name = f"keras-{uuid.uuid4().hex[:6]}"
+    config = TrainConfig(family="keras", max_evals=1, epochs=2, registered_model=name)
+    version = train(config, report=lambda _: None).version
+    MlflowClient().set_registered_model_alias(name, "production", version)
+    _wait_for(lambda: _served_version(platform, name) == version, "the keras version to serve")
+    body = _example(name, version)
+    answer = _score(platform, name, body)
+    assert answer.status_code == 200
+    assert set(answer.json()["predictions"]) <= {"yes", "no"}
+    body["params"] = {"predict_method": "predict_proba"}
+    probabilities = _score(platform, name, body).json()["predictions"]
+    assert all(abs(row["yes"] + row["no"] - 1) < 1e-4 for row in probabilities)

@@ -6,6 +6,7 @@ import argparse
 import logging
 from dataclasses import replace
 
+from monitoring.capture import capture_hook_from_env
 from serving.gateway.config import GatewayConfig
 from serving.gateway.server import DEFAULT_HOST, DEFAULT_PORT, load_deployments, serve_gateway
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         deployments=load_deployments(args.deployments) if args.deployments else None,
         port_file=args.port_file,
         log_level=args.log_level,
+        # Capture to the drift monitor when FLOWLINE_MONITOR_URL is set.
+        on_scored=capture_hook_from_env(),
     )
 
 

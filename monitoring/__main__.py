@@ -1,0 +1,50 @@
+"""`python -m monitoring`: run the drift monitor (settings from FLOWLINE_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from monitoring.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and serve."""
+    parser = argparse.ArgumentParser(prog="python -m monitoring", description=__doc__)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("FLOWLINE_MONITOR_PORT", DEFAULT_PORT)),
+        help="0 picks a free port",
+    )  # fmt: skip
+    parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument("--home", help="flowline home (default $FLOWLINE_HOME or ./.flowline)")
+    parser.add_argument("--db", help="store URL (default $FLOWLINE_MONITOR_DB or SQLite in home)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    settings = MonitorSettings.from_env()
+    if args.home:
+        settings = replace(settings, home=Path(args.home).expanduser().resolve())
+    if args.db:
+        settings = replace(settings, db_url=args.db)
+    if args.tracking_uri:
+        settings = replace(settings, tracking_uri=args.tracking_uri)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    # Baseline downloads would draw progress bars into the service log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's default (7 retries, doubling backoff) would hold the detector for minutes
+    # while the registry is down; the monitor retries on its own schedule instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+    from monitoring.server import serve_monitor  # after logging is set up
+
+    serve_monitor(settings, args.host, args.port, args.port_file, args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The monitor's Prometheus metrics, labelled by model and version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from monitoring.drift import PREDICTION
+
+STREAM = ("model", "version")
+
+
+def feature_score(feature: dict[str, Any]) -> float | None:
+    """One number per feature for dashboards: its distribution test's main effect size.
+
+    Wasserstein distance / baseline std for numeric features, Jensen-Shannon
+    distance for categorical ones; None when the distribution was not tested.
+    """
+    dist = feature.get("distribution")
+    if not dist:
+        return None
+    effect = dist.get("effect") or {}
+    for key in ("wasserstein_norm", "jensenshannon"):
+        if effect.get(key) is not None:
+            return float(effect[key])
+    return None
+
+
+class MonitorMetrics:
+    """Counters and gauges of one monitor process (a private registry, not the global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rows_captured = Counter(
+            "flowline_monitor_rows_captured", "Captured rows stored (new, not duplicates).",
+            STREAM, registry=r,
+        )  # fmt: skip
+        self.rows_dropped = Counter(
+            "flowline_monitor_rows_dropped",
+            "Captured requests lost before storage, as reported by capture clients (0 by design).",
+            STREAM, registry=r,
+        )  # fmt: skip
+        self.duplicates = Counter(
+            "flowline_monitor_duplicate_records",
+            "Redelivered records that were already stored (ignored).", STREAM, registry=r,
+        )  # fmt: skip
+        self.schema_violations = Counter(
+            "flowline_monitor_schema_violations",
+            "Rows or values that do not fit the baseline schema, by kind.",
+            (*STREAM, "kind"), registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "flowline_monitor_rejected_records",
+            "Records without a usable id, model or version (cannot be attributed).", registry=r,
+        )  # fmt: skip
+        self.windows = Counter(
+            "flowline_monitor_windows", "Closed windows, by verdict.", (*STREAM, "drifted"),
+            registry=r,
+        )  # fmt: skip
+        self.window_rows = Gauge(
+            "flowline_monitor_window_rows", "Rows in the latest window.", STREAM, registry=r
+        )
+        self.window_index = Gauge(
+            "flowline_monitor_window_index", "Index of the latest window.", STREAM, registry=r
+        )
+        self.window_closed = Gauge(
+            "flowline_monitor_window_closed_timestamp_seconds",
+            "When the latest window closed.", STREAM, registry=r,
+        )  # fmt: skip
+        self.dataset_drift = Gauge(
+            "flowline_monitor_dataset_drift",
+            "1 when the latest window drifted (any rule), else 0.", STREAM, registry=r,
+        )  # fmt: skip
+        self.drifted_features = Gauge(
+            "flowline_monitor_drifted_features",
+            "Features (prediction included) whose distribution drifted in the latest window.",
+            STREAM, registry=r,
+        )  # fmt: skip
+        self.feature_score = Gauge(
+            "flowline_monitor_feature_drift_score",
+            "Effect size of the latest window per feature (Wasserstein/std or JS distance).",
+            (*STREAM, "feature"), registry=r,
+        )  # fmt: skip
+        self.feature_p = Gauge(
+            "flowline_monitor_feature_p_value",
+            "Adjusted p-value of the feature's distribution test in the latest window.",
+            (*STREAM, "feature"), registry=r,
+        )  # fmt: skip
+        self.feature_drifted = Gauge(
+            "flowline_monitor_feature_drifted",
+            "1 when the feature drifted (distribution or null rate) in the latest window.",
+            (*STREAM, "feature"), registry=r,
+        )  # fmt: skip
+        self.pending_rows = Gauge(
+            "flowline_monitor_pending_rows", "Captured rows waiting for the next window.",
+            STREAM, registry=r,
+        )  # fmt: skip
+        self.baseline_missing = Gauge(
+            "flowline_monitor_baseline_missing",
+            "1 while the version's baseline cannot be fetched (its rows wait).", STREAM,
+            registry=r,
+        )  # fmt: skip
+        self.evaluation_seconds = Histogram(
+            "flowline_monitor_window_evaluation_seconds", "Time to evaluate one window.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r,
+        )  # fmt: skip
+        self.ingest_seconds = Histogram(
+            "flowline_monitor_ingest_seconds", "Time to store one ingest batch.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )  # fmt: skip
+        self.alerts = Counter(
+            "flowline_monitor_alert_deliveries", "Webhook deliveries by outcome.",
+            ("outcome",), registry=r,
+        )  # fmt: skip
+
+    def touch(self, model: str, version: str) -> None:
+        """Make a stream's counters visible at 0 (so rows_dropped shows an explicit 0)."""
+        self.rows_captured.labels(model, version)
+        self.rows_dropped.labels(model, version)
+        for kind in ("malformed_row", "missing_value", "extra_value", "invalid_value"):
+            self.schema_violations.labels(model, version, kind)
+
+    def observe_window(
+        self, model: str, version: str, index: int, rows: int, closed_at: float,
+        drift: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Set the gauges from a window's drift report."""
+        self.window_rows.labels(model, version).set(rows)
+        self.window_index.labels(model, version).set(index)
+        self.window_closed.labels(model, version).set(closed_at)
+        self.dataset_drift.labels(model, version).set(1 if drift.get("drifted") else 0)
+        self.drifted_features.labels(model, version).set(len(drift.get("drifted_features") or []))
+        features = list((drift.get("features") or {}).values())
+        if drift.get("prediction"):
+            features.append(drift["prediction"])
+        for f in features:
+            name = "prediction" if f["name"] == PREDICTION else f["name"]
+            score = feature_score(f)
+            if score is not None:
+                self.feature_score.labels(model, version, name).set(score)
+            p = (f.get("distribution") or {}).get("p_adjusted")
+            if p is not None:
+                self.feature_p.labels(model, version, name).set(p)
+            self.feature_drifted.labels(model, version, name).set(1 if f.get("drifted") else 0)

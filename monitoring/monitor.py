@@ -1,0 +1,441 @@
+"""The monitor: ingest captured rows, close windows, test them for drift, publish the results.
+
+Three background threads, each safe to stop and restart at any point because
+all progress lives in the store:
+
+* detector: for every (model, version) stream, closes a window when
+  ``window_rows`` rows wait or the oldest waiting row is ``window_seconds``
+  old, evaluates it against the version's baseline (fetched once from the
+  registry), and stores the window, the cursor and any drift state change in
+  one transaction; hourly it applies the retention setting;
+* publisher: logs stored windows to the version's MLflow monitoring run,
+  oldest first, retrying while the tracking server is unreachable;
+* alerter: delivers the webhook outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from monitoring.alerts import AlertSender, alert_body
+from monitoring.baselines import BaselineCache, BaselineUnavailable, fetch_from_registry
+from monitoring.drift import DriftConfig, PreparedBaseline, evaluate_window
+from monitoring.metrics import MonitorMetrics
+from monitoring.mlflow_runs import MonitoringRuns
+from monitoring.report_html import render_report
+from monitoring.settings import MonitorSettings
+from monitoring.store import (
+    IngestResult,
+    MonitorStore,
+    NewWindow,
+    PendingRecord,
+    WindowSummary,
+)
+from monitoring.window_frame import VIOLATION_KINDS, build_window, plot_data
+
+logger = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_S = 3600.0
+PUBLISH_RETRY_S = 5.0
+
+
+def _take_window(pending: list[PendingRecord], rows_per_window: int) -> tuple[int, int]:
+    """How many of the pending records form the next window, and their rows.
+
+    A window holds whole requests: it ends with the record that brings it to
+    ``rows_per_window`` rows (a large request can make it longer), or takes
+    every pending record when there are fewer rows than that.
+    """
+    rows = 0
+    for i, record in enumerate(pending):
+        rows += record.rows
+        if rows >= rows_per_window:
+            return i + 1, rows
+    return len(pending), rows
+
+
+class BadIngest(ValueError):
+    """The ingest body is not a JSON object with a list of records."""
+
+
+def parse_ingest(body: bytes) -> tuple[list[Any], list[Any]]:
+    """Records and client drop reports from a POST /ingest body."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadIngest("body is not valid JSON") from None
+    if isinstance(payload, list):
+        return payload, []
+    if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
+        raise BadIngest('body must be {"records": [...]} or a list of records')
+    client = payload.get("client")
+    dropped = client.get("dropped") if isinstance(client, dict) else None
+    return payload["records"], dropped if isinstance(dropped, list) else []
+
+
+class Monitor:
+    """Everything the monitor process does, usable in-process (tests) or behind the server."""
+
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        store: MonitorStore | None = None,
+        baselines: BaselineCache | None = None,
+        runs: MonitoringRuns | None = None,
+        config: DriftConfig | None = None,
+        public_url: str = "",
+    ) -> None:
+        self.settings = settings
+        self.config = config or DriftConfig()
+        self.store = store or MonitorStore(settings.store_url)
+        self.baselines = baselines or BaselineCache(
+            lambda m, v: fetch_from_registry(m, v, settings.tracking_uri), self.config
+        )
+        if runs is None and settings.mlflow_enabled:
+            runs = MonitoringRuns(settings.tracking_uri, settings.experiment)
+        self.runs = runs
+        self.metrics = MonitorMetrics()
+        self.alerts = AlertSender(self.store, settings, self.metrics)
+        self.public_url = (settings.public_url or public_url).rstrip("/")
+        self._stop = threading.Event()
+        self._wake_detector = threading.Event()
+        self._wake_publisher = threading.Event()
+        self._wake_alerter = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_retention = 0.0
+        self._restore_gauges()
+
+    # --- ingest -----------------------------------------------------------------------
+
+    def ingest(self, records: list[Any], dropped: list[Any] | None = None) -> IngestResult:
+        """Store records (idempotent by record id) and update the counters."""
+        started = time.perf_counter()
+        result = self.store.ingest(records, dropped or [])
+        m = self.metrics
+        m.ingest_seconds.observe(time.perf_counter() - started)
+        for (model, version), rows in result.rows_by_stream.items():
+            m.touch(model, version)
+            m.rows_captured.labels(model, version).inc(rows)
+        for (model, version), n in result.duplicates_by_stream.items():
+            m.duplicates.labels(model, version).inc(n)
+        for item in dropped or []:
+            try:
+                m.rows_dropped.labels(str(item["model"]), str(item["version"])).inc(
+                    int(item["records"])
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+        if result.rejected:
+            m.rejected.inc(result.rejected)
+        if result.new_records:
+            self._wake_detector.set()
+        return result
+
+    def ingest_body(self, body: bytes) -> IngestResult:
+        """POST /ingest: parse and store (raises BadIngest for an unusable body)."""
+        records, dropped = parse_ingest(body)
+        return self.ingest(records, dropped)
+
+    # --- windows ------------------------------------------------------------------------
+
+    def close_windows(self, now: float | None = None) -> list[WindowSummary]:
+        """One detector pass: close and evaluate every window that is due."""
+        closed: list[WindowSummary] = []
+        rows_per_window = self.settings.window_rows
+        for stream in self.store.streams():
+            cursor = stream.last_record_id
+            while not self._stop.is_set():
+                at = time.time() if now is None else now
+                # At most one window's worth of records (each holds at least one row).
+                pending = self.store.pending(stream.model, stream.version, cursor, rows_per_window)
+                take, rows = _take_window(pending, rows_per_window)
+                self.metrics.pending_rows.labels(stream.model, stream.version).set(
+                    sum(p.rows for p in pending)
+                )
+                if not pending:
+                    break
+                by_rows = rows >= rows_per_window
+                if not by_rows and at - pending[0].ingested_at < self.settings.window_seconds:
+                    break
+                try:
+                    baseline = self.baselines.get(stream.model, stream.version, at)
+                except BaselineUnavailable:
+                    self.metrics.baseline_missing.labels(stream.model, stream.version).set(1)
+                    break
+                self.metrics.baseline_missing.labels(stream.model, stream.version).set(0)
+                summary = self._close(
+                    stream.model, stream.version, pending[0].id, pending[take - 1].id,
+                    baseline, at, "rows" if by_rows else "time",
+                )  # fmt: skip
+                closed.append(summary)
+                cursor = summary.last_record_id
+                if not by_rows:
+                    break
+        if closed:
+            self._wake_publisher.set()
+            self._wake_alerter.set()
+        return closed
+
+    def _close(
+        self,
+        model: str,
+        version: str,
+        first_id: int,
+        last_id: int,
+        baseline: PreparedBaseline,
+        now: float,
+        closed_by: str,
+    ) -> WindowSummary:
+        records = self.store.records(model, version, first_id, last_id)
+        started = time.perf_counter()
+        window = build_window(records, model, version, list(baseline.columns))
+        report = evaluate_window(baseline, window.frame, window.predictions, self.config)
+        drift = report.to_dict()
+        self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
+        violations = {kind: int(window.violations.get(kind, 0)) for kind in VIOLATION_KINDS}
+        violations["invalid_value"] = int(sum(drift["schema"]["invalid_values"].values()))
+        stored = {
+            "drift": drift,
+            "plots": plot_data(baseline, window),
+            "violations": violations,
+            "error_examples": window.examples,
+        }
+        times = [r.captured_at for r in records]
+        new = NewWindow(
+            model=model,
+            version=version,
+            first_record_id=first_id,
+            last_record_id=last_id,
+            rows=window.rows,
+            started_at=min(times),
+            ended_at=max(times),
+            closed_at=now,
+            closed_by=closed_by,
+            drifted=report.drifted,
+            drifted_features=list(report.drifted_features),
+            reasons=list(report.reasons),
+            schema_violations=sum(violations.values()),
+            report=stored,
+        )
+        summary, event = self.store.record_window(new, self._alert_builder(new))
+        m = self.metrics
+        m.touch(model, version)
+        for kind, n in violations.items():
+            if n:
+                m.schema_violations.labels(model, version, kind).inc(n)
+        m.windows.labels(model, version, str(report.drifted).lower()).inc()
+        m.observe_window(model, version, summary.window_index, window.rows, now, drift)
+        if event:
+            logger.warning("%s: %s v%s at window %d (%s)", event, model, version,
+                           summary.window_index, ", ".join(report.reasons))  # fmt: skip
+        return summary
+
+    def _alert_builder(self, new: NewWindow) -> Callable[[str, int, int], list[tuple[str, str]]]:
+        def build(event: str, window_id: int, index: int) -> list[tuple[str, str]]:
+            body = alert_body(
+                self.settings.alert_format, event, new, window_id, index,
+                self.report_url(new.model, window_id), self.drift_url(new.model),
+            )  # fmt: skip
+            return [(url, body) for url in self.settings.alert_webhooks]
+
+        return build
+
+    # --- links --------------------------------------------------------------------------
+
+    def report_url(self, model: str, window_id: int) -> str:
+        """Where the monitor serves a window's HTML report."""
+        return f"{self.public_url}/reports/{quote(model, safe='')}/{window_id}"
+
+    def drift_url(self, model: str) -> str:
+        """Where the monitor serves a model's drift state (JSON)."""
+        return f"{self.public_url}/drift/{quote(model, safe='')}"
+
+    # --- outputs ------------------------------------------------------------------------
+
+    def publish_pending(self) -> int:
+        """Log stored windows to MLflow, oldest first; returns how many were logged."""
+        if self.runs is None:
+            return 0
+        logged = 0
+        while not self._stop.is_set():
+            batch = self.store.unlogged_windows(limit=20)
+            if not batch:
+                break
+            for summary, stored in batch:
+                html = render_report(summary.__dict__, stored)
+                self.runs.log_window(summary, stored, html)
+                self.store.mark_logged(summary.id)
+                logged += 1
+        return logged
+
+    def apply_retention(self, now: float | None = None) -> dict[str, int]:
+        """Delete data older than the retention setting (no-op when it is 0)."""
+        days = self.settings.retention_days
+        if days <= 0:
+            return {}
+        now = time.time() if now is None else now
+        counts = self.store.apply_retention(now - days * 86400.0)
+        if any(counts.values()):
+            logger.info("retention (%g days) deleted %s", days, counts)
+        return counts
+
+    def report_html(self, model: str, window_id: int) -> str | None:
+        """The HTML report of a window of ``model``, or None."""
+        found = self.store.window(window_id)
+        if found is None or found[0].model != model:
+            return None
+        summary, stored = found
+        return render_report(summary.__dict__, stored)
+
+    def window_json(self, model: str, window_id: int) -> dict[str, Any] | None:
+        """A window's summary and full stored report, or None."""
+        found = self.store.window(window_id)
+        if found is None or found[0].model != model:
+            return None
+        summary, stored = found
+        return {**self._window_view(summary), "report": stored}
+
+    def _window_view(self, w: WindowSummary) -> dict[str, Any]:
+        return {
+            "window_id": w.id,
+            "version": w.version,
+            "window_index": w.window_index,
+            "started_at": w.started_at,
+            "ended_at": w.ended_at,
+            "closed_at": w.closed_at,
+            "closed_by": w.closed_by,
+            "rows": w.rows,
+            "drifted": w.drifted,
+            "drifted_features": w.drifted_features,
+            "reasons": w.reasons,
+            "schema_violations": w.schema_violations,
+            "report_url": self.report_url(w.model, w.id),
+            "logged_to_mlflow": w.mlflow_logged,
+        }
+
+    def drift_view(
+        self, model: str, limit: int = 100, version: str | None = None
+    ) -> dict[str, Any] | None:
+        """GET /drift/{model}: the state of each version and the window history (newest first)."""
+        streams = [s for s in self.store.streams() if s.model == model]
+        if version is not None:
+            streams = [s for s in streams if s.version == version]
+        if not streams:
+            return None
+        missing = self.baselines.missing()
+        versions = []
+        for s in sorted(streams, key=lambda s: (len(s.version), s.version)):
+            state = self.store.drift_state(s.model, s.version)
+            latest = self.store.windows(model, s.version, limit=1)
+            versions.append({
+                "version": s.version,
+                "drifted": bool(state and state["drifted"]),
+                "drifted_since": state["since"] if state and state["drifted"] else None,
+                "rows_captured": s.rows_total,
+                "duplicate_records": s.duplicates_total,
+                "rows_dropped": s.dropped_total,
+                "windows": s.next_window,
+                "latest_window": self._window_view(latest[0]) if latest else None,
+                "baseline_problem": missing.get((s.model, s.version)),
+            })  # fmt: skip
+        history = self.store.windows(model, version, limit=limit)
+        return {
+            "model": model,
+            "drifted": any(v["drifted"] for v in versions),
+            "rows_captured": sum(v["rows_captured"] for v in versions),
+            "versions": versions,
+            "latest": self._window_view(history[0]) if history else None,
+            "windows": [self._window_view(w) for w in history],
+        }
+
+    def models(self) -> list[dict[str, Any]]:
+        """GET /drift: every monitored model with its versions' states."""
+        out: dict[str, dict[str, Any]] = {}
+        for s in self.store.streams():
+            state = self.store.drift_state(s.model, s.version)
+            entry = out.setdefault(s.model, {"model": s.model, "drifted": False, "versions": []})
+            drifted = bool(state and state["drifted"])
+            entry["drifted"] = entry["drifted"] or drifted
+            entry["versions"].append(
+                {"version": s.version, "drifted": drifted, "rows_captured": s.rows_total,
+                 "windows": s.next_window}
+            )  # fmt: skip
+        for entry in out.values():
+            entry["drift_url"] = self.drift_url(entry["model"])
+        return sorted(out.values(), key=lambda e: e["model"])
+
+    def _restore_gauges(self) -> None:
+        for summary, stored in self.store.latest_windows():
+            self.metrics.touch(summary.model, summary.version)
+            self.metrics.observe_window(
+                summary.model, summary.version, summary.window_index, summary.rows,
+                summary.closed_at, stored.get("drift") or {},
+            )  # fmt: skip
+
+    # --- background threads ---------------------------------------------------------------
+
+    def start(self) -> Monitor:
+        """Start the detector, publisher and alerter threads."""
+        if self._threads:
+            return self
+        self._stop.clear()
+        loops: list[tuple[str, Callable[[], None], threading.Event, float]] = [
+            ("detector", self._detect_once, self._wake_detector, self.settings.poll_interval_s),
+            ("alerter", self._alert_once, self._wake_alerter, 1.0),
+        ]
+        if self.runs is not None:
+            loops.append(("publisher", self._publish_once, self._wake_publisher, 2.0))
+        for name, step, wake, interval in loops:
+            thread = threading.Thread(
+                target=self._loop, args=(name, step, wake, interval),
+                name=f"flowline-monitor-{name}", daemon=True,
+            )  # fmt: skip
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the threads (finishing the current step) and close HTTP clients."""
+        self._stop.set()
+        for event in (self._wake_detector, self._wake_publisher, self._wake_alerter):
+            event.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        self.alerts.close()
+
+    def _loop(
+        self, name: str, step: Callable[[], None], wake: threading.Event, interval: float
+    ) -> None:
+        delay = interval
+        while not self._stop.is_set():
+            wake.wait(delay)
+            wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                step()
+                delay = interval
+            except Exception:
+                # Keep the loop alive; the work is retried from the store's state.
+                logger.exception("monitor %s step failed; retrying", name)
+                delay = max(interval, PUBLISH_RETRY_S)
+
+    def _detect_once(self) -> None:
+        self.close_windows()
+        now = time.time()
+        if now - self._last_retention >= RETENTION_INTERVAL_S:
+            self._last_retention = now
+            self.apply_retention(now)
+
+    def _publish_once(self) -> None:
+        self.publish_pending()
+
+    def _alert_once(self) -> None:
+        self.alerts.deliver_due()

@@ -1,0 +1,179 @@
+"""The monitor's HTTP API (Starlette) and how to serve it (uvicorn).
+
+POST /ingest                      captured records from the gateway's capture client
+GET  /drift                       every monitored model and its versions' states
+GET  /drift/{model}               latest state per version and the window history
+GET  /drift/{model}/windows/{id}  one window's full report (JSON)
+GET  /reports/{model}/{id}        one window's report (self-contained HTML)
+GET  /metrics                     Prometheus metrics
+GET  /health                      200 while the store answers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import prometheus_client
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from monitoring.monitor import BadIngest, Monitor
+from monitoring.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
+
+logger = logging.getLogger(__name__)
+
+MAX_INGEST_BYTES = 64 * 1024 * 1024
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
+    """The monitor's Starlette app; its lifespan starts and stops the monitor's threads."""
+
+    async def ingest(request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_INGEST_BYTES:
+            return _error(413, f"ingest body larger than {MAX_INGEST_BYTES} bytes")
+        body = await request.body()
+        try:
+            result = await run_in_threadpool(monitor.ingest_body, body)
+        except BadIngest as exc:
+            return _error(400, str(exc))
+        return JSONResponse(result.to_dict())
+
+    async def drift_models(request: Request) -> Response:
+        return JSONResponse({"models": await run_in_threadpool(monitor.models)})
+
+    async def drift_model(request: Request) -> Response:
+        model = request.path_params["model"]
+        try:
+            limit = max(1, min(1000, int(request.query_params.get("limit", 100))))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        version = request.query_params.get("version")
+        view = await run_in_threadpool(monitor.drift_view, model, limit, version)
+        if view is None:
+            return _error(404, f"no captured traffic for model {model!r}")
+        return JSONResponse(view)
+
+    async def window_json(request: Request) -> Response:
+        model, window_id = request.path_params["model"], request.path_params["window_id"]
+        doc = await run_in_threadpool(monitor.window_json, model, window_id)
+        if doc is None:
+            return _error(404, f"no window {window_id} for model {model!r}")
+        return JSONResponse(doc)
+
+    async def report(request: Request) -> Response:
+        model, window_id = request.path_params["model"], request.path_params["window_id"]
+        page = await run_in_threadpool(monitor.report_html, model, window_id)
+        if page is None:
+            return HTMLResponse(
+                f"<p>No window {window_id} for model {html.escape(model)}.</p>", status_code=404
+            )
+        return HTMLResponse(page)
+
+    async def index(request: Request) -> Response:
+        models = await run_in_threadpool(monitor.models)
+        items = "".join(
+            f'<li><a href="{html.escape(m["drift_url"])}">{html.escape(m["model"])}</a>: '
+            f"{'<b>drift</b>' if m['drifted'] else 'no drift'} "
+            f"({', '.join('v' + html.escape(v['version']) for v in m['versions'])})</li>"
+            for m in models
+        )
+        return HTMLResponse(
+            "<!DOCTYPE html><html><head><meta charset=utf-8><title>flowline monitor</title>"
+            f"</head><body><h1>flowline monitor</h1><ul>{items or '<li>no traffic yet</li>'}"
+            "</ul><p><a href=/metrics>metrics</a></p></body></html>"
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _store_ok() -> bool:
+        with monitor.store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+
+    async def health(request: Request) -> Response:
+        try:
+            await run_in_threadpool(_store_ok)
+        except Exception as exc:
+            return JSONResponse(
+                {"status": "unavailable", "store": type(exc).__name__}, status_code=503
+            )
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_threads:
+            monitor.start()
+        try:
+            yield
+        finally:
+            if manage_threads:
+                await run_in_threadpool(monitor.stop)
+
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/ingest", ingest, methods=["POST"]),
+        Route("/drift", drift_models, methods=["GET"]),
+        Route("/drift/{model}", drift_model, methods=["GET"]),
+        Route("/drift/{model}/windows/{window_id:int}", window_json, methods=["GET"]),
+        Route("/reports/{model}/{window_id:int}", report, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.monitor = monitor
+    return app
+
+
+def serve_monitor(
+    settings: MonitorSettings,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    port_file: str | Path | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve the monitor until SIGINT/SIGTERM; port 0 binds a free port (written to port_file)."""
+    # Process-wide: the *_created series only double the scrape size.
+    prometheus_client.disable_created_metrics()
+    # Bind here so port 0 works and the port is known before serving.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    monitor = Monitor(settings, public_url=f"http://{shown_host}:{bound}")
+    app = create_app(monitor)
+    logger.warning("flowline monitor on http://%s:%d (store %s)", shown_host, bound,
+                   monitor.store.engine.url.render_as_string(hide_password=True))  # fmt: skip
+    if port_file is not None:
+        tmp = Path(f"{port_file}.tmp")
+        tmp.write_text(str(bound))
+        os.replace(tmp, port_file)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30)
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        monitor.store.close()

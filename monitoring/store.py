@@ -1,0 +1,784 @@
+"""The monitor's durable state: captured rows, closed windows, alert state and alert outbox.
+
+SQLAlchemy Core over SQLite (default, a file under FLOWLINE_HOME) or PostgreSQL
+(psycopg 3). Every table is prefixed ``flowline_mon_`` so the monitor can share a
+database with other tools.
+
+* ``captured_records``: one row per captured request, in ingest order (``id``),
+  holding the raw request body (or inputs), the predictions and the number of
+  input rows it carries. ``record_id`` is unique: ingesting a record twice (a
+  client redelivering after a lost acknowledgement) stores it once. Bodies are
+  parsed into feature rows only when their window is evaluated, which keeps
+  ingest at a few microseconds per row.
+* ``streams``: one per (model, version) seen, with the window cursor (the last
+  captured record already in a window) and counters. The cursor moves in the same
+  transaction that stores a window, so a restart neither skips nor repeats rows.
+* ``windows``: each closed window: its row range, time range, verdict, summary
+  columns and the full drift report (JSON).
+* ``alert_state`` and ``alerts``: the drift state per stream and an outbox of
+  webhook deliveries. A state change and its outbox entries are written with
+  the window that caused them, so a restart never alerts twice for one change.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from monitoring.capture import CaptureRecord, MalformedRecord
+
+PREFIX = "flowline_mon_"
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+captured_records = Table(
+    f"{PREFIX}captured_records",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("model", String(255), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("record_id", String(64), nullable=False),
+    Column("request_id", String(128)),
+    Column("captured_at", Double, nullable=False),
+    Column("ingested_at", Double, nullable=False),
+    Column("rows", Integer, nullable=False),  # input rows; 1 for an unreadable record
+    Column("content_type", String(255)),
+    Column("body", Text),  # the raw request body (base64 when body_encoding says so)
+    Column("body_encoding", String(16)),
+    Column("inputs", Text),  # JSON rows, for records sent with inputs instead of a body
+    Column("predictions", Text),  # JSON
+    Column("error", Text),  # why the record cannot be read (a schema violation)
+    UniqueConstraint("record_id", name=f"{PREFIX}uq_record_id"),
+    Index(f"{PREFIX}ix_records_stream", "model", "version", "id"),
+    Index(f"{PREFIX}ix_records_captured_at", "captured_at"),
+)
+
+streams = Table(
+    f"{PREFIX}streams",
+    metadata,
+    Column("model", String(255), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("first_seen", Double, nullable=False),
+    Column("last_record_id", BigInteger, nullable=False, default=0),
+    Column("next_window", Integer, nullable=False, default=0),
+    Column("rows_total", BigInteger, nullable=False, default=0),
+    Column("duplicates_total", BigInteger, nullable=False, default=0),
+    Column("dropped_total", BigInteger, nullable=False, default=0),
+)
+
+windows = Table(
+    f"{PREFIX}windows",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("model", String(255), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("window_index", Integer, nullable=False),
+    Column("first_record_id", BigInteger, nullable=False),
+    Column("last_record_id", BigInteger, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("started_at", Double),  # earliest captured_at in the window
+    Column("ended_at", Double),  # latest captured_at in the window
+    Column("closed_at", Double, nullable=False),
+    Column("closed_by", String(8), nullable=False),  # "rows" or "time"
+    Column("drifted", Boolean, nullable=False),
+    Column("drifted_features", Text, nullable=False),  # JSON list
+    Column("reasons", Text, nullable=False),  # JSON list
+    Column("schema_violations", Integer, nullable=False),
+    Column("report", Text, nullable=False),  # JSON: drift report, plots, violations
+    Column("mlflow_logged", Boolean, nullable=False, default=False),
+    UniqueConstraint("model", "version", "window_index", name=f"{PREFIX}uq_window_index"),
+    Index(f"{PREFIX}ix_windows_closed_at", "closed_at"),
+)
+
+alert_state = Table(
+    f"{PREFIX}alert_state",
+    metadata,
+    Column("model", String(255), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("drifted", Boolean, nullable=False),
+    Column("since", Double, nullable=False),
+    Column("window_id", BigInteger),
+)
+
+alerts = Table(
+    f"{PREFIX}alerts",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("model", String(255), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("window_id", BigInteger, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("delivered_at", Double),
+    Column("failed_at", Double),
+    Column("last_error", Text),
+    Index(f"{PREFIX}ix_alerts_pending", "delivered_at", "failed_at", "next_attempt_at"),
+)
+
+
+def database_url(url: str) -> str:
+    """Point bare PostgreSQL URIs at psycopg 3 (SQLAlchemy would look for psycopg2)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def default_url(home: Path) -> str:
+    """The SQLite file under the flowline home."""
+    return f"sqlite:///{home / 'monitor.db'}"
+
+
+# --- value objects ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One (model, version) seen by the monitor, with its window cursor."""
+
+    model: str
+    version: str
+    first_seen: float
+    last_record_id: int
+    next_window: int
+    rows_total: int
+    duplicates_total: int
+    dropped_total: int
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """One stored capture record."""
+
+    id: int
+    captured_at: float
+    ingested_at: float
+    rows: int
+    content_type: str | None
+    body: str | None
+    body_encoding: str | None
+    inputs: str | None
+    predictions: str | None
+    error: str | None
+
+    def capture_record(self, model: str, version: str) -> CaptureRecord:
+        """The record in its contract form, to parse its rows."""
+        return CaptureRecord(
+            id=str(self.id),
+            model=model,
+            version=version,
+            time=self.captured_at,
+            inputs=json.loads(self.inputs) if self.inputs is not None else None,
+            predictions=json.loads(self.predictions) if self.predictions is not None else None,
+            body=self.body,
+            content_type=self.content_type,
+            body_encoding=self.body_encoding,
+        )
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """What the detector needs to decide whether a window is due."""
+
+    id: int
+    rows: int
+    ingested_at: float
+
+
+@dataclass
+class IngestResult:
+    """What one ingest call stored."""
+
+    records: int = 0
+    new_records: int = 0
+    duplicates: int = 0
+    rows: int = 0
+    malformed_records: int = 0  # unreadable bodies (stored, counted as violations later)
+    rejected: int = 0  # envelopes without a usable id/model/version (nothing to store)
+    rows_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
+    malformed_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
+    duplicates_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, int]:
+        """The JSON answer of POST /ingest."""
+        return {
+            "records": self.records,
+            "new_records": self.new_records,
+            "duplicates": self.duplicates,
+            "rows": self.rows,
+            "malformed_records": self.malformed_records,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass(frozen=True)
+class NewWindow:
+    """A window the monitor evaluated, ready to be stored."""
+
+    model: str
+    version: str
+    first_record_id: int
+    last_record_id: int
+    rows: int
+    started_at: float | None
+    ended_at: float | None
+    closed_at: float
+    closed_by: str
+    drifted: bool
+    drifted_features: list[str]
+    reasons: list[str]
+    schema_violations: int
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    """A stored window without its report."""
+
+    id: int
+    model: str
+    version: str
+    window_index: int
+    first_record_id: int
+    last_record_id: int
+    rows: int
+    started_at: float | None
+    ended_at: float | None
+    closed_at: float
+    closed_by: str
+    drifted: bool
+    drifted_features: list[str]
+    reasons: list[str]
+    schema_violations: int
+    mlflow_logged: bool
+
+
+@dataclass(frozen=True)
+class AlertDelivery:
+    """One pending webhook delivery."""
+
+    id: int
+    model: str
+    version: str
+    event: str
+    window_id: int
+    url: str
+    body: str
+    attempts: int
+
+
+# Builds (url, body) pairs for a state change: (event, window id, window index) -> deliveries.
+AlertBuilder = Callable[[str, int, int], list[tuple[str, str]]]
+
+_SUMMARY_COLUMNS = [c for c in windows.c if c.name != "report"]
+
+
+def _summary(row: Any) -> WindowSummary:
+    m = row._mapping
+    return WindowSummary(
+        id=m["id"],
+        model=m["model"],
+        version=m["version"],
+        window_index=m["window_index"],
+        first_record_id=m["first_record_id"],
+        last_record_id=m["last_record_id"],
+        rows=m["rows"],
+        started_at=m["started_at"],
+        ended_at=m["ended_at"],
+        closed_at=m["closed_at"],
+        closed_by=m["closed_by"],
+        drifted=bool(m["drifted"]),
+        drifted_features=json.loads(m["drifted_features"]),
+        reasons=json.loads(m["reasons"]),
+        schema_violations=m["schema_violations"],
+        mlflow_logged=bool(m["mlflow_logged"]),
+    )
+
+
+# --- the store --------------------------------------------------------------------------
+
+
+class MonitorStore:
+    """All reads and writes of the monitor's tables."""
+
+    def __init__(self, url: str) -> None:
+        url = database_url(url)
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            from monitoring.capture_spool import sqlite_engine
+
+            # NORMAL in WAL mode survives a process crash; only power loss can lose
+            # the last commits, and the capture clients redeliver unacknowledged ones.
+            path = Path(url.split("sqlite:///", 1)[1])
+            self.engine: Engine = sqlite_engine(path, synchronous="NORMAL")
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5)
+        metadata.create_all(self.engine)
+        # One writer at a time in this process: SQLite needs it, and it makes the
+        # duplicate check of ingest race-free (the unique key is the final guard).
+        self._write_lock = threading.Lock()
+        self._known: set[tuple[str, str]] = set()
+        self._insert_sql: tuple[str, list[str] | None] | None = None
+
+    def close(self) -> None:
+        """Release connections."""
+        self.engine.dispose()
+
+    # --- ingest ---------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        records: Sequence[Any],
+        dropped: Iterable[dict[str, Any]] = (),
+        now: float | None = None,
+    ) -> IngestResult:
+        """Store captured records (raw JSON objects), skipping ones already stored.
+
+        A record whose inputs cannot be read is stored as one row with ``error``
+        set (counted as a schema violation later); only an envelope without a
+        usable id, model or version is rejected, since it cannot be attributed.
+        """
+        now = time.time() if now is None else now
+        result = IngestResult(records=len(records))
+        parsed: dict[str, CaptureRecord] = {}
+        for raw in records:
+            try:
+                record = CaptureRecord.from_dict(raw)
+            except MalformedRecord:
+                result.rejected += 1
+                continue
+            if record.id in parsed:
+                result.duplicates += 1
+                result.duplicates_by_stream[(record.model, record.version)] += 1
+                continue
+            parsed[record.id] = record
+        dropped_by_stream: Counter[tuple[str, str]] = Counter()
+        for item in dropped:
+            try:
+                dropped_by_stream[(str(item["model"]), str(item["version"]))] += int(
+                    item["records"]
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+        with self._write_lock, self.engine.begin() as conn:
+            existing = self._existing_ids(conn, list(parsed))
+            rows: list[dict[str, Any]] = []
+            for record in parsed.values():
+                key = (record.model, record.version)
+                if record.id in existing:
+                    result.duplicates += 1
+                    result.duplicates_by_stream[key] += 1
+                    continue
+                result.new_records += 1
+                row = _record_row(record, now)
+                if row["error"] is not None:
+                    result.malformed_records += 1
+                    result.malformed_by_stream[key] += 1
+                rows.append(row)
+                result.rows += row["rows"]
+                result.rows_by_stream[key] += row["rows"]
+            if rows:
+                self._insert_records(conn, rows)
+            touched = (
+                set(result.rows_by_stream)
+                | set(result.duplicates_by_stream)
+                | set(dropped_by_stream)
+            )
+            self._register_streams(conn, touched, now)
+            for model, version in touched:
+                conn.execute(
+                    update(streams)
+                    .where(and_(streams.c.model == model, streams.c.version == version))
+                    .values(
+                        rows_total=streams.c.rows_total + result.rows_by_stream[(model, version)],
+                        duplicates_total=streams.c.duplicates_total
+                        + result.duplicates_by_stream[(model, version)],
+                        dropped_total=streams.c.dropped_total + dropped_by_stream[(model, version)],
+                    )
+                )
+        return result
+
+    def _existing_ids(self, conn: Connection, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            query = select(captured_records.c.record_id).where(
+                captured_records.c.record_id.in_(chunk)
+            )
+            found.update(conn.execute(query).scalars())
+        return found
+
+    def _insert_records(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        # The statement is compiled once per dialect and run as a plain DB-API
+        # executemany: SQLAlchemy's per-row parameter processing would cost as much
+        # as the insert itself. Values are plain str/float/int, so nothing is lost.
+        if self._insert_sql is None:
+            compiled = insert(captured_records).compile(
+                dialect=conn.dialect, column_keys=list(_RECORD_COLUMNS)
+            )
+            positions = compiled.positiontup
+            self._insert_sql = (str(compiled), list(positions) if positions else None)
+        sql, positions = self._insert_sql
+        if positions is not None:
+            params: list[Any] = [tuple(row[k] for k in positions) for row in rows]
+        else:
+            params = rows
+        conn.exec_driver_sql(sql, params)
+
+    def _register_streams(
+        self, conn: Connection, keys: Iterable[tuple[str, str]], now: float
+    ) -> None:
+        new = [k for k in keys if k not in self._known]
+        if not new:
+            return
+        have = {
+            (m, v)
+            for m, v in conn.execute(
+                select(streams.c.model, streams.c.version).where(
+                    or_(*(and_(streams.c.model == m, streams.c.version == v) for m, v in new))
+                )
+            )
+        }
+        missing = [
+            {"model": m, "version": v, "first_seen": now} for m, v in new if (m, v) not in have
+        ]
+        if missing:
+            conn.execute(insert(streams), missing)
+        self._known.update(new)
+
+    # --- streams and pending rows --------------------------------------------------------
+
+    def streams(self) -> list[Stream]:
+        """Every (model, version) with its cursor and counters."""
+        with self.engine.connect() as conn:
+            return [Stream(**row._mapping) for row in conn.execute(select(streams))]
+
+    def stream(self, model: str, version: str) -> Stream | None:
+        """One stream, or None."""
+        query = select(streams).where(and_(streams.c.model == model, streams.c.version == version))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return Stream(**row._mapping) if row else None
+
+    def pending(self, model: str, version: str, after_id: int, limit: int) -> list[PendingRecord]:
+        """Ids, row counts and ingest times of the records after the cursor, oldest first."""
+        c = captured_records.c
+        query = (
+            select(c.id, c.rows, c.ingested_at)
+            .where(and_(c.model == model, c.version == version, c.id > after_id))
+            .order_by(c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [PendingRecord(*row) for row in conn.execute(query)]
+
+    def records(self, model: str, version: str, first_id: int, last_id: int) -> list[StoredRecord]:
+        """A stream's records with ids in [first_id, last_id], oldest first."""
+        c = captured_records.c
+        query = (
+            select(
+                c.id, c.captured_at, c.ingested_at, c.rows, c.content_type, c.body,
+                c.body_encoding, c.inputs, c.predictions, c.error,
+            )
+            .where(and_(c.model == model, c.version == version, c.id.between(first_id, last_id)))
+            .order_by(c.id)
+        )  # fmt: skip
+        with self.engine.connect() as conn:
+            return [StoredRecord(*row) for row in conn.execute(query)]
+
+    def row_count(self, model: str, version: str | None = None) -> int:
+        """Captured rows stored for a model (or one version), after retention."""
+        c = captured_records.c
+        cond = c.model == model if version is None else and_(c.model == model, c.version == version)
+        query = select(func.coalesce(func.sum(c.rows), 0)).where(cond)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # --- windows and alert state ------------------------------------------------------
+
+    def record_window(
+        self, new: NewWindow, alerts_for: AlertBuilder | None = None
+    ) -> tuple[WindowSummary, str | None]:
+        """Store a window, move the stream's cursor past it, and update the drift state.
+
+        Returns the stored window and the state change it caused ("drift_started",
+        "drift_ended" or None). Outbox rows for the change are written in the same
+        transaction, from ``alerts_for(event, window_id, window_index)``.
+        """
+        with self._write_lock, self.engine.begin() as conn:
+            stream = conn.execute(
+                select(streams.c.next_window, streams.c.last_record_id).where(
+                    and_(streams.c.model == new.model, streams.c.version == new.version)
+                )
+            ).one()
+            index = int(stream.next_window)
+            values = {
+                "model": new.model,
+                "version": new.version,
+                "window_index": index,
+                "first_record_id": new.first_record_id,
+                "last_record_id": new.last_record_id,
+                "rows": new.rows,
+                "started_at": new.started_at,
+                "ended_at": new.ended_at,
+                "closed_at": new.closed_at,
+                "closed_by": new.closed_by,
+                "drifted": new.drifted,
+                "drifted_features": json.dumps(new.drifted_features),
+                "reasons": json.dumps(new.reasons),
+                "schema_violations": new.schema_violations,
+                "report": json.dumps(new.report, separators=(",", ":"), allow_nan=False),
+                "mlflow_logged": False,
+            }
+            window_id = int(conn.execute(insert(windows).values(**values)).inserted_primary_key[0])
+            conn.execute(
+                update(streams)
+                .where(and_(streams.c.model == new.model, streams.c.version == new.version))
+                .values(
+                    next_window=index + 1,
+                    last_record_id=max(new.last_record_id, stream.last_record_id),
+                )
+            )
+            event = self._update_state(conn, new, window_id)
+            if event is not None and alerts_for is not None:
+                deliveries = alerts_for(event, window_id, index)
+                if deliveries:
+                    conn.execute(
+                        insert(alerts),
+                        [
+                            {
+                                "model": new.model,
+                                "version": new.version,
+                                "event": event,
+                                "window_id": window_id,
+                                "url": url,
+                                "body": body,
+                                "created_at": new.closed_at,
+                                "attempts": 0,
+                                "next_attempt_at": new.closed_at,
+                            }
+                            for url, body in deliveries
+                        ],
+                    )
+        values["id"] = window_id
+        values["drifted_features"] = new.drifted_features
+        values["reasons"] = new.reasons
+        values.pop("report")
+        return WindowSummary(**values), event
+
+    def _update_state(self, conn: Connection, new: NewWindow, window_id: int) -> str | None:
+        key = and_(alert_state.c.model == new.model, alert_state.c.version == new.version)
+        row = conn.execute(select(alert_state.c.drifted).where(key)).first()
+        was = bool(row.drifted) if row else False
+        if row is None:
+            conn.execute(
+                insert(alert_state).values(
+                    model=new.model, version=new.version, drifted=new.drifted,
+                    since=new.closed_at, window_id=window_id,
+                )
+            )  # fmt: skip
+        elif was != new.drifted:
+            conn.execute(
+                update(alert_state)
+                .where(key)
+                .values(drifted=new.drifted, since=new.closed_at, window_id=window_id)
+            )
+        if was == new.drifted:
+            return None
+        return "drift_started" if new.drifted else "drift_ended"
+
+    def drift_state(self, model: str, version: str) -> dict[str, Any] | None:
+        """The persisted drift state of a stream: {drifted, since, window_id}."""
+        key = and_(alert_state.c.model == model, alert_state.c.version == version)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(alert_state).where(key)).first()
+        if row is None:
+            return None
+        return {"drifted": bool(row.drifted), "since": row.since, "window_id": row.window_id}
+
+    def windows(
+        self, model: str, version: str | None = None, limit: int = 100, before_id: int | None = None
+    ) -> list[WindowSummary]:
+        """Windows of a model (or one version), newest first."""
+        c = windows.c
+        cond = [c.model == model]
+        if version is not None:
+            cond.append(c.version == version)
+        if before_id is not None:
+            cond.append(c.id < before_id)
+        query = select(*_SUMMARY_COLUMNS).where(and_(*cond)).order_by(c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_summary(row) for row in conn.execute(query)]
+
+    def window(self, window_id: int) -> tuple[WindowSummary, dict[str, Any]] | None:
+        """One window with its full report."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(windows).where(windows.c.id == window_id)).first()
+        if row is None:
+            return None
+        return _summary(row), json.loads(row.report)
+
+    def latest_windows(self) -> list[tuple[WindowSummary, dict[str, Any]]]:
+        """The newest window of every stream, with its report (to restore gauges at start)."""
+        newest = (
+            select(func.max(windows.c.id).label("id"))
+            .group_by(windows.c.model, windows.c.version)
+            .subquery()
+        )
+        query = select(windows).where(windows.c.id.in_(select(newest.c.id)))
+        with self.engine.connect() as conn:
+            return [(_summary(row), json.loads(row.report)) for row in conn.execute(query)]
+
+    def unlogged_windows(self, limit: int = 20) -> list[tuple[WindowSummary, dict[str, Any]]]:
+        """Windows not yet logged to MLflow, oldest first."""
+        query = (
+            select(windows)
+            .where(windows.c.mlflow_logged.is_(False))
+            .order_by(windows.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(_summary(row), json.loads(row.report)) for row in conn.execute(query)]
+
+    def mark_logged(self, window_id: int) -> None:
+        """Remember that a window's metrics and report are in MLflow."""
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                update(windows).where(windows.c.id == window_id).values(mlflow_logged=True)
+            )
+
+    # --- alert outbox ---------------------------------------------------------------------
+
+    def due_alerts(self, now: float, limit: int = 50) -> list[AlertDelivery]:
+        """The oldest undelivered alert per URL, if its next attempt is due.
+
+        Only the oldest per URL, so a receiver never sees "drift ended" before
+        the "drift started" that is still being retried.
+        """
+        c = alerts.c
+        open_ = and_(c.delivered_at.is_(None), c.failed_at.is_(None))
+        oldest = select(func.min(c.id)).where(open_).group_by(c.url).scalar_subquery()
+        query = (
+            select(c.id, c.model, c.version, c.event, c.window_id, c.url, c.body, c.attempts)
+            .where(and_(c.id.in_(oldest), c.next_attempt_at <= now))
+            .order_by(c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [AlertDelivery(*row) for row in conn.execute(query)]
+
+    def alert_delivered(self, alert_id: int, now: float) -> None:
+        """Mark one delivery done."""
+        self._update_alert(alert_id, delivered_at=now, attempts=alerts.c.attempts + 1)
+
+    def alert_failed(self, alert_id: int, error: str, retry_at: float | None, now: float) -> None:
+        """Record a failed attempt: retry at ``retry_at``, or give up when it is None."""
+        values: dict[str, Any] = {"attempts": alerts.c.attempts + 1, "last_error": error[:2000]}
+        if retry_at is None:
+            values["failed_at"] = now
+        else:
+            values["next_attempt_at"] = retry_at
+        self._update_alert(alert_id, **values)
+
+    def _update_alert(self, alert_id: int, **values: Any) -> None:
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
+
+    def alert_log(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Every outbox entry (newest first), for the API and tests."""
+        c = alerts.c
+        query = select(
+            c.id, c.model, c.version, c.event, c.window_id, c.url, c.created_at,
+            c.attempts, c.delivered_at, c.failed_at, c.last_error,
+        ).order_by(c.id.desc())  # fmt: skip
+        if model is not None:
+            query = query.where(c.model == model)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # --- retention ------------------------------------------------------------------------
+
+    def apply_retention(self, older_than: float) -> dict[str, int]:
+        """Delete captured rows, windows and settled alerts from before ``older_than``."""
+        counts = {}
+        with self._write_lock, self.engine.begin() as conn:
+            counts["records"] = conn.execute(
+                delete(captured_records).where(captured_records.c.captured_at < older_than)
+            ).rowcount
+            counts["windows"] = conn.execute(
+                delete(windows).where(windows.c.closed_at < older_than)
+            ).rowcount
+            settled = or_(alerts.c.delivered_at.is_not(None), alerts.c.failed_at.is_not(None))
+            counts["alerts"] = conn.execute(
+                delete(alerts).where(and_(alerts.c.created_at < older_than, settled))
+            ).rowcount
+        return counts
+
+
+_RECORD_COLUMNS = (
+    "model", "version", "record_id", "request_id", "captured_at", "ingested_at", "rows",
+    "content_type", "body", "body_encoding", "inputs", "predictions", "error",
+)  # fmt: skip
+# One encoder for every record: json.dumps with options builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+def _record_row(record: CaptureRecord, now: float) -> dict[str, Any]:
+    """The stored form of a record; its rows are counted (and checked) but not built."""
+    error = None
+    try:
+        rows = record.row_count()
+    except MalformedRecord as exc:
+        rows, error = 1, str(exc)  # one unreadable row: a schema violation in its window
+    encode = _ENCODER.encode
+    return {
+        "model": record.model,
+        "version": record.version,
+        "record_id": record.id,
+        "request_id": record.request_id,
+        "captured_at": record.time,
+        "ingested_at": now,
+        "rows": rows,
+        "content_type": record.content_type,
+        "body": record.body,
+        "body_encoding": record.body_encoding,
+        "inputs": encode(record.inputs) if record.inputs is not None else None,
+        "predictions": encode(record.predictions) if record.predictions is not None else None,
+        "error": error,
+    }

@@ -1,0 +1,262 @@
+"""Helpers for the monitoring tests: a monitor process, a gateway with the capture hook,
+a loopback webhook receiver, a fake ingest endpoint, and churn traffic.
+
+Run as a module it is the gateway wrapper the tests start as a subprocess:
+
+    python -m tests.helpers_monitor gateway --deployments deployments.json --port-file f
+
+which serves `serving.gateway` with `monitoring.capture.capture_hook_from_env()`
+as its `on_scored` hook (FLOWLINE_MONITOR_URL, FLOWLINE_CAPTURE_SPOOL_DIR ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serving.processes import ManagedProcess
+
+REPO = Path(__file__).resolve().parents[1]
+CHURN = REPO / "projects" / "data" / "churn.csv"
+FEATURES = [
+    "tenure_months", "monthly_charges", "total_charges", "support_calls", "senior",
+    "contract", "internet_service", "payment_method",
+]  # fmt: skip
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: this venv first on PATH, the repo importable."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll until ``predicate()`` is truthy and return its value; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@dataclass
+class Service:
+    """A started child process and its base URL."""
+
+    process: ManagedProcess
+    url: str
+
+    def stop(self) -> None:
+        """SIGTERM the process group (SIGKILL after a grace period)."""
+        self.process.stop(grace=15.0)
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash), then reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.stop(grace=5.0)
+
+
+def _start_with_port_file(
+    argv: list[str], log: Path, env: dict[str, str], port_file: Path, health: str, timeout: float
+) -> Service:
+    port_file.unlink(missing_ok=True)
+    process = ManagedProcess(argv, env=env, log_path=log, cwd=REPO).start()
+    try:
+        port = wait_for(
+            lambda: _read_port(port_file) or (not process.alive() and -1),
+            f"{argv[2]} to bind",
+            timeout,
+        )
+        if port == -1:
+            raise RuntimeError(f"{argv[2]} exited: {process.tail(20)}")
+        url = f"http://127.0.0.1:{port}"
+        process.wait_healthy(url + health, timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return Service(process, url)
+
+
+def start_monitor(
+    workdir: Path, env: dict[str, str], port: int = 0, timeout: float = 60.0, name: str = "monitor"
+) -> Service:
+    """`python -m monitoring` on ``port`` (0: a free one), healthy."""
+    port_file = workdir / f"{name}.port"
+    argv = [sys.executable, "-m", "monitoring", "--host", "127.0.0.1", "--port", str(port),
+            "--port-file", str(port_file), "--log-level", "info"]  # fmt: skip
+    return _start_with_port_file(
+        argv, workdir / f"{name}.log", child_env(**env), port_file, "/health", timeout
+    )
+
+
+def start_capture_gateway(
+    workdir: Path, deployments: list[dict[str, Any]], env: dict[str, str], timeout: float = 60.0
+) -> Service:
+    """The gateway (this module's `gateway` command) with the capture hook, on a free port."""
+    path = workdir / "deployments.json"
+    path.write_text(json.dumps(deployments))
+    port_file = workdir / "gateway.port"
+    argv = [sys.executable, "-m", "tests.helpers_monitor", "gateway", "--deployments", str(path),
+            "--port-file", str(port_file)]  # fmt: skip
+    return _start_with_port_file(
+        argv, workdir / "gateway.log", child_env(**env), port_file, "/ping", timeout
+    )
+
+
+# --- a webhook receiver and a fake ingest endpoint ------------------------------------------
+
+
+@dataclass
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1:0 that records POST bodies.
+
+    ``respond(path, body) -> status`` decides each answer (default 200).
+    """
+
+    respond: Callable[[str, bytes], int] | None = None
+    received: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        outer = self
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                status = outer.respond(self.path, body) if outer.respond else 200
+                if 200 <= status < 300:
+                    with lock:
+                        outer.received.append((self.path, body))
+                payload = b"{}"
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def bodies(self) -> list[Any]:
+        """Received bodies, decoded as JSON."""
+        return [json.loads(body) for _, body in list(self.received)]
+
+    def stop(self) -> None:
+        """Stop serving and free the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+# --- traffic ------------------------------------------------------------------------------
+
+
+def churn_features() -> Any:
+    """The demo churn data's feature columns (the model's inputs)."""
+    import pandas as pd
+
+    return pd.read_csv(CHURN)[FEATURES]
+
+
+def shifted(frame: Any) -> Any:
+    """The issue's shift: tenure +20 months, every contract month-to-month."""
+    out = frame.copy()
+    out["tenure_months"] = out["tenure_months"] + 20
+    out["contract"] = "month-to-month"
+    return out
+
+
+def split_body(frame: Any) -> bytes:
+    """A dataframe_split request body for these rows (nulls as JSON null)."""
+    data = json.loads(frame.to_json(orient="values"))
+    return json.dumps({"dataframe_split": {"columns": list(frame.columns), "data": data}}).encode()
+
+
+def send_rows(
+    url: str, frame: Any, rows_per_request: int = 20, client: httpx.Client | None = None
+) -> int:
+    """POST the frame in chunks; returns the rows answered with 200 (raises on other answers)."""
+    own = client is None
+    client = client or httpx.Client(timeout=30)
+    sent = 0
+    try:
+        for start in range(0, len(frame), rows_per_request):
+            chunk = frame.iloc[start : start + rows_per_request]
+            answer = client.post(
+                url, content=split_body(chunk), headers={"content-type": "application/json"}
+            )
+            if answer.status_code != 200:
+                raise AssertionError(f"scoring failed: {answer.status_code} {answer.text[:300]}")
+            sent += len(chunk)
+    finally:
+        if own:
+            client.close()
+    return sent
+
+
+# --- the gateway wrapper ------------------------------------------------------------------
+
+
+def _gateway_main(argv: list[str]) -> None:
+    import logging
+
+    from monitoring.capture import capture_hook_from_env
+    from serving.gateway.server import load_deployments, serve_gateway
+
+    parser = argparse.ArgumentParser(prog="python -m tests.helpers_monitor gateway")
+    parser.add_argument("--deployments", required=True)
+    parser.add_argument("--port-file", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(message)s")
+    serve_gateway(
+        "127.0.0.1",
+        args.port,
+        deployments=load_deployments(args.deployments),
+        on_scored=capture_hook_from_env(),
+        port_file=args.port_file,
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "gateway":
+        _gateway_main(sys.argv[2:])
+    else:
+        raise SystemExit("usage: python -m tests.helpers_monitor gateway --deployments F ...")

@@ -1,0 +1,364 @@
+"""Drift monitoring end to end, with real processes only: an `mlflow server` (SQLite), a model
+version trained and registered by `pipelines.train`, an `mlflow models serve` replica, the
+gateway with the capture hook, the monitor process, and a loopback webhook receiver.
+
+One trained version is registered under three names so the scenarios have independent
+drift state: calm traffic, shifted-then-calm traffic, and restarts under load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flowline.tracking import TrackingServer
+from monitoring.mlflow_runs import MODEL_TAG, VERSION_TAG
+from pipelines.train import TrainConfig, train
+from serving.gateway.model_metadata import deployment_from_model_dir
+from serving.processes import free_port
+from tests.helpers_monitor import (
+    LoopbackServer,
+    Service,
+    churn_features,
+    send_rows,
+    shifted,
+    start_capture_gateway,
+    start_monitor,
+    wait_for,
+)
+from tests.helpers_serving import start_scoring_server
+
+pytestmark = pytest.mark.slow
+WINDOW = 200
+SCENARIOS = ("calm", "shift", "restart")
+
+
+@dataclass
+class Stack:
+    """The running platform pieces the scenarios talk to."""
+
+    workdir: Path
+    tracking_uri: str
+    names: dict[str, str]
+    model_dir: Path
+    replica_url: str
+    receiver: LoopbackServer
+    monitor_port: int
+    monitor_env: dict[str, str]
+    gateway_env: dict[str, str]
+    monitor: Service | None = None
+    gateway: Service | None = None
+    rows_sent: dict[str, int] = field(default_factory=dict)
+
+    def score_url(self, scenario: str) -> str:
+        assert self.gateway is not None
+        return f"{self.gateway.url}/models/{self.names[scenario]}/invocations"
+
+    def drift(self, scenario: str) -> dict[str, Any] | None:
+        assert self.monitor is not None
+        answer = httpx.get(f"{self.monitor.url}/drift/{self.names[scenario]}", timeout=10)
+        return answer.json() if answer.status_code == 200 else None
+
+    def alerts(self, scenario: str) -> list[str]:
+        name = self.names[scenario]
+        return [b["event"] for b in self.receiver.bodies() if b["model"] == name]
+
+    def start_monitor(self) -> None:
+        self.monitor = start_monitor(self.workdir, self.monitor_env, port=self.monitor_port)
+
+    def start_gateway(self) -> None:
+        deployments = [
+            deployment_from_model_dir(name, "1", [self.replica_url], self.model_dir).to_dict()
+            for name in self.names.values()
+        ]
+        self.gateway = start_capture_gateway(self.workdir, deployments, self.gateway_env)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("monitor-e2e")
+    with contextlib.ExitStack() as cleanup:
+        tracking = TrackingServer(home=workdir / "tracking", port=free_port(), workers=1)
+        cleanup.callback(tracking.start().stop)
+        mlflow.set_tracking_uri(tracking.url)
+        cleanup.callback(mlflow.set_tracking_uri, None)
+        base = f"churn-{uuid.uuid4().hex[:6]}"
+        version = train(TrainConfig(max_evals=1, registered_model=base), report=lambda _: None)
+        names = {}
+        for scenario in SCENARIOS:
+            # The same model under another name: independent monitoring state, no retraining.
+            copy = mlflow.register_model(version.source, f"{base}-{scenario}", tags=version.tags)
+            names[scenario] = copy.name
+        model_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{base}/{version.version}", dst_path=str(workdir / "model")
+            )
+        )
+        replica = start_scoring_server(model_dir, workdir)
+        cleanup.callback(replica.stop)
+        receiver = LoopbackServer()
+        cleanup.callback(receiver.stop)
+        running = Stack(
+            workdir=workdir,
+            tracking_uri=tracking.url,
+            names=names,
+            model_dir=model_dir,
+            replica_url=replica.url,
+            receiver=receiver,
+            monitor_port=free_port(),
+            monitor_env={
+                "FLOWLINE_HOME": str(workdir / "monitor-home"),
+                "MLFLOW_TRACKING_URI": tracking.url,
+                "FLOWLINE_WINDOW_ROWS": str(WINDOW),
+                "FLOWLINE_WINDOW_SECONDS": "600",
+                "FLOWLINE_ALERT_WEBHOOKS": f"{receiver.url}/hook",
+                "FLOWLINE_ALERT_BACKOFF_S": "0.2",
+                "FLOWLINE_MONITOR_POLL_S": "0.2",
+            },
+            gateway_env={
+                "FLOWLINE_HOME": str(workdir / "gateway-home"),
+                "FLOWLINE_MONITOR_URL": "",  # set below, once the monitor's port is known
+                "FLOWLINE_CAPTURE_SPOOL_DIR": str(workdir / "spool"),
+                "FLOWLINE_CAPTURE_FLUSH_S": "0.1",
+                "FLOWLINE_CAPTURE_TIMEOUT_S": "2",
+            },
+        )
+        running.gateway_env["FLOWLINE_MONITOR_URL"] = f"http://127.0.0.1:{running.monitor_port}"
+        running.start_monitor()
+        cleanup.callback(lambda: running.monitor and running.monitor.stop())
+        running.start_gateway()
+        cleanup.callback(lambda: running.gateway and running.gateway.stop())
+        yield running
+
+
+def windows_of(stack: Stack, scenario: str, count: int, timeout: float = 60.0) -> list[dict]:
+    """Wait for ``count`` windows of a scenario's model; oldest first."""
+
+    def ready() -> list[dict] | None:
+        view = stack.drift(scenario)
+        if view and len(view["windows"]) >= count:
+            return list(reversed(view["windows"]))
+        return None
+
+    return wait_for(ready, f"{count} windows of {scenario}", timeout)
+
+
+def monitoring_run(stack: Stack, scenario: str) -> list[Any]:
+    client = MlflowClient(stack.tracking_uri)
+    experiment = client.get_experiment_by_name("flowline-monitoring")
+    if experiment is None:
+        return []
+    name = stack.names[scenario]
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{MODEL_TAG}` = '{name}' and tags.`{VERSION_TAG}` = '1'",
+    )
+
+
+def test_training_traffic_raises_no_drift_and_lands_in_an_mlflow_run(stack: Stack) -> None:
+    traffic = churn_features().sample(2 * WINDOW, random_state=11)
+    stack.rows_sent["calm"] = send_rows(stack.score_url("calm"), traffic)
+    windows = windows_of(stack, "calm", 2)
+    assert [w["drifted"] for w in windows] == [False, False], [w["reasons"] for w in windows]
+    assert [w["rows"] for w in windows] == [WINDOW, WINDOW]
+    view = stack.drift("calm")
+    assert view["versions"][0]["rows_captured"] == 2 * WINDOW
+    assert view["versions"][0]["rows_dropped"] == 0
+    assert stack.alerts("calm") == []
+
+    wait_for(
+        lambda: all(w["logged_to_mlflow"] for w in stack.drift("calm")["windows"]),
+        "windows logged to MLflow",
+    )
+    [run] = monitoring_run(stack, "calm")
+    assert run.info.run_name == f"monitor-{stack.names['calm']}-v1"
+    client = MlflowClient(stack.tracking_uri)
+    history = client.get_metric_history(run.info.run_id, "drift.dataset_drifted")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 0.0)]
+    steps = {
+        m.step for m in client.get_metric_history(run.info.run_id, "drift.tenure_months.p_value")
+    }
+    assert steps == {0, 1}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/window-0000.html", "reports/window-0001.html"} <= artifacts
+    local = client.download_artifacts(
+        run.info.run_id, "reports/window-0001.html", str(stack.workdir)
+    )
+    page = Path(local).read_text()
+    assert "<svg" in page and "tenure_months" in page
+
+
+def test_shifted_traffic_drifts_on_the_right_features_and_alerts_once_per_change(
+    stack: Stack,
+) -> None:
+    data = churn_features().sample(4 * WINDOW, random_state=12)
+    send_rows(stack.score_url("shift"), shifted(data.iloc[: 2 * WINDOW]))
+    send_rows(stack.score_url("shift"), data.iloc[2 * WINDOW :])
+    windows = windows_of(stack, "shift", 4)
+    assert [w["drifted"] for w in windows] == [True, True, False, False], [
+        w["reasons"] for w in windows
+    ]
+    for w in windows[:2]:
+        assert {"tenure_months", "contract"} <= set(w["drifted_features"])
+        assert not {"monthly_charges", "internet_service", "payment_method"} & set(
+            w["drifted_features"]
+        )
+    wait_for(lambda: len(stack.alerts("shift")) >= 2, "two alerts")
+    time.sleep(0.5)  # an extra (duplicate) delivery would arrive within the alerter's interval
+    assert stack.alerts("shift") == ["drift_started", "drift_ended"]
+    started = next(b for b in stack.receiver.bodies() if b["model"] == stack.names["shift"])
+    assert started["window_index"] == 0 and "contract" in started["drifted_features"]
+    page = httpx.get(started["report_url"], timeout=10)
+    assert page.status_code == 200 and "tenure_months — drift" in page.text
+
+    metrics = httpx.get(f"{stack.monitor.url}/metrics", timeout=10).text
+    name = stack.names["shift"]
+    assert f'flowline_monitor_rows_captured_total{{model="{name}",version="1"}} 800.0' in metrics
+    assert f'flowline_monitor_rows_dropped_total{{model="{name}",version="1"}} 0.0' in metrics
+    assert f'flowline_monitor_dataset_drift{{model="{name}",version="1"}} 0.0' in metrics
+
+
+def test_monitor_and_gateway_restarts_under_load_lose_no_row_and_do_not_realert(
+    stack: Stack,
+) -> None:
+    sent = {"rows": 0, "errors": 0}
+    stop = threading.Event()
+    pool = shifted(churn_features())
+
+    def traffic() -> None:
+        with httpx.Client(timeout=30) as client:
+            offset = 0
+            while not stop.is_set():
+                chunk = pool.sample(10, random_state=offset)
+                offset += 1
+                try:
+                    sent["rows"] += send_rows(stack.score_url("restart"), chunk, 10, client)
+                except (httpx.HTTPError, AssertionError):
+                    sent["errors"] += 1  # only while the gateway itself restarts
+                    time.sleep(0.05)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        windows_of(stack, "restart", 1)
+        wait_for(lambda: stack.alerts("restart") == ["drift_started"], "the drift alert")
+        wait_for(
+            lambda: stack.drift("restart")["windows"][-1]["logged_to_mlflow"], "window 0 in MLflow"
+        )
+        stack.monitor.kill()  # a crash, while traffic flows
+        at_kill = sent["rows"]
+        wait_for(lambda: sent["rows"] >= at_kill + 300, "traffic while the monitor is down")
+        stack.gateway.stop()  # graceful: the capture queue goes to the spool
+        stack.start_gateway()
+        at_gateway = sent["rows"]
+        wait_for(lambda: sent["rows"] >= at_gateway + 200, "traffic through the new gateway")
+        stack.start_monitor()
+        at_start = sent["rows"]
+        wait_for(lambda: sent["rows"] >= at_start + 200, "traffic after the monitor restart")
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    total = sent["rows"]
+    wait_for(
+        lambda: stack.drift("restart")["versions"][0]["rows_captured"] == total,
+        f"all {total} rows ingested",
+        timeout=90,
+    )
+    version = stack.drift("restart")["versions"][0]
+    assert version["rows_captured"] == total and version["rows_dropped"] == 0
+    windows = windows_of(stack, "restart", total // WINDOW)
+    assert all(w["drifted"] for w in windows)
+    assert sum(w["rows"] for w in windows) == WINDOW * len(windows)
+    time.sleep(1.5)  # give a wrongful re-alert time to arrive
+    assert stack.alerts("restart") == ["drift_started"]
+    wait_for(
+        lambda: all(w["logged_to_mlflow"] for w in stack.drift("restart")["windows"]),
+        "every window in MLflow",
+    )
+    [run] = monitoring_run(stack, "restart")  # found again after the restart, not recreated
+    history = MlflowClient(stack.tracking_uri).get_metric_history(
+        run.info.run_id, "drift.dataset_drifted"
+    )
+    assert sorted(m.step for m in history) == list(range(len(windows)))
+
+
+@pytest.mark.postgres
+def test_monitor_process_on_postgresql_survives_a_crash_without_duplicates(
+    stack: Stack, postgres_database: str
+) -> None:
+    from monitoring.capture import CaptureClient
+    from serving.gateway.capture import CapturedRequest
+    from tests.helpers_monitor import split_body
+
+    env = {
+        **stack.monitor_env,
+        "FLOWLINE_HOME": str(stack.workdir / "pg-home"),
+        "FLOWLINE_MONITOR_DB": postgres_database,
+        "FLOWLINE_MONITOR_MLFLOW": "0",  # the SQLite monitor owns this model's MLflow run
+        "FLOWLINE_ALERT_WEBHOOKS": "",
+    }
+    port = free_port()
+    monitor = start_monitor(stack.workdir, env, port=port, name="pg-monitor")
+    name = stack.names["calm"]
+    data = shifted(churn_features().sample(2 * WINDOW, random_state=21))
+    requests = [
+        CapturedRequest(split_body(data.iloc[i : i + 20]), "application/json")
+        for i in range(0, len(data), 20)
+    ]
+    client = CaptureClient(monitor.url, stack.workdir / "pg-spool", flush_interval_s=0.05)
+    client.start()
+    try:
+        for request in requests[:10]:
+            client.submit(name, "1", request, ["yes"] * 20)
+        assert client.flush(30)
+        monitor.kill()
+        for request in requests[10:]:
+            client.submit(name, "1", request, ["yes"] * 20)
+        wait_for(lambda: client.stats()["spool_pending"] == 10, "records spooled while down")
+        monitor = start_monitor(stack.workdir, env, port=port, name="pg-monitor")
+        assert client.flush(60)
+        windows = windows_of_url(monitor.url, name, 2)
+        assert [w["drifted"] for w in windows] == [True, True]
+        assert {"tenure_months", "contract"} <= set(windows[0]["drifted_features"])
+        # A redelivery after a lost acknowledgement: the same record id twice.
+        record = {
+            "id": f"pg-dup-{uuid.uuid4().hex}", "model": name, "version": "1",
+            "time": time.time(), "content_type": "application/json",
+            "body": split_body(data.iloc[:20]).decode(), "predictions": ["yes"] * 20,
+        }  # fmt: skip
+        for _ in range(2):
+            answer = httpx.post(f"{monitor.url}/ingest", json={"records": [record]}, timeout=10)
+            assert answer.status_code == 200
+        assert answer.json() == {
+            "records": 1, "new_records": 0, "duplicates": 1, "rows": 0,
+            "malformed_records": 0, "rejected": 0,
+        }  # fmt: skip
+        version = httpx.get(f"{monitor.url}/drift/{name}", timeout=10).json()["versions"][0]
+        assert version["rows_captured"] == 2 * WINDOW + 20
+        assert version["duplicate_records"] == 1 and version["rows_dropped"] == 0
+    finally:
+        client.close(timeout=2)
+        monitor.stop()
+
+
+def windows_of_url(url: str, model: str, count: int) -> list[dict]:
+    """Wait for ``count`` windows of ``model`` at the monitor at ``url``; oldest first."""
+
+    def ready() -> list[dict] | None:
+        answer = httpx.get(f"{url}/drift/{model}", timeout=10)
+        if answer.status_code == 200 and len(answer.json()["windows"]) >= count:
+            return list(reversed(answer.json()["windows"]))
+        return None
+
+    return wait_for(ready, f"{count} windows of {model}")

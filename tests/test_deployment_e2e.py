@@ -314,3 +314,32 @@ def test_keras_family_deploys_like_sklearn(platform: Platform) -> None:
     body["params"] = {"predict_method": "predict_proba"}
     probabilities = _score(platform, name, body).json()["predictions"]
     assert all(abs(row["yes"] + row["no"] - 1) < 1e-4 for row in probabilities)
+
+
+def test_flowline_up_prints_urls_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    ports = _ports()
+    argv = [
+        str(BIN / "flowline"), "up", "--port", str(ports.tracking),
+        "--gateway-port", str(ports.gateway), "--controller-port", str(ports.controller),
+        "--monitor-port", str(ports.monitor), "--replica-port-from", str(ports.replicas_from),
+    ]  # fmt: skip
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        up = subprocess.Popen(
+            argv, env=subprocess_env(FLOWLINE_HOME=str(tmp_path / "home")), stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for(lambda: "press Ctrl-C" in log.read_text(), "flowline up to be ready")
+        text = log.read_text()
+        for port in (ports.tracking, ports.gateway, ports.controller, ports.monitor):
+            assert f"http://127.0.0.1:{port}" in text
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=90) == 0
+        assert "stopped" in log.read_text()
+        platform = Platform(home=tmp_path / "home", ports=ports)
+        assert platform.busy_ports() == []
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()

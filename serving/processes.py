@@ -35,6 +35,35 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could bind ``host:port`` now.
+
+    Stricter than ``port_in_use``: a port held by an outgoing connection or a
+    half-started server refuses a bind although nothing answers on it.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", start: int = 20000) -> int:
+    """The first port of ``count`` consecutive bindable ports below the ephemeral range.
+
+    Servers that take consecutive ports (scoring replicas) must not start inside the
+    kernel's ephemeral range, where outgoing connections grab ports at random.
+    """
+    port = start
+    while port + count < 32768:
+        if all(port_bindable(p, host) for p in range(port, port + count)):
+            return port
+        port += count
+    raise RuntimeError(f"no block of {count} free ports between {start} and 32768")
+
+
 @dataclass
 class ManagedProcess:
     """A child process started in a new session, so it and its children stop together."""

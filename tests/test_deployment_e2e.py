@@ -23,7 +23,7 @@ from flowline.config import Ports
 from flowline.platform import Platform
 from pipelines.train import TrainConfig, train
 from serving.controller.webhooks import signature
-from serving.processes import free_port
+from serving.processes import free_port, free_port_block
 from tests.conftest import BIN, subprocess_env
 from tests.model_fixtures import log_broken_version
 
@@ -32,9 +32,11 @@ DEADLINE = 120.0
 
 
 def _ports() -> Ports:
+    # Replicas take consecutive ports: start them below the kernel's ephemeral range,
+    # where free_port()'s answers and every outgoing connection live.
     return Ports(
         tracking=free_port(), gateway=free_port(), controller=free_port(),
-        monitor=free_port(), replicas_from=free_port(),
+        monitor=free_port(), replicas_from=free_port_block(20),
     )  # fmt: skip
 
 

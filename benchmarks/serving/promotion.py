@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from flowline.config import Ports
 from flowline.platform import Platform
 from pipelines.train import TrainConfig, train
-from serving.processes import free_port
+from serving.processes import free_port, free_port_block
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 MODEL = "bench-promotion"
@@ -45,7 +45,7 @@ def _served(gateway: str) -> dict[str, str]:
 
 def main() -> None:
     """Measure both figures and write the results file."""
-    ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port())
+    ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port_block(10))
     with tempfile.TemporaryDirectory() as home:
         running = Platform(home=Path(home), ports=ports, replicas=1, reconcile_interval=5.0)
         running.start()

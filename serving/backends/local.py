@@ -13,9 +13,14 @@ from pathlib import Path
 import requests
 
 from serving.backends.base import BackendError, Replica
-from serving.processes import ManagedProcess, port_in_use
+from serving.processes import ManagedProcess, port_bindable
 
 STARTUP_TIMEOUT_SECONDS = 120.0
+PORT_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    """The replica lost its port to another process before binding it."""
 
 
 class LocalProcessBackend:
@@ -46,7 +51,7 @@ class LocalProcessBackend:
     def _take_port(self) -> int:
         with self._lock:
             port = self.port_from
-            while port in self._used_ports or port_in_use(port, self.host):
+            while port in self._used_ports or not port_bindable(port, self.host):
                 port += 1
             self._used_ports.add(port)
             return port
@@ -55,7 +60,22 @@ class LocalProcessBackend:
         return self.state_dir / "replicas" / f"{port}.json"
 
     def start_replica(self, model: str, version: str, model_uri: str) -> Replica:
-        """Start ``mlflow models serve`` for ``model_uri`` and wait for ``/ping``."""
+        """Start ``mlflow models serve`` for ``model_uri`` and wait for ``/ping``.
+
+        A port can be taken by someone else between our check and the replica's own
+        bind; that one failure is retried on the next free port.
+        """
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                return self._start_on_free_port(model, version, model_uri)
+            except _PortTaken:
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise BackendError(
+                        f"replica of {model}/{version}: no port could be bound"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _start_on_free_port(self, model: str, version: str, model_uri: str) -> Replica:
         port = self._take_port()
         bin_dir = os.path.dirname(sys.executable)
         argv = [
@@ -78,7 +98,12 @@ class LocalProcessBackend:
         try:
             process.wait_healthy(f"{replica.url}/ping", self.startup_timeout)
         except (RuntimeError, TimeoutError) as exc:
+            lost_port = "address already in use" in process.tail(40)
             self.stop_replica(replica)
+            if lost_port:
+                with self._lock:
+                    self._used_ports.add(port)  # someone else holds it: never offer it again
+                raise _PortTaken() from None
             raise BackendError(f"replica of {model}/{version} failed to start: {exc}") from None
         with self._lock:
             self._live[replica.url] = replica

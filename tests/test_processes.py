@@ -1,0 +1,29 @@
+"""Port selection for servers that take consecutive ports."""
+
+import socket
+from pathlib import Path
+
+from serving.backends.local import LocalProcessBackend
+from serving.processes import free_port_block, port_bindable
+
+
+def test_a_bound_port_is_not_bindable_even_when_nothing_listens() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, not listening: connect() would be refused
+        assert not port_bindable(held.getsockname()[1])
+    assert port_bindable(held.getsockname()[1])
+
+
+def test_port_blocks_are_free_and_below_the_ephemeral_range() -> None:
+    start = free_port_block(5)
+    assert start + 5 < 32768
+    assert all(port_bindable(p) for p in range(start, start + 5))
+
+
+def test_the_local_backend_skips_ports_it_cannot_bind(tmp_path: Path) -> None:
+    start = free_port_block(3)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", start))
+        backend = LocalProcessBackend("sqlite:///unused.db", tmp_path, port_from=start)
+        assert backend._take_port() == start + 1
+        assert backend._take_port() == start + 2

@@ -10,8 +10,9 @@ from serving.processes import free_port_block, port_bindable
 def test_a_bound_port_is_not_bindable_even_when_nothing_listens() -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))  # bound, not listening: connect() would be refused
-        assert not port_bindable(held.getsockname()[1])
-    assert port_bindable(held.getsockname()[1])
+        port = held.getsockname()[1]
+        assert not port_bindable(port)
+    assert port_bindable(port)
 
 
 def test_port_blocks_are_free_and_below_the_ephemeral_range() -> None:

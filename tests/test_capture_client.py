@@ -377,3 +377,19 @@ def test_binary_bodies_travel_as_base64(monitor: FakeMonitor, tmp_path: Path) ->
     record = CaptureRecord.from_dict(monitor.records[0])
     assert record.body_encoding == "base64"
     assert record.rows() == [{"a": 1.0}, {"a": 2.0}]
+
+
+def test_the_senders_row_count_spares_ingest_the_body_parse_but_not_the_window() -> None:
+    from monitoring.capture import CaptureRecord, MalformedRecord
+
+    envelope = {"id": "r1", "model": "m", "version": "1", "time": 1.0}
+    hinted = CaptureRecord.from_dict({**envelope, "body": "not json", "rows": 2})
+    assert hinted.row_count() == 2
+    with pytest.raises(MalformedRecord):
+        hinted.rows()  # the window still finds the body unreadable and counts it
+    assert CaptureRecord.from_dict(hinted.to_dict()).rows_hint == 2
+    for bad in (0, -1, True, "2"):
+        record = CaptureRecord.from_dict({**envelope, "body": "not json", "rows": bad})
+        assert record.rows_hint is None
+        with pytest.raises(MalformedRecord):
+            record.row_count()

@@ -67,6 +67,7 @@ def make_batches(rows: int, rows_per_record: int, model: str) -> list[bytes]:
                     "content_type": "application/json",
                     "body": json.dumps(body),
                     "predictions": ["no"] * rows_per_record,
+                    "rows": rows_per_record,  # as the capture client sends it
                 }
             )  # fmt: skip
         )

@@ -110,21 +110,24 @@ class Platform:
                 ],
                 f"{gateway}/ping",
             )
-            controller = f"http://{self.host}:{self.ports.controller}"
-            self._spawn(
-                "controller",
-                [
-                    python, "-m", "serving.controller", "--host", self.host,
-                    "--port", str(self.ports.controller), "--home", str(self.home),
-                    "--replicas", str(self.replicas),
-                    "--replica-port-from", str(self.ports.replicas_from),
-                    "--interval", str(self.reconcile_interval),
-                ],
-                f"{controller}/health",
-            )  # fmt: skip
+            self.start_controller()
         except BaseException:
             self.stop()
             raise
+
+    def start_controller(self) -> None:
+        """Start the controller (also after it died: it adopts the replicas it left)."""
+        self._spawn(
+            "controller",
+            [
+                sys.executable, "-m", "serving.controller", "--host", self.host,
+                "--port", str(self.ports.controller), "--home", str(self.home),
+                "--replicas", str(self.replicas),
+                "--replica-port-from", str(self.ports.replicas_from),
+                "--interval", str(self.reconcile_interval),
+            ],
+            f"http://{self.host}:{self.ports.controller}/health",
+        )  # fmt: skip
 
     def stop(self) -> None:
         """Stop in reverse order: the controller first, so it can stop its replicas."""

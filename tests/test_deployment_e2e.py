@@ -345,3 +345,34 @@ def test_flowline_up_prints_urls_and_stops_everything_on_ctrl_c(tmp_path: Path) 
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
+
+
+def test_a_killed_controller_is_replaced_and_adopts_the_running_replicas(tmp_path: Path) -> None:
+    running = Platform(home=tmp_path, ports=_ports(), replicas=1, reconcile_interval=1.0)
+    running.start()
+    name = "adopted"
+    try:
+        mlflow.set_tracking_uri(running.tracking.url)
+        version = _train(name)
+        MlflowClient().set_registered_model_alias(name, "production", version)
+        _wait_for(lambda: _served_version(running, name) == version, "the deployment")
+        status_url = f"http://{running.host}:{running.ports.controller}/status"
+        before = requests.get(status_url, timeout=5).json()["deployments"][0]["replicas"]
+        body = _example(name, version)
+
+        controller = next(p for role, p in running.processes if role == "controller")
+        os.kill(controller.pid, signal.SIGKILL)  # the replicas live in their own groups
+        controller.popen.wait(timeout=30)
+        running.processes.remove(("controller", controller))
+        assert _score(running, name, body).status_code == 200  # served without a controller
+
+        running.start_controller()
+        _wait_for(lambda: requests.get(status_url, timeout=5).json()["deployments"], "the adoption")
+        after = requests.get(status_url, timeout=5).json()["deployments"][0]["replicas"]
+        assert [r["url"] for r in after] == [r["url"] for r in before]
+        assert all(r["alive"] for r in after)
+        assert _score(running, name, body).status_code == 200
+    finally:
+        running.stop()
+        mlflow.set_tracking_uri(None)
+    assert not list((tmp_path / "replicas").glob("*.json"))

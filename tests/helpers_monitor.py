@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +27,8 @@ from typing import Any
 import httpx
 
 from serving.processes import ManagedProcess
+from tests.conftest import subprocess_env as child_env
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHURN = REPO / "projects" / "data" / "churn.csv"
@@ -35,28 +36,6 @@ FEATURES = [
     "tenure_months", "monthly_charges", "total_charges", "support_calls", "senior",
     "contract", "internet_service", "payment_method",
 ]  # fmt: skip
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """Environment for child processes: this venv first on PATH, the repo importable."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    """Poll until ``predicate()`` is truthy and return its value; AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _read_port(path: Path) -> int | None:

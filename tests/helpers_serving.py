@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from serving.processes import free_port  # noqa: F401  (re-exported for the tests)
+from tests.conftest import subprocess_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -33,9 +34,7 @@ FEW_COLUMNS = ["mean radius", "mean texture", "mean perimeter", "mean area", "me
 
 def serving_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for child processes: the venv's bin first on PATH (mlflow runs `uvicorn`)."""
-    env = os.environ.copy()
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    env = subprocess_env()
     # Keep children from writing tracking data next to the test process.
     env.setdefault("MLFLOW_TRACKING_URI", f"file://{tempfile.gettempdir()}/flowline-test-mlruns")
     if extra:

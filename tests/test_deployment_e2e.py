@@ -10,7 +10,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -24,11 +25,12 @@ from flowline.platform import Platform
 from pipelines.train import TrainConfig, train
 from serving.controller.webhooks import signature
 from serving.processes import free_port, free_port_block
-from tests.conftest import BIN, subprocess_env
+from tests.conftest import BIN, subprocess_env, wait_for
 from tests.model_fixtures import log_broken_version
 
 pytestmark = pytest.mark.slow
 DEADLINE = 120.0
+_wait_for = partial(wait_for, timeout=DEADLINE)
 
 
 def _ports() -> Ports:
@@ -68,15 +70,6 @@ def _gateway(platform: Platform) -> str:
 def _served_version(platform: Platform, name: str) -> str | None:
     models = requests.get(f"{_gateway(platform)}/models", timeout=5).json()["models"]
     return next((str(m["version"]) for m in models if m["name"] == name), None)
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _status_tag(client: MlflowClient, name: str, version: str) -> str | None:

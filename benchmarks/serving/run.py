@@ -125,6 +125,36 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of every live process in a process group (Linux /proc)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def wait_quiet(pgids: list[int], timeout: float = 30.0, interval: float = 0.25) -> float:
+    """Wait until the processes are idle (< 5% of a core each over `interval`); returns seconds.
+
+    A wrk run that stops leaves up to one request per connection queued in the
+    replica; at 64 connections the stock replica needs most of a second to work
+    through them. Without this wait, that backlog lands in the next run's tail.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = [group_cpu_seconds(pgid) for pgid in pgids]
+        time.sleep(interval)  # the sampling window of the CPU reading, not a wait for an event
+        after = [group_cpu_seconds(pgid) for pgid in pgids]
+        if all(b - a < 0.05 * interval for a, b in zip(before, after, strict=True)):
+            return time.monotonic() - start
+    raise RuntimeError(f"process groups {pgids} still busy after {timeout:.0f} s")
+
+
 def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-metric median over rounds (the machine is shared, so single runs are noisy)."""
     out: dict[str, Any] = {"connections": rounds[0]["connections"], "rounds": len(rounds)}
@@ -180,6 +210,12 @@ def summarise(results: dict[str, Any]) -> str:
         "Gateway CPU per request (user + system, independent of other load on the machine): "
         f"{r['gateway_c1'].get('cpu_us_per_request')} us at 1 client, "
         f"{r['gateway_c64'].get('cpu_us_per_request')} us at 64 clients.",
+        "",
+        "Before every measured run the benchmark waits until the replica and the gateway are "
+        "idle: a 64-connection wrk run leaves up to 64 requests queued in the replica when it "
+        "stops, and the stock replica needs over a second to work through them (quiet_wait_s "
+        "in serving.json). Earlier results, taken without that wait, charged the stock run's "
+        "backlog to the gateway run that followed it (gateway p99 at 64 clients 296-497 ms).",
         "",
     ]
     if results["load_before"] > 1.5:
@@ -243,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                 "stock": f"{replicas[0].url}/invocations",
                 "gateway": f"{gateway.url}/invocations",
             }
+            # The replica serves both paths; the gateway's and the replicas' process groups
+            # (each its own group) are checked for leftover work before every measured run.
+            quiet_pids = [gateway.proc.pid] + [r.proc.pid for r in replicas]
             rounds: dict[str, list[dict[str, Any]]] = {}
             calls: dict[str, float] = {}
             for connections in (1, 64):
@@ -250,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_wrk(url, body, connections, args.warmup, script)
                 for i in range(args.rounds):
                     for name, url in targets.items():
+                        quiet_s = wait_quiet(quiet_pids)
                         before = backend_calls(gateway) if name == "gateway" else {}
                         cpu_before = cpu_seconds(gateway.proc.pid)
                         result = run_wrk(url, body, connections, args.duration, script)
@@ -259,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                             result["cpu_us_per_request"] = round(
                                 (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6, 1
                             )
+                        result["quiet_wait_s"] = round(quiet_s, 2)
                         rounds.setdefault(f"{name}_c{connections}", []).append(result)
                         print(f"round {i + 1} {name} c={connections}: {result}", flush=True)
                         if name == "gateway" and connections == 64:

@@ -153,21 +153,25 @@ class Monitor:
             while not self._stop.is_set():
                 at = time.time() if now is None else now
                 # At most one window's worth of records (each holds at least one row).
-                pending = self.store.pending(stream.model, stream.version, cursor, rows_per_window)
-                take, rows = _take_window(pending, rows_per_window)
-                self.metrics.pending_rows.labels(stream.model, stream.version).set(
-                    sum(p.rows for p in pending)
+                waiting = self.store.pending_summary(
+                    stream.model, stream.version, cursor, rows_per_window
                 )
-                if not pending:
+                self.metrics.pending_rows.labels(stream.model, stream.version).set(waiting.rows)
+                if not waiting.records or waiting.oldest_ingested_at is None:
                     break
-                by_rows = rows >= rows_per_window
-                if not by_rows and at - pending[0].ingested_at < self.settings.window_seconds:
+                by_rows = waiting.rows >= rows_per_window
+                if not by_rows and at - waiting.oldest_ingested_at < self.settings.window_seconds:
                     break
                 try:
                     baseline = self.baselines.get(stream.model, stream.version, at)
                 except BaselineUnavailable:
                     self.metrics.baseline_missing.labels(stream.model, stream.version).set(1)
                     break
+                # A window is due: only now read the ids it spans.
+                pending = self.store.pending(stream.model, stream.version, cursor, rows_per_window)
+                if not pending:  # removed by retention since the summary
+                    break
+                take, _ = _take_window(pending, rows_per_window)
                 self.metrics.baseline_missing.labels(stream.model, stream.version).set(0)
                 summary = self._close(
                     stream.model, stream.version, pending[0].id, pending[take - 1].id,

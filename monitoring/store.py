@@ -220,6 +220,15 @@ class PendingRecord:
     ingested_at: float
 
 
+@dataclass(frozen=True)
+class PendingSummary:
+    """The head of a stream's records after its cursor, in aggregate (one cheap query)."""
+
+    records: int
+    rows: int
+    oldest_ingested_at: float | None
+
+
 @dataclass
 class IngestResult:
     """What one ingest call stored."""
@@ -397,24 +406,20 @@ class MonitorStore:
             except (KeyError, TypeError, ValueError):
                 continue
         with self._write_lock, self.engine.begin() as conn:
-            existing = self._existing_ids(conn, list(parsed))
-            rows: list[dict[str, Any]] = []
-            for record in parsed.values():
+            rows = [_record_row(record, now) for record in parsed.values()]
+            inserted = self._insert_new_records(conn, rows) if rows else set()
+            for record, row in zip(parsed.values(), rows, strict=True):
                 key = (record.model, record.version)
-                if record.id in existing:
+                if inserted is not None and record.id not in inserted:
                     result.duplicates += 1
                     result.duplicates_by_stream[key] += 1
                     continue
                 result.new_records += 1
-                row = _record_row(record, now)
                 if row["error"] is not None:
                     result.malformed_records += 1
                     result.malformed_by_stream[key] += 1
-                rows.append(row)
                 result.rows += row["rows"]
                 result.rows_by_stream[key] += row["rows"]
-            if rows:
-                self._insert_records(conn, rows)
             touched = (
                 set(result.rows_by_stream)
                 | set(result.duplicates_by_stream)
@@ -434,32 +439,32 @@ class MonitorStore:
                 )
         return result
 
-    def _existing_ids(self, conn: Connection, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            query = select(captured_records.c.record_id).where(
-                captured_records.c.record_id.in_(chunk)
-            )
-            found.update(conn.execute(query).scalars())
-        return found
+    def _insert_new_records(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str] | None:
+        """Insert the rows whose record id is not stored yet; the ids inserted, or None for all.
 
-    def _insert_records(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        # The statement is compiled once per dialect and run as a plain DB-API
-        # executemany: SQLAlchemy's per-row parameter processing would cost as much
-        # as the insert itself. Values are plain str/float/int, so nothing is lost.
+        The unique key on record_id does the duplicate check (ON CONFLICT DO
+        NOTHING) inside the insert itself. A separate SELECT of 500 ids cost
+        about as much as the insert on SQLite, and on PostgreSQL its cached
+        generic plan could turn into a sequential scan (0.7 s per batch).
+        Redelivered records are rare, so only then are the new ids looked up:
+        they are the rows with ids above the highest id before the insert (one
+        writer at a time, under ``_write_lock``).
+        """
+        before = conn.execute(select(func.max(captured_records.c.id))).scalar() or 0
         if self._insert_sql is None:
-            compiled = insert(captured_records).compile(
-                dialect=conn.dialect, column_keys=list(_RECORD_COLUMNS)
-            )
-            positions = compiled.positiontup
-            self._insert_sql = (str(compiled), list(positions) if positions else None)
+            self._insert_sql = _compiled_insert(conn)
         sql, positions = self._insert_sql
+        # A plain DB-API executemany: SQLAlchemy's per-row parameter processing would
+        # cost as much as the insert itself. Values are plain str/float/int.
         if positions is not None:
             params: list[Any] = [tuple(row[k] for k in positions) for row in rows]
         else:
             params = rows
-        conn.exec_driver_sql(sql, params)
+        stored = conn.exec_driver_sql(sql, params).rowcount
+        if stored == len(rows):
+            return None
+        c = captured_records.c
+        return set(conn.execute(select(c.record_id).where(c.id > before)).scalars())
 
     def _register_streams(
         self, conn: Connection, keys: Iterable[tuple[str, str]], now: float
@@ -495,6 +500,30 @@ class MonitorStore:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return Stream(**row._mapping) if row else None
+
+    def pending_summary(
+        self, model: str, version: str, after_id: int, limit: int
+    ) -> PendingSummary:
+        """Records and rows among the first ``limit`` records after the cursor, and the
+        oldest one's ingest time.
+
+        The detector asks this after every ingest; aggregating in the database
+        over a bounded range keeps that pass cheap however many records wait.
+        """
+        c = captured_records.c
+        head = (
+            select(c.rows, c.ingested_at)
+            .where(and_(c.model == model, c.version == version, c.id > after_id))
+            .order_by(c.id)
+            .limit(limit)
+            .subquery()
+        )
+        query = select(
+            func.count(), func.coalesce(func.sum(head.c.rows), 0), func.min(head.c.ingested_at)
+        )
+        with self.engine.connect() as conn:
+            records, rows, oldest = conn.execute(query).one()
+        return PendingSummary(int(records), int(rows), oldest)
 
     def pending(self, model: str, version: str, after_id: int, limit: int) -> list[PendingRecord]:
         """Ids, row counts and ingest times of the records after the cursor, oldest first."""
@@ -749,6 +778,23 @@ class MonitorStore:
                 delete(alerts).where(and_(alerts.c.created_at < older_than, settled))
             ).rowcount
         return counts
+
+
+def _compiled_insert(conn: Connection) -> tuple[str, list[str] | None]:
+    """The record INSERT for this dialect, skipping stored record ids, and its parameter order."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - the store supports SQLite and PostgreSQL
+        raise ValueError(f"unsupported monitor store dialect: {name}")
+    statement = dialect_insert(captured_records).on_conflict_do_nothing(
+        index_elements=["record_id"]
+    )
+    compiled = statement.compile(dialect=conn.dialect, column_keys=list(_RECORD_COLUMNS))
+    positions = compiled.positiontup
+    return str(compiled), list(positions) if positions else None
 
 
 _RECORD_COLUMNS = (

@@ -19,6 +19,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import prometheus_client
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,15 +45,23 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
     """The monitor's Starlette app; its lifespan starts and stops the monitor's threads."""
 
+    # Ingest batches run one at a time: the store writes under one lock anyway, and
+    # concurrent batches only add GIL contention (measured: 4 senders ingested 30%
+    # fewer rows per CPU-second than 1). Reads keep the shared thread pool.
+    ingest_limiter = anyio.CapacityLimiter(1)
+
     async def ingest(request: Request) -> Response:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_INGEST_BYTES:
             return _error(413, f"ingest body larger than {MAX_INGEST_BYTES} bytes")
-        body = await request.body()
-        try:
-            result = await run_in_threadpool(monitor.ingest_body, body)
-        except BadIngest as exc:
-            return _error(400, str(exc))
+        # The body is read inside the limit too: senders that wait are held back by
+        # TCP flow control instead of by the event loop buffering their batches.
+        async with ingest_limiter:
+            body = await request.body()
+            try:
+                result = await anyio.to_thread.run_sync(monitor.ingest_body, body)
+            except BadIngest as exc:
+                return _error(400, str(exc))
         return JSONResponse(result.to_dict())
 
     async def drift_models(request: Request) -> Response:

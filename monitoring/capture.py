@@ -353,6 +353,15 @@ class SamplingPolicy:
 # --- the client -------------------------------------------------------------------------
 
 
+def record_id(client_id: str, seq: int) -> str:
+    """A capture record's id: the client's random prefix, then its clock-based ordering key.
+
+    One client's ids sort in the order it made them, so the store's unique index
+    on record ids grows at one end per client instead of at random pages.
+    """
+    return f"{client_id}-{seq:x}"
+
+
 class _Seq:
     """Monotonic ordering keys that keep increasing across restarts (clock-based)."""
 
@@ -587,7 +596,7 @@ class CaptureClient:
         # this runs in the gateway's process for every request, so it is kept to a
         # few microseconds. The id is the client's random prefix plus the ordering key.
         model, version, request, predictions = item
-        record_id = f"{self.client_id}-{seq:x}"
+        rid = record_id(self.client_id, seq)
         body: bytes = request.body
         try:
             text, encoding = body.decode("utf-8"), ""
@@ -606,12 +615,12 @@ class CaptureClient:
         except (TypeError, ValueError):
             preds = json.dumps(predictions, default=str)
         payload = (
-            f'{{"id":"{record_id}","model":{_quote(model)},"version":{_quote(str(version))},'
+            f'{{"id":"{rid}","model":{_quote(model)},"version":{_quote(str(version))},'
             f'"time":{float(received)!r},"content_type":'
             f"{_quote(content_type) if content_type is not None else 'null'},"
             f'"predictions":{preds}{extra},"body":{_quote(text)}}}'
         )
-        return SpooledRecord(seq, record_id, payload.encode())
+        return SpooledRecord(seq, rid, payload.encode())
 
     def _post(self, batch: list[SpooledRecord]) -> str:
         """Deliver one batch: "ok", "retry" (monitor unavailable) or "dropped" (refused)."""

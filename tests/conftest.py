@@ -1,13 +1,17 @@
-"""Shared fixtures: real tracking servers on SQLite and PostgreSQL, and project runs."""
+"""Shared fixtures and helpers: real tracking servers on SQLite and PostgreSQL, project
+runs, child services started on port 0, and deadline polls."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import psycopg
 import pytest
 
 from flowline.tracking import TrackingServer
-from serving.processes import free_port
+from serving.processes import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,6 +46,81 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.1)
+
+
+@dataclass
+class Service:
+    """A child process group started by a test (or a benchmark) and the URL it serves."""
+
+    process: ManagedProcess
+    url: str
+
+    @property
+    def port(self) -> int:
+        """The port the service listens on."""
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def pid(self) -> int:
+        """The child's pid, which is also its process-group id."""
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """True while the child has not exited."""
+        return self.process.alive()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the child's combined stdout/stderr."""
+        try:
+            return self.process.log_path.read_text(errors="replace")[-chars:]
+        except (AttributeError, OSError):
+            return ""
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the whole process group, SIGKILL after ``grace`` seconds (idempotent)."""
+        self.process.stop(grace=grace)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (a crash), then reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.stop(grace=5.0)
+
+
+def spawn_service(argv: list[str], log: Path, env: dict[str, str], url: str) -> Service:
+    """Start ``argv`` in its own process group (output to ``log``) without waiting for it."""
+    return Service(ManagedProcess(argv, env=env, log_path=log, cwd=REPO).start(), url)
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def start_service(
+    argv: list[str], log: Path, env: dict[str, str], port_file: Path, health: str, timeout: float
+) -> Service:
+    """Start a server that binds port 0 and writes its port to ``port_file``; wait for
+    ``health`` to answer 200. No other process can take the port in between."""
+    port_file.unlink(missing_ok=True)
+    service = spawn_service(argv, log, env, "")
+    try:
+        port = wait_for(
+            lambda: _read_port(port_file) or (not service.alive() and -1),
+            f"{' '.join(argv[1:3])} to bind",
+            timeout,
+        )
+        if port == -1:
+            raise RuntimeError(f"{' '.join(argv[1:3])} exited: {service.log_tail()}")
+        service.url = f"http://127.0.0.1:{port}"
+        service.process.wait_healthy(service.url + health, timeout)
+    except BaseException:
+        service.stop()
+        raise
+    return service
 
 
 @pytest.fixture(scope="session")

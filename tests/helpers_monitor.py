@@ -12,10 +12,7 @@ as its `on_scored` hook (FLOWLINE_MONITOR_URL, FLOWLINE_CAPTURE_SPOOL_DIR ...).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -26,9 +23,8 @@ from typing import Any
 
 import httpx
 
-from serving.processes import ManagedProcess
+from tests.conftest import Service, start_service
 from tests.conftest import subprocess_env as child_env
-from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHURN = REPO / "projects" / "data" / "churn.csv"
@@ -38,53 +34,6 @@ FEATURES = [
 ]  # fmt: skip
 
 
-def _read_port(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-@dataclass
-class Service:
-    """A started child process and its base URL."""
-
-    process: ManagedProcess
-    url: str
-
-    def stop(self) -> None:
-        """SIGTERM the process group (SIGKILL after a grace period)."""
-        self.process.stop(grace=15.0)
-
-    def kill(self) -> None:
-        """SIGKILL the process group at once (a crash), then reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.stop(grace=5.0)
-
-
-def _start_with_port_file(
-    argv: list[str], log: Path, env: dict[str, str], port_file: Path, health: str, timeout: float
-) -> Service:
-    port_file.unlink(missing_ok=True)
-    process = ManagedProcess(argv, env=env, log_path=log, cwd=REPO).start()
-    try:
-        port = wait_for(
-            lambda: _read_port(port_file) or (not process.alive() and -1),
-            f"{argv[2]} to bind",
-            timeout,
-        )
-        if port == -1:
-            raise RuntimeError(f"{argv[2]} exited: {process.tail(20)}")
-        url = f"http://127.0.0.1:{port}"
-        process.wait_healthy(url + health, timeout)
-    except BaseException:
-        process.stop()
-        raise
-    return Service(process, url)
-
-
 def start_monitor(
     workdir: Path, env: dict[str, str], port: int = 0, timeout: float = 60.0, name: str = "monitor"
 ) -> Service:
@@ -92,7 +41,7 @@ def start_monitor(
     port_file = workdir / f"{name}.port"
     argv = [sys.executable, "-m", "monitoring", "--host", "127.0.0.1", "--port", str(port),
             "--port-file", str(port_file), "--log-level", "info"]  # fmt: skip
-    return _start_with_port_file(
+    return start_service(
         argv, workdir / f"{name}.log", child_env(**env), port_file, "/health", timeout
     )
 
@@ -106,7 +55,7 @@ def start_capture_gateway(
     port_file = workdir / "gateway.port"
     argv = [sys.executable, "-m", "tests.helpers_monitor", "gateway", "--deployments", str(path),
             "--port-file", str(port_file)]  # fmt: skip
-    return _start_with_port_file(
+    return start_service(
         argv, workdir / "gateway.log", child_env(**env), port_file, "/ping", timeout
     )
 

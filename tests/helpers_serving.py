@@ -10,20 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serving.processes import free_port  # noqa: F401  (re-exported for the tests)
-from tests.conftest import subprocess_env
+from serving.processes import free_port
+from tests.conftest import Service, spawn_service, start_service, subprocess_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -42,43 +38,6 @@ def serving_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Terminate a child started with start_new_session=True, its whole group, then reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # Children of the group (e.g. uvicorn under mlflow's shell) may outlive the leader.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-
-
-def kill_process_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a process group at once (simulates a crashed replica)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"
-) -> None:
-    """Poll `predicate` until it is true or the deadline passes (then raise TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     """True when GET url answers 200."""
     try:
@@ -87,51 +46,7 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-@dataclass
-class ManagedProcess:
-    """A child process group with the URL it serves and its log file."""
-
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        """The end of the child's combined stdout/stderr."""
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Stop the whole process group (idempotent)."""
-        stop_process_group(self.proc)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group."""
-        kill_process_group(self.proc)
-
-
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    log = open(log_path, "ab")  # noqa: SIM115 - the child owns the descriptor
-    try:
-        return subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=REPO_ROOT,
-            start_new_session=True,
-        )
-    finally:
-        log.close()
-
-
-def spawn_scoring_server(
-    model_dir: str | Path, log_dir: str | Path, workers: int = 1
-) -> ManagedProcess:
+def spawn_scoring_server(model_dir: str | Path, log_dir: str | Path, workers: int = 1) -> Service:
     """Start `mlflow models serve --env-manager local` on a free port; do not wait for it."""
     port = free_port()
     log_path = Path(log_dir) / f"replica-{port}.log"
@@ -139,32 +54,25 @@ def spawn_scoring_server(
         str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(model_dir),
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers),
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path, serving_env())
-    return ManagedProcess(f"http://127.0.0.1:{port}", port, proc, log_path)
+    return spawn_service(cmd, log_path, serving_env(), f"http://127.0.0.1:{port}")
 
 
-def wait_ready(server: ManagedProcess, timeout: float = 90.0) -> bool:
+def wait_ready(server: Service, timeout: float = 90.0) -> bool:
     """Wait until the server answers /ping (True) or its process exits (False)."""
-    proc = server.proc
     ping = f"{server.url}/ping"
-    wait_until(
-        lambda: proc.poll() is not None or http_ok(ping),
-        timeout,
-        interval=0.1,
-        what=f"{server.url} to answer /ping",
-    )
-    return proc.poll() is None
+    wait_for(lambda: not server.alive() or http_ok(ping), f"{server.url} to answer /ping", timeout)
+    return server.alive()
 
 
 def start_scoring_servers(
     model_dirs: list[str | Path], log_dir: str | Path, timeout: float = 120.0, workers: int = 1
-) -> list[ManagedProcess]:
+) -> list[Service]:
     """Start several replicas in parallel (model loading dominates) and wait for all.
 
     A replica that lost its port to another process in the meantime is
     started again on a new port. On any failure every started one is stopped.
     """
-    servers: list[ManagedProcess] = []
+    servers: list[Service] = []
     try:
         servers = [spawn_scoring_server(d, log_dir, workers) for d in model_dirs]
         for i, model_dir in enumerate(model_dirs):
@@ -187,56 +95,33 @@ def start_scoring_servers(
 
 def start_scoring_server(
     model_dir: str | Path, log_dir: str | Path, timeout: float = 120.0, workers: int = 1
-) -> ManagedProcess:
+) -> Service:
     """Start one replica and wait until it answers /ping."""
     return start_scoring_servers([model_dir], log_dir, timeout, workers)[0]
 
 
 def start_gateway(
     log_dir: str | Path, env: dict[str, str] | None = None, timeout: float = 30.0
-) -> ManagedProcess:
+) -> Service:
     """Start `python -m serving.gateway` on port 0 and wait until it serves /ping.
 
     The gateway binds port 0 itself and writes the port it got to a file, so
     there is no window in which another process can take the port.
     """
     log_dir = Path(log_dir)
-    fd, port_file = tempfile.mkstemp(prefix="gateway-port-", dir=log_dir)
+    fd, name = tempfile.mkstemp(prefix="gateway-port-", dir=log_dir)
     os.close(fd)
-    os.unlink(port_file)
-    log_path = log_dir / f"gateway-{Path(port_file).name}.log"
+    port_file = Path(name)
     cmd = [
         sys.executable, "-m", "serving.gateway",
-        "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
+        "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path, serving_env(env))
-    gateway = ManagedProcess("", 0, proc, log_path)
-    try:
-        wait_until(
-            lambda: proc.poll() is not None or _port_written(port_file),
-            timeout,
-            what="gateway port file",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited:\n{gateway.log_tail()}")
-        gateway.port = int(Path(port_file).read_text())
-        gateway.url = f"http://127.0.0.1:{gateway.port}"
-        wait_until(lambda: http_ok(f"{gateway.url}/ping"), timeout, what="gateway /ping")
-    except BaseException:
-        gateway.stop()
-        raise
-    return gateway
-
-
-def _port_written(path: str) -> bool:
-    try:
-        return Path(path).read_text().strip().isdigit()
-    except OSError:
-        return False
+    log_path = log_dir / f"gateway-{port_file.name}.log"
+    return start_service(cmd, log_path, serving_env(env), port_file, "/ping", timeout)
 
 
 @contextlib.contextmanager
-def running(server: ManagedProcess) -> Iterator[ManagedProcess]:
+def running(server: Service) -> Iterator[Service]:
     """Context manager that stops `server` on exit, also on failure."""
     try:
         yield server

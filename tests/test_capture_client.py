@@ -26,7 +26,8 @@ from monitoring.store import MonitorStore
 from serving.gateway import Deployment, RouteTable, create_app
 from serving.gateway.capture import CapturedRequest
 from serving.processes import free_port
-from tests.helpers_monitor import LoopbackServer, wait_for
+from tests.conftest import wait_for
+from tests.helpers_monitor import LoopbackServer
 from tests.helpers_serving import HeldScorer
 
 

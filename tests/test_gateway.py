@@ -24,17 +24,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gateway import BatchingSettings, GatewayConfig, RouteTable, create_app
 from serving.gateway.model_metadata import deployment_from_model_dir
+from serving.processes import free_port
+from tests.conftest import Service, wait_for
 from tests.helpers_serving import (
     FEW_COLUMNS,
     HeldScorer,
-    ManagedProcess,
     breast_cancer_frame,
-    free_port,
     save_breast_cancer_model,
     save_categorical_model,
     start_gateway,
     start_scoring_servers,
-    wait_until,
 )
 
 ADMIN = "admin-secret"
@@ -63,7 +62,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def replicas(model_dirs: dict[str, Path], logs: Path) -> Iterator[dict[str, ManagedProcess]]:
+def replicas(model_dirs: dict[str, Path], logs: Path) -> Iterator[dict[str, Service]]:
     """Four replicas started together: two of bc, one to kill, one of the categorical model."""
     names = ["bc1", "bc2", "victim", "cat"]
     dirs = [model_dirs["bc"], model_dirs["bc"], model_dirs["bc"], model_dirs["cat"]]
@@ -76,7 +75,7 @@ def replicas(model_dirs: dict[str, Path], logs: Path) -> Iterator[dict[str, Mana
 
 
 @pytest.fixture(scope="session")
-def gateway(logs: Path) -> Iterator[ManagedProcess]:
+def gateway(logs: Path) -> Iterator[Service]:
     env = {
         "FLOWLINE_ADMIN_TOKEN": ADMIN,
         "FLOWLINE_DEFAULT_MODEL": "bc",
@@ -90,9 +89,7 @@ def gateway(logs: Path) -> Iterator[ManagedProcess]:
 
 
 @pytest.fixture(scope="session")
-def strict_gateway(
-    logs: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ManagedProcess]:
+def strict_gateway(logs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """API keys (inline and from a file), a 2000-byte body limit and 2 requests in flight."""
     keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys_file.write_text("# one key per line\nkey-from-file\n")
@@ -120,7 +117,7 @@ def held_scorer() -> Iterator[HeldScorer]:
 
 
 def deploy(
-    gateway: ManagedProcess,
+    gateway: Service,
     model: str,
     version: str,
     replicas: list[str],
@@ -145,8 +142,8 @@ def deploy(
 
 @pytest.fixture
 def bc_on_bc1(
-    gateway: ManagedProcess, replicas: dict[str, ManagedProcess], model_dirs: dict[str, Path]
-) -> ManagedProcess:
+    gateway: Service, replicas: dict[str, Service], model_dirs: dict[str, Path]
+) -> Service:
     """bc version 1 served by replica bc1 (the stock server parity compares against)."""
     deploy(gateway, "bc", "1", [replicas["bc1"].url], model_dirs["bc"]).raise_for_status()
     return replicas["bc1"]
@@ -172,7 +169,7 @@ def assert_same_answer(stock: httpx.Response, ours: httpx.Response) -> None:
         assert ours.content == stock.content
 
 
-def metric_values(gateway: ManagedProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def metric_values(gateway: Service) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
     values = {}
     for family in text_string_to_metric_families(text):
@@ -244,9 +241,7 @@ PARITY_CASES: dict[str, tuple[bytes | str, str | None]] = {
 
 
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
-def test_parity_with_stock_scorer(
-    case: str, gateway: ManagedProcess, bc_on_bc1: ManagedProcess
-) -> None:
+def test_parity_with_stock_scorer(case: str, gateway: Service, bc_on_bc1: Service) -> None:
     body, content_type = PARITY_CASES[case]
     data = body.encode() if isinstance(body, str) else body
     stock = post(f"{bc_on_bc1.url}/invocations", data, content_type)
@@ -270,8 +265,8 @@ CATEGORICAL_CASES = {
 @pytest.mark.parametrize("case", sorted(CATEGORICAL_CASES))
 def test_parity_with_a_string_column(
     case: str,
-    gateway: ManagedProcess,
-    replicas: dict[str, ManagedProcess],
+    gateway: Service,
+    replicas: dict[str, Service],
     model_dirs: dict[str, Path],
 ) -> None:
     deploy(gateway, "cat", "4", [replicas["cat"].url], model_dirs["cat"]).raise_for_status()
@@ -307,7 +302,7 @@ def distinct_requests(count: int) -> list[bytes]:
 
 
 def test_concurrent_requests_are_batched_and_get_their_own_rows(
-    gateway: ManagedProcess, bc_on_bc1: ManagedProcess
+    gateway: Service, bc_on_bc1: Service
 ) -> None:
     bodies = distinct_requests(32)
     expected = [post(f"{bc_on_bc1.url}/invocations", b, JSON).json() for b in bodies]
@@ -331,9 +326,7 @@ def test_concurrent_requests_are_batched_and_get_their_own_rows(
     assert any(int(a.headers.get("x-flowline-batch-size", "1")) > 1 for a in answers)
 
 
-def test_a_bad_request_does_not_fail_its_batch_mates(
-    gateway: ManagedProcess, bc_on_bc1: ManagedProcess
-) -> None:
+def test_a_bad_request_does_not_fail_its_batch_mates(gateway: Service, bc_on_bc1: Service) -> None:
     bodies = distinct_requests(24)
     # Same columns and value kinds as the good ones, so they are merged with them,
     # and the merged call fails: infinity is rejected by the model.
@@ -358,8 +351,8 @@ def test_a_bad_request_does_not_fail_its_batch_mates(
 
 
 def test_api_keys_are_required_for_scoring_and_models(
-    strict_gateway: ManagedProcess,
-    replicas: dict[str, ManagedProcess],
+    strict_gateway: Service,
+    replicas: dict[str, Service],
     model_dirs: dict[str, Path],
 ) -> None:
     deploy(strict_gateway, "bc", "1", [replicas["bc1"].url], model_dirs["bc"]).raise_for_status()
@@ -379,7 +372,7 @@ def test_api_keys_are_required_for_scoring_and_models(
     assert httpx.get(f"{strict_gateway.url}/health").status_code == 200
 
 
-def test_body_limit_answers_413(strict_gateway: ManagedProcess) -> None:
+def test_body_limit_answers_413(strict_gateway: Service) -> None:
     auth = {"Authorization": "Bearer key-one"}
     big = split([ROW] * 100)
     assert len(big) > 2000
@@ -400,7 +393,7 @@ def test_body_limit_answers_413(strict_gateway: ManagedProcess) -> None:
 
 
 def test_concurrency_limit_answers_503_instead_of_queueing(
-    strict_gateway: ManagedProcess, held_scorer: HeldScorer
+    strict_gateway: Service, held_scorer: HeldScorer
 ) -> None:
     deploy(strict_gateway, "held", "1", [held_scorer.url], None).raise_for_status()
     url = f"{strict_gateway.url}/models/held/invocations"
@@ -414,7 +407,7 @@ def test_concurrency_limit_answers_503_instead_of_queueing(
     for thread in threads:
         thread.start()
     try:
-        wait_until(lambda: held_scorer.received == 2, 20, what="two requests held")
+        wait_for(lambda: held_scorer.received == 2, "two requests held", 20)
         refused = post(url, split([ROW]), JSON, **auth)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
@@ -430,7 +423,7 @@ def test_concurrency_limit_answers_503_instead_of_queueing(
 
 
 def test_admin_api_contract(
-    gateway: ManagedProcess, replicas: dict[str, ManagedProcess], model_dirs: dict[str, Path]
+    gateway: Service, replicas: dict[str, Service], model_dirs: dict[str, Path]
 ) -> None:
     base = f"{gateway.url}/admin"
     assert httpx.get(f"{base}/deployments").status_code == 401
@@ -474,7 +467,7 @@ def test_admin_api_contract(
     assert gone.status_code == 404 and gone.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
 
 
-def test_models_openapi_and_docs(gateway: ManagedProcess, bc_on_bc1: ManagedProcess) -> None:
+def test_models_openapi_and_docs(gateway: Service, bc_on_bc1: Service) -> None:
     models = httpx.get(f"{gateway.url}/models").json()["models"]
     bc = next(m for m in models if m["name"] == "bc")
     assert bc["version"] == "1" and bc["state"] == "ready" and bc["default"] is True
@@ -495,9 +488,7 @@ def test_models_openapi_and_docs(gateway: ManagedProcess, bc_on_bc1: ManagedProc
     assert "<script" not in docs.text and "https://" not in docs.text  # nothing from a CDN
 
 
-def test_metrics_count_requests_errors_and_latency(
-    gateway: ManagedProcess, bc_on_bc1: ManagedProcess
-) -> None:
+def test_metrics_count_requests_errors_and_latency(gateway: Service, bc_on_bc1: Service) -> None:
     labels = {"model": "bc", "version": "1"}
     before = metric_values(gateway)
     assert post(f"{gateway.url}/invocations", split([ROW]), JSON).status_code == 200
@@ -515,7 +506,7 @@ def test_metrics_count_requests_errors_and_latency(
 
 
 def test_invocations_needs_a_default_when_several_models_are_deployed(
-    logs: Path, replicas: dict[str, ManagedProcess], model_dirs: dict[str, Path]
+    logs: Path, replicas: dict[str, Service], model_dirs: dict[str, Path]
 ) -> None:
     gateway = start_gateway(logs, env={"FLOWLINE_ADMIN_TOKEN": ADMIN})
     try:
@@ -534,7 +525,7 @@ def test_invocations_needs_a_default_when_several_models_are_deployed(
 # --- capture hook ------------------------------------------------------------------------------
 
 
-def test_capture_hook_runs_off_the_hot_path(bc_on_bc1: ManagedProcess, model_dirs) -> None:
+def test_capture_hook_runs_off_the_hot_path(bc_on_bc1: Service, model_dirs) -> None:
     """The hook only proceeds once the client has its answer: awaiting it would deadlock."""
 
     async def scenario() -> None:
@@ -623,11 +614,11 @@ class Load:
 
     def wait_for_more(self, n: int, timeout: float = 30) -> None:
         target = self.count() + n
-        wait_until(lambda: self.count() >= target, timeout, what=f"{n} more answers")
+        wait_for(lambda: self.count() >= target, f"{n} more answers", timeout)
 
 
 def test_switch_under_load_loses_no_request(
-    gateway: ManagedProcess, replicas: dict[str, ManagedProcess], model_dirs: dict[str, Path]
+    gateway: Service, replicas: dict[str, Service], model_dirs: dict[str, Path]
 ) -> None:
     bc1, bc2 = replicas["bc1"].url, replicas["bc2"].url
     deploy(gateway, "bc", "1", [bc1], model_dirs["bc"]).raise_for_status()
@@ -642,7 +633,7 @@ def test_switch_under_load_loses_no_request(
                                headers=ADMIN_HEADERS)  # fmt: skip
             return answer.json()["inflight"] == 0
 
-        wait_until(drained, 20, what="the old replica to drain")
+        wait_for(drained, "the old replica to drain", 20)
         load.wait_for_more(40)
     statuses = [status for _, status, _ in load.results]
     assert statuses.count(200) == len(statuses), {s for s in statuses if s != 200}
@@ -653,7 +644,7 @@ def test_switch_under_load_loses_no_request(
 
 
 def test_sigkilled_replica_is_routed_around(
-    gateway: ManagedProcess, replicas: dict[str, ManagedProcess], model_dirs: dict[str, Path]
+    gateway: Service, replicas: dict[str, Service], model_dirs: dict[str, Path]
 ) -> None:
     victim = replicas["victim"]
     deploy(

@@ -27,15 +27,14 @@ from monitoring.mlflow_runs import MODEL_TAG, VERSION_TAG
 from pipelines.train import TrainConfig, train
 from serving.gateway.model_metadata import deployment_from_model_dir
 from serving.processes import free_port
+from tests.conftest import Service, wait_for
 from tests.helpers_monitor import (
     LoopbackServer,
-    Service,
     churn_features,
     send_rows,
     shifted,
     start_capture_gateway,
     start_monitor,
-    wait_for,
 )
 from tests.helpers_serving import start_scoring_server
 

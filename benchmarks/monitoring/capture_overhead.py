@@ -8,7 +8,8 @@ Same run, same replica (`mlflow models serve`, LogisticRegression on breast_canc
   delivering to a real monitor process (`python -m monitoring`, SQLite store).
 
 Load: wrk at 64 and 1 connections, single-row JSON, interleaved rounds (off, on, off,
-on, ...) so that the shared machine's background load hits both alike; medians over
+on, ...) so that the shared machine's background load hits both alike, each run started
+once every process is idle again (no leftover queue or ingest backlog); medians over
 rounds. Also: gateway CPU per request (load independent), the hook call's own cost
 in-process, and a check that every answered request reached the monitor (no drops).
 
@@ -40,12 +41,8 @@ import httpx  # noqa: E402
 from monitoring.capture import CaptureClient  # noqa: E402
 from serving.gateway.capture import CapturedRequest  # noqa: E402
 from serving.gateway.model_metadata import deployment_from_model_dir  # noqa: E402
-from tests.helpers_monitor import (  # noqa: E402
-    Service,
-    start_capture_gateway,
-    start_monitor,
-    wait_for,
-)
+from tests.conftest import Service, wait_for  # noqa: E402
+from tests.helpers_monitor import start_capture_gateway, start_monitor  # noqa: E402
 from tests.helpers_serving import (  # noqa: E402
     breast_cancer_frame,
     save_breast_cancer_model,
@@ -113,8 +110,8 @@ def summarise(doc: dict[str, Any]) -> str:
         f"{doc['load_before']}). One `mlflow models serve` replica (LogisticRegression, "
         "breast_cancer, 30 float columns), two gateways in front of it (capture off / on; "
         "capture delivers to a real monitor process), single-row JSON, wrk -t1, "
-        f"{doc['rounds']} interleaved rounds of {doc['duration_s']} s per setting; medians "
-        "over rounds.",
+        f"{doc['rounds']} interleaved rounds of {doc['duration_s']} s per setting, each "
+        "started once the replica, the monitor and both gateways are idle; medians over rounds.",
         "",
         "| capture | clients | rps | p50 ms | p90 ms | p99 ms | gateway CPU us/request | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -215,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                         answered_on += warm["requests"]
                 for i in range(args.rounds):
                     for name, url in urls.items():
-                        pid = gateways[name].process.pid
+                        # Leftovers of the previous run (the replica's queue, the
+                        # monitor's ingest backlog) must not land in this one.
+                        quiet_s = bench.wait_quiet([s.pid for s in services])
+                        pid = gateways[name].pid
                         cpu_before = bench.cpu_seconds(pid)
                         result = bench.run_wrk(url, body, connections, args.duration, script)
                         cpu_after = bench.cpu_seconds(pid)
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                             result["cpu_us_per_request"] = round(
                                 (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6, 1
                             )
+                        result["quiet_wait_s"] = round(quiet_s, 2)
                         if name == "on":
                             answered_on += result["requests"]
                         rounds.setdefault(f"{name}_c{connections}", []).append(result)

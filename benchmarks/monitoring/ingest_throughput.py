@@ -37,7 +37,8 @@ import httpx  # noqa: E402
 
 from monitoring.capture import record_id  # noqa: E402
 from monitoring.store import MonitorStore  # noqa: E402
-from tests.helpers_monitor import churn_features, start_monitor, wait_for  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
+from tests.helpers_monitor import churn_features, start_monitor  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BATCH = 500
@@ -141,9 +142,9 @@ def http_run(store_url: str, label: str, rows: int, tmp: Path) -> list[dict[str,
                     "the detector's first pass",
                 )
                 warm_rows = min(len(bodies), 2) * BATCH * rows_per_record
-                cpu_before = cpu_seconds(monitor.process.pid)
+                cpu_before = cpu_seconds(monitor.pid)
                 seconds = post_all(f"{monitor.url}/ingest", bodies[2:], senders)
-                cpu = cpu_seconds(monitor.process.pid) - cpu_before
+                cpu = cpu_seconds(monitor.pid) - cpu_before
                 sent = (len(bodies) - 2) * BATCH * rows_per_record
                 # Redeliver everything once more: idempotent, nothing double counted.
                 post_all(f"{monitor.url}/ingest", bodies[:4], 1)

@@ -27,8 +27,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers_serving import (  # noqa: E402 - needs the repo on sys.path first
-    ManagedProcess,
+from tests.conftest import Service  # noqa: E402 - needs the repo on sys.path first
+from tests.helpers_serving import (  # noqa: E402
     breast_cancer_frame,
     save_breast_cancer_model,
     start_gateway,
@@ -85,7 +85,7 @@ def run_wrk(url: str, body: str, connections: int, duration: int, script: Path) 
     }
 
 
-def register(gateway: ManagedProcess, replicas: list[str], model_dir: Path) -> None:
+def register(gateway: Service, replicas: list[str], model_dir: Path) -> None:
     """PUT the deployment through the admin API, verified against the replicas."""
     import httpx
 
@@ -101,7 +101,7 @@ def register(gateway: ManagedProcess, replicas: list[str], model_dir: Path) -> N
     answer.raise_for_status()
 
 
-def backend_calls(gateway: ManagedProcess) -> dict[str, float]:
+def backend_calls(gateway: Service) -> dict[str, float]:
     """Backend call counters from the gateway's /metrics."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         script = tmp_path / "post.lua"
         script.write_text(LUA)
         replicas = start_scoring_servers([model_dir] * args.replicas, tmp_path)
-        gateway: ManagedProcess | None = None
+        gateway: Service | None = None
         try:
             gateway = start_gateway(
                 tmp_path,
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             # The replica serves both paths; the gateway's and the replicas' process groups
             # (each its own group) are checked for leftover work before every measured run.
-            quiet_pids = [gateway.proc.pid] + [r.proc.pid for r in replicas]
+            quiet_pids = [gateway.pid] + [r.pid for r in replicas]
             rounds: dict[str, list[dict[str, Any]]] = {}
             calls: dict[str, float] = {}
             for connections in (1, 64):
@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                     for name, url in targets.items():
                         quiet_s = wait_quiet(quiet_pids)
                         before = backend_calls(gateway) if name == "gateway" else {}
-                        cpu_before = cpu_seconds(gateway.proc.pid)
+                        cpu_before = cpu_seconds(gateway.pid)
                         result = run_wrk(url, body, connections, args.duration, script)
-                        cpu_after = cpu_seconds(gateway.proc.pid)
+                        cpu_after = cpu_seconds(gateway.pid)
                         if name == "gateway" and cpu_before is not None and cpu_after is not None:
                             # Load-independent overhead: gateway CPU per request.
                             result["cpu_us_per_request"] = round(

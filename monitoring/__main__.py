@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,9 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     from monitoring.server import serve_monitor  # after logging is set up
 
-    serve_monitor(settings, args.host, args.port, args.port_file, args.log_level)
+    try:
+        serve_monitor(settings, args.host, args.port, args.port_file, args.log_level)
+    except (ValueError, SQLAlchemyError, OSError) as exc:
+        # Raised while opening the store or binding the port, before serving starts.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"flowline: error: the monitor cannot start: {first_line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -153,9 +153,15 @@ alerts = Table(
 
 
 def database_url(url: str) -> str:
-    """Point bare PostgreSQL URIs at psycopg 3 (SQLAlchemy would look for psycopg2)."""
+    """Check the store URL's scheme and point bare PostgreSQL URIs at psycopg 3
+    (SQLAlchemy would look for psycopg2); ValueError for any other database."""
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if not url.startswith(("sqlite:///", "postgresql+psycopg://")):
+        scheme = url.split(":", 1)[0] if ":" in url else url
+        raise ValueError(
+            f"the monitor store must be sqlite:///<path> or postgresql://..., not {scheme!r}"
+        )
     return url
 
 

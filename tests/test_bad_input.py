@@ -157,3 +157,25 @@ def test_bad_input_through_mlflow_run_against_a_real_server(
     assert "flowline: error: target 'label' has a single class ('p')" in result.stderr
     client = mlflow.MlflowClient(tracking_server.url)
     assert client.search_model_versions("name='bad'") == []
+
+
+@pytest.mark.parametrize(
+    ("store", "expected"),
+    [
+        ("mysql://user@127.0.0.1/db", "must be sqlite:///<path> or postgresql://"),
+        (f"postgresql://postgres@127.0.0.1:{free_port()}/none", "connection failed"),
+    ],
+)
+def test_monitor_with_a_bad_store_url_fails_in_one_line(
+    tmp_path: Path, store: str, expected: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "monitoring", "--port", "0", "--home", str(tmp_path),
+         "--db", store],
+        env=subprocess_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    _assert_one_clear_line(result, expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,23 @@ def test_monitor_with_a_bad_store_url_fails_in_one_line(
         timeout=60,
     )  # fmt: skip
     _assert_one_clear_line(result, expected)
+
+
+def test_gateway_on_a_taken_port_or_missing_file_fails_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, expected in (
+            (["--port", str(port)], "Address already in use"),
+            (["--port", "0", "--deployments", str(tmp_path / "none.json")], "No such file"),
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "serving.gateway", "--host", "127.0.0.1", *args],
+                env=subprocess_env(),
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            _assert_one_clear_line(result, expected)

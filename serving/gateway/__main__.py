@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import replace
 
 from monitoring.capture import capture_hook_from_env
@@ -22,19 +23,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    config = GatewayConfig.from_env()
-    if args.default_model:
-        config = replace(config, default_model=args.default_model)
-    serve_gateway(
-        args.host,
-        args.port,
-        config=config,
-        deployments=load_deployments(args.deployments) if args.deployments else None,
-        port_file=args.port_file,
-        log_level=args.log_level,
-        # Capture to the drift monitor when FLOWLINE_MONITOR_URL is set.
-        on_scored=capture_hook_from_env(),
-    )
+    try:
+        config = GatewayConfig.from_env()
+        if args.default_model:
+            config = replace(config, default_model=args.default_model)
+        serve_gateway(
+            args.host,
+            args.port,
+            config=config,
+            deployments=load_deployments(args.deployments) if args.deployments else None,
+            port_file=args.port_file,
+            log_level=args.log_level,
+            # Capture to the drift monitor when FLOWLINE_MONITOR_URL is set.
+            on_scored=capture_hook_from_env(),
+        )
+    except (ValueError, OSError) as exc:
+        # Bad settings, an unreadable deployments file or a taken port: before serving.
+        print(f"flowline: error: the gateway cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -116,26 +116,28 @@ def backend_calls(gateway: Service) -> dict[str, float]:
     return calls
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc/<pid>/stat file after the command name, or None if gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return stat.read_text().rpartition(")")[2].split()
     except OSError:
         return None
+
+
+def _cpu(fields: list[str]) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None else _cpu(fields)
 
 
 def group_cpu_seconds(pgid: int) -> float:
     """User + system CPU time of every live process in a process group (Linux /proc)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # exited while we looked
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    groups = (_stat_fields(stat) for stat in Path("/proc").glob("[0-9]*/stat"))
+    return sum(_cpu(fields) for fields in groups if fields and int(fields[2]) == pgid)
 
 
 def wait_quiet(pgids: list[int], timeout: float = 30.0, interval: float = 0.25) -> float:

@@ -20,6 +20,7 @@ import requests
 
 from flowline.config import Ports, home
 from flowline.platform import Platform
+from flowline.supervisor import Supervisor
 from flowline.tracking import TrackingServer
 from serving.processes import port_in_use
 
@@ -123,22 +124,16 @@ def _start_platform(platform: Platform) -> bool:
 
 
 def _supervise(platform: Platform) -> int:
-    """Wait for Ctrl-C (or a role dying), then stop everything."""
+    """Restart any role that exits (with backoff) until Ctrl-C or SIGTERM; then stop all."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     _say("press Ctrl-C to stop")
-    code = 0
-    while not stop.wait(1.0):
-        dead = platform.dead()
-        if dead:
-            _say(f"{', '.join(dead)} exited unexpectedly; see {platform.home / 'logs'}; stopping")
-            code = 1
-            break
+    Supervisor(platform, _say).run(stop)
     _say("stopping")
     platform.stop()
     _say("stopped")
-    return code
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
+
 from flowline.config import Ports
 from flowline.tracking import TrackingServer
 from serving.controller.app import persistent_secret
@@ -28,6 +30,8 @@ class Platform:
         default_factory=lambda: float(os.environ.get("FLOWLINE_RECONCILE_INTERVAL_S", 5.0))
     )
     processes: list[tuple[str, ManagedProcess]] = field(default_factory=list)
+    # Each role's command line and health URL, so a supervisor can start it again.
+    _roles: dict[str, tuple[list[str], str]] = field(default_factory=dict, repr=False)
 
     @property
     def tracking(self) -> TrackingServer:
@@ -60,9 +64,61 @@ class Platform:
         )
 
     def _spawn(self, name: str, argv: list[str], health: str) -> None:
-        process = ManagedProcess(argv, env=self._env(), log_path=self.home / "logs" / f"{name}.log")
-        self.processes.append((name, process.start()))
+        self._roles[name] = (argv, health)
+        process = self._launch(name)
+        self.processes.append((name, process))
         process.wait_healthy(health, START_TIMEOUT_SECONDS)
+
+    def _launch(self, name: str) -> ManagedProcess:
+        """Start role ``name`` from its recorded command line, without waiting for it."""
+        if name == "tracking":
+            process = self.tracking.process(self.home / "logs" / "tracking.log")
+        else:
+            argv, _ = self._roles[name]
+            process = ManagedProcess(
+                argv, env=self._env(), log_path=self.home / "logs" / f"{name}.log"
+            )
+        process.start()
+        self._write_pidfile(name, process.pid)
+        return process
+
+    def _pidfile(self, name: str) -> Path:
+        return self.home / "pids" / f"{name}.pid"
+
+    def _write_pidfile(self, name: str, pid: int) -> None:
+        # Pid files say which process is which role, for operators and crash tests.
+        self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
+        self._pidfile(name).write_text(f"{pid}\n")
+
+    def health_url(self, name: str) -> str:
+        """The URL that answers 200 once role ``name`` is ready."""
+        if name == "tracking":
+            return f"{self.tracking.url}/health"
+        return self._roles[name][1]
+
+    def respawn(self, name: str) -> ManagedProcess:
+        """Replace role ``name``'s exited process with a new one; do not wait for it.
+
+        What is left of the old process group (a dead server's orphaned workers still
+        holding its port) is stopped first.
+        """
+        index = next(i for i, (role, _) in enumerate(self.processes) if role == name)
+        self.processes[index][1].stop(grace=5.0)
+        process = self._launch(name)
+        # Same place in the list: stop() still runs in reverse dependency order.
+        self.processes[index] = (name, process)
+        return process
+
+    def wake_controller(self) -> None:
+        """Ask the controller for a reconcile pass now (it pushes routes to a new gateway)."""
+        try:
+            requests.post(
+                f"http://{self.host}:{self.ports.controller}/reconcile",
+                headers={"Authorization": f"Bearer {self._env()['FLOWLINE_ADMIN_TOKEN']}"},
+                timeout=2,
+            )
+        except requests.RequestException:
+            pass  # the periodic pass restores the routes within its interval anyway
 
     def busy_ports(self) -> list[int]:
         """Configured ports something else already listens on."""
@@ -79,8 +135,8 @@ class Platform:
         self.home.mkdir(parents=True, exist_ok=True)
         python = sys.executable
         try:
-            tracking = self.tracking.process(self.home / "logs" / "tracking.log")
-            self.processes.append(("tracking", tracking.start()))
+            tracking = self._launch("tracking")
+            self.processes.append(("tracking", tracking))
             tracking.wait_healthy(f"{self.tracking.url}/health", START_TIMEOUT_SECONDS)
             # The monitor before the gateway, so captures flow from the first request.
             self._spawn(
@@ -132,8 +188,9 @@ class Platform:
     def stop(self) -> None:
         """Stop in reverse order: the controller first, so it can stop its replicas."""
         while self.processes:
-            _, process = self.processes.pop()
+            name, process = self.processes.pop()
             process.stop(grace=30.0)
+            self._pidfile(name).unlink(missing_ok=True)
 
     def dead(self) -> list[str]:
         """Names of roles whose process has exited."""

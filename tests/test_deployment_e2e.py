@@ -311,13 +311,19 @@ def test_keras_family_deploys_like_sklearn(platform: Platform) -> None:
     assert all(abs(row["yes"] + row["no"] - 1) < 1e-4 for row in probabilities)
 
 
-def test_flowline_up_prints_urls_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
-    ports = _ports()
-    argv = [
+def flowline_up_argv(ports: Ports, *extra: str) -> list[str]:
+    """`flowline up` on ``ports``."""
+    return [
         str(BIN / "flowline"), "up", "--port", str(ports.tracking),
         "--gateway-port", str(ports.gateway), "--controller-port", str(ports.controller),
         "--monitor-port", str(ports.monitor), "--replica-port-from", str(ports.replicas_from),
+        *extra,
     ]  # fmt: skip
+
+
+def test_flowline_up_prints_urls_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    ports = _ports()
+    argv = flowline_up_argv(ports)
     log = tmp_path / "up.log"
     with log.open("w") as out:
         up = subprocess.Popen(

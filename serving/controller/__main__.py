@@ -67,6 +67,7 @@ def main() -> None:
             lambda: reconciler.adopt(backend.adopt_running()),
             lambda: register_webhook_safely(client, url, secret),
         ],
+        admin_token=admin_token,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -82,9 +83,19 @@ def build_app(
     verifier: WebhookVerifier,
     interval: float,
     on_start: list | None = None,
+    admin_token: str | None = None,
 ) -> Starlette:
     """The controller's HTTP app; the reconcile loop lives as long as the app."""
     control = LoopControl(threading.Event(), threading.Event())
+
+    async def reconcile_now(request: Request) -> JSONResponse:
+        # Internal: `flowline up` asks for a pass when it restarted the gateway.
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {admin_token}"
+        if not admin_token or not hmac.compare_digest(given.encode(), expected.encode()):
+            return JSONResponse({"error": "admin token required"}, status_code=401)
+        control.wake.set()
+        return JSONResponse({"reconcile": "scheduled"}, status_code=202)
 
     async def webhook(request: Request) -> JSONResponse:
         body = await request.body()
@@ -130,6 +141,7 @@ def build_app(
     return Starlette(
         routes=[
             Route(WEBHOOK_PATH, webhook, methods=["POST"]),
+            Route("/reconcile", reconcile_now, methods=["POST"]),
             Route("/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ],

@@ -1,0 +1,263 @@
+"""A hardened `flowline up`: crashed roles come back, with real processes under real load."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from flowline.supervisor import Backoff
+from tests.conftest import Service, spawn_service, subprocess_env, wait_for
+from tests.helpers_serving import FEW_COLUMNS, breast_cancer_frame
+from tests.test_deployment_e2e import _ports, flowline_up_argv
+
+pytestmark = pytest.mark.slow
+DEADLINE = 120.0
+
+
+@dataclass
+class Up:
+    """A running `flowline up` (a real child process) and where it keeps its state."""
+
+    service: Service
+    home: Path
+    log: Path
+    ports: object
+
+    def url(self, role: str) -> str:
+        """Base URL of ``role`` (tracking, gateway, controller, monitor)."""
+        return f"http://127.0.0.1:{getattr(self.ports, role)}"
+
+    def pid(self, role: str) -> int:
+        """The pid (and process group) of ``role``, from its pid file."""
+        return int((self.home / "pids" / f"{role}.pid").read_text())
+
+
+def _kill_leftovers(home: Path) -> None:
+    # Only after a failed stop: no role or replica may outlive the test.
+    import json
+
+    pids = [int(p.read_text()) for p in (home / "pids").glob("*.pid")]
+    pids += [json.loads(p.read_text())["pid"] for p in (home / "replicas").glob("*.json")]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def flowline_up(tmp: Path, *extra: str, **env: str) -> Iterator[Up]:
+    """`flowline up` on free ports in a fresh home; SIGTERM (then cleanup) at the end."""
+    ports = _ports()
+    home = tmp / "home"
+    argv = flowline_up_argv(ports, *extra)
+    log = tmp / "up.log"
+    environment = subprocess_env(FLOWLINE_HOME=str(home), FLOWLINE_RECONCILE_INTERVAL_S="1", **env)
+    service = spawn_service(argv, log, environment, f"http://127.0.0.1:{ports.gateway}")
+    up = Up(service, home, log, ports)
+    try:
+        wait_for(
+            lambda: "press Ctrl-C" in _text(log) or not service.alive(),
+            "flowline up to be ready",
+            DEADLINE,
+        )
+        assert service.alive(), _text(log)[-3000:]
+        yield up
+    finally:
+        service.stop(grace=90.0)
+        _kill_leftovers(home)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def register_model(tracking: str, name: str) -> str:
+    """Log a small LogisticRegression as a new version of ``name``; return the version."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+
+    features, target = breast_cancer_frame(FEW_COLUMNS)
+    model = LogisticRegression(max_iter=5000).fit(features, target)
+    mlflow.set_tracking_uri(tracking)
+    try:
+        with mlflow.start_run():
+            info = mlflow.sklearn.log_model(
+                model,
+                name="model",
+                signature=infer_signature(features, model.predict(features)),
+                input_example=features.head(2),
+                registered_model_name=name,
+            )
+    finally:
+        mlflow.set_tracking_uri(None)
+    return str(info.registered_model_version)
+
+
+def served_version(gateway: str, name: str) -> str | None:
+    """The version of ``name`` the gateway serves, if any."""
+    try:
+        models = requests.get(f"{gateway}/models", timeout=5).json()["models"]
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+    return next((str(m["version"]) for m in models if m["name"] == name), None)
+
+
+def promote(up: Up, name: str, version: str) -> None:
+    """Set alias production and wait until the gateway serves the version."""
+    MlflowClient(up.url("tracking"), up.url("tracking")).set_registered_model_alias(
+        name, "production", version
+    )
+    wait_for(lambda: served_version(up.url("gateway"), name) == version, "the deployment", DEADLINE)
+
+
+BODY = {
+    "dataframe_split": {
+        "columns": FEW_COLUMNS,
+        "data": [[14.0, 19.0, 91.0, 650.0, 0.09], [20.0, 25.0, 130.0, 1200.0, 0.11]],
+    }
+}
+
+
+@dataclass
+class Load:
+    """Constant scoring traffic from a few threads, every answer recorded with its time."""
+
+    url: str
+    threads: int = 2
+    ok: int = 0
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    successes: list[float] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                try:
+                    answer = session.post(self.url, json=BODY, timeout=30)
+                    outcome = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
+                except requests.RequestException as exc:
+                    outcome = type(exc).__name__
+                    session.close()  # a dead gateway's connection must not be reused
+                with self._lock:
+                    if outcome is None:
+                        self.ok += 1
+                        self.successes.append(time.monotonic())
+                    else:
+                        self.failures.append((time.monotonic(), outcome))
+
+    def __enter__(self) -> Load:
+        self._workers = [threading.Thread(target=self._run) for _ in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        wait_for(lambda: self.ok >= 10, "scoring traffic to flow", 30)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=60)
+
+    def successes_after(self, moment: float) -> int:
+        """How many requests succeeded after ``moment`` (time.monotonic)."""
+        with self._lock:
+            return sum(1 for t in self.successes if t > moment)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, str]]:
+    """`flowline up` serving one small model (1 replica)."""
+    with flowline_up(tmp_path_factory.mktemp("up")) as up:
+        name = f"sturdy-{uuid.uuid4().hex[:6]}"
+        promote(up, name, register_model(up.url("tracking"), name))
+        yield up, name
+
+
+def _crash(up: Up, role: str) -> int:
+    """kill -9 the role's whole process group; return the pid it had."""
+    pid = up.pid(role)
+    os.killpg(pid, signal.SIGKILL)
+    return pid
+
+
+def _wait_restarted(up: Up, role: str, old_pid: int, health: str) -> None:
+    wait_for(
+        lambda: up.pid(role) != old_pid and f"{role} is back" in _text(up.log),
+        f"the {role} to be restarted",
+        DEADLINE,
+    )
+    assert requests.get(up.url(role) + health, timeout=5).status_code == 200
+    assert f"{role} exited unexpectedly (killed by signal 9)" in _text(up.log)
+
+
+@pytest.mark.parametrize(
+    "role, health", [("monitor", "/health"), ("controller", "/health"), ("tracking", "/health")]
+)
+def test_a_killed_role_is_restarted_with_no_failed_scoring_request(
+    served: tuple[Up, str], role: str, health: str
+) -> None:
+    up, name = served
+    with Load(f"{up.url('gateway')}/models/{name}/invocations") as load:
+        old = _crash(up, role)
+        _wait_restarted(up, role, old, health)
+        restarted = time.monotonic()
+        wait_for(lambda: load.successes_after(restarted) >= 20, "traffic after the restart", 60)
+    assert load.failures == [], load.failures[:5]
+    assert up.service.alive(), "flowline up itself must keep running"
+    assert served_version(up.url("gateway"), name) is not None
+
+
+def test_a_killed_controller_adopts_its_replicas(served: tuple[Up, str]) -> None:
+    up, name = served
+    status = f"{up.url('controller')}/status"
+
+    def replica_urls() -> list[str]:
+        deployments = requests.get(status, timeout=5).json()["deployments"]
+        return [r["url"] for d in deployments if d["model"] == name for r in d["replicas"]]
+
+    before = wait_for(replica_urls, "the controller's view", DEADLINE)
+    old = _crash(up, "controller")
+    wait_for(lambda: up.pid("controller") != old, "a new controller", DEADLINE)
+    wait_for(lambda: _answers(status) and replica_urls(), "the adoption", DEADLINE)
+    assert replica_urls() == before
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_a_killed_gateway_scores_again_within_5_seconds(served: tuple[Up, str]) -> None:
+    up, name = served
+    with Load(f"{up.url('gateway')}/models/{name}/invocations") as load:
+        old = _crash(up, "gateway")
+        killed = time.monotonic()
+        wait_for(lambda: load.successes_after(killed) >= 5, "scoring after the kill", DEADLINE)
+        back = min(t for t in load.successes if t > killed)
+    outage = back - killed
+    print(f"gateway kill -9: scoring back after {outage:.2f}s, {len(load.failures)} failed")
+    assert outage <= 5.0, f"scoring came back {outage:.1f}s after the kill"
+    assert up.pid("gateway") != old
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    backoff = Backoff(first=0.5, factor=2.0, cap=30.0)
+    assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff.delay(50) == 30.0

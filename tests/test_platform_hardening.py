@@ -17,7 +17,7 @@ import requests
 from mlflow import MlflowClient
 
 from flowline.supervisor import Backoff
-from tests.conftest import Service, spawn_service, subprocess_env, wait_for
+from tests.conftest import BIN, Service, spawn_service, subprocess_env, wait_for
 from tests.helpers_serving import FEW_COLUMNS, breast_cancer_frame
 from tests.test_deployment_e2e import _ports, flowline_up_argv
 
@@ -179,10 +179,21 @@ class Load:
             return sum(1 for t in self.successes if t > moment)
 
 
+# Secrets in the platform's own environment; none may reach a replica (model code).
+PLANTED_SECRETS = {
+    "FLOWLINE_PROBE_SECRET": "planted-flowline-secret",
+    "MLFLOW_TRACKING_USERNAME": "flowline-service",
+    "MLFLOW_TRACKING_PASSWORD": "planted-tracking-password",
+    "MLFLOW_TRACKING_TOKEN": "planted-tracking-token",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "planted-flask-key",
+    "OPENAI_API_KEY": "planted-api-key",
+}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, str]]:
     """`flowline up` serving one small model (1 replica)."""
-    with flowline_up(tmp_path_factory.mktemp("up")) as up:
+    with flowline_up(tmp_path_factory.mktemp("up"), **PLANTED_SECRETS) as up:
         name = f"sturdy-{uuid.uuid4().hex[:6]}"
         promote(up, name, register_model(up.url("tracking"), name))
         yield up, name
@@ -261,3 +272,35 @@ def test_backoff_doubles_and_is_capped() -> None:
     backoff = Backoff(first=0.5, factor=2.0, cap=30.0)
     assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert backoff.delay(50) == 30.0
+
+
+def _group(pgid: int) -> list[int]:
+    """Every live process in process group ``pgid`` (the replica and its uvicorn workers)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(") ", 1)[1].split()[2]) == pgid:
+                members.append(int(stat.parent.name))
+    return members
+
+
+def test_replicas_inherit_no_platform_secret(served: tuple[Up, str]) -> None:
+    import json
+
+    up, _ = served
+    replica_pids = [json.loads(p.read_text())["pid"] for p in (up.home / "replicas").glob("*.json")]
+    assert replica_pids, "no replica is running"
+    admin_token = (up.home / "admin-token").read_text().strip()
+    secrets = [admin_token, *PLANTED_SECRETS.values()]
+    checked = 0
+    for pid in replica_pids:
+        for member in _group(pid):
+            raw = Path(f"/proc/{member}/environ").read_bytes()
+            env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+            assert not [k for k in env if k.startswith("FLOWLINE_")], sorted(env)
+            assert not [k for k in env if k in PLANTED_SECRETS], sorted(env)
+            assert not [s for s in secrets if s in raw.decode()]
+            assert env["PATH"].split(os.pathsep)[0] == str(BIN)
+            checked += 1
+    # The leader and its uvicorn worker, which loads the model code.
+    assert checked >= 2 * len(replica_pids)

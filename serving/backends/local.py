@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import requests
@@ -17,6 +18,34 @@ from serving.processes import ManagedProcess, port_bindable
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 PORT_ATTEMPTS = 3
+# What a replica inherits: enough to run `mlflow models serve` and nothing else. Model
+# code runs in the replica, so no platform secret (admin token, tracking credentials,
+# webhook secrets, API keys) may be in its environment: an allowlist, not a denylist.
+REPLICA_ENV_NAMES = ("HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME")
+# Building an environment (virtualenv, uv, conda) also needs the package index settings.
+ENV_BUILDER_NAMES = (
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT", "UV_INDEX_URL", "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy", "MLFLOW_ENV_ROOT", "MLFLOW_CONDA_HOME", "CONDA_EXE",
+    "PYENV_ROOT",
+)  # fmt: skip
+
+
+def replica_environment(
+    tracking_uri: str, env_manager: str = "local", source: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a replica: PATH with this venv's bin first, locale, HOME, and
+    the tracking URI it loads ``models:/`` from; never a flowline or MLflow secret."""
+    source = os.environ if source is None else source
+    names = REPLICA_ENV_NAMES + (ENV_BUILDER_NAMES if env_manager != "local" else ())
+    env = {k: source[k] for k in names if k in source}
+    env.update({k: v for k, v in source.items() if k.startswith("LC_")})
+    # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: use this venv's.
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = bin_dir + os.pathsep + source.get("PATH", os.defpath)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 class _PortTaken(Exception):
@@ -83,12 +112,7 @@ class LocalProcessBackend:
             "--env-manager", self.env_manager, "-h", self.host, "-p", str(port),
             "-w", str(self.workers),
         ]  # fmt: skip
-        # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: use this venv's.
-        env = dict(
-            os.environ,
-            MLFLOW_TRACKING_URI=self.tracking_uri,
-            PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        )
+        env = replica_environment(self.tracking_uri, self.env_manager)
         log = self.state_dir / "logs" / f"replica-{model}-{version}-{port}.log"
         process = ManagedProcess(argv, env=env, log_path=log).start()
         self._pidfile(port).write_text(

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+import mlflow
 import pandas as pd
 import requests
 from mlflow import MlflowClient
@@ -23,6 +24,7 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
+from serving.backends.local import replica_environment
 from serving.controller.desired import PRODUCTION_ALIAS
 from serving.controller.reconciler import REASON_TAG, STATUS_TAG
 
@@ -40,7 +42,8 @@ def run_local(
     """Serve ``model_uri`` in the foreground with the stock scorer, as one flowline replica runs."""
     port = str((config or {}).get("port", 5001))
     bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    # The environment a flowline replica gets: no platform secret reaches model code.
+    env = replica_environment(mlflow.get_tracking_uri())
     subprocess.run(
         [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "-p", port,
          "--env-manager", "local"],

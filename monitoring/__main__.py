@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(settings, db_url=args.db)
     if args.tracking_uri:
         settings = replace(settings, tracking_uri=args.tracking_uri)
-    settings.home.mkdir(parents=True, exist_ok=True)
+    # Captured request bodies and the ingest token live here: owner-only files and folders.
+    os.umask(0o077)
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        settings.home.chmod(0o700)  # FLOWLINE_HOME is flowline's own folder
     # Baseline downloads would draw progress bars into the service log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow's default (7 retries, doubling backoff) would hold the detector for minutes

@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 
 from monitoring.capture_spool import SPOOL_FILE, Spool, SpooledRecord
+from monitoring.ingest_token import TOKEN_ENV, client_token
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,47 @@ class MalformedRecord(ValueError):
     """A capture record (or its body) that cannot be turned into input rows."""
 
 
+# Bounds of a record's fields: the store's column sizes, and far above any real request.
+MAX_ID_CHARS = 64
+MAX_MODEL_CHARS = 255
+MAX_VERSION_CHARS = 64
+MAX_REQUEST_ID_CHARS = 128
+MAX_NAME_CHARS = 255
+MAX_ROWS_PER_RECORD = 10_000_000
+MAX_TIME = 1e10  # Unix seconds (year 2286)
+
+
+def check_name(value: Any, what: str, limit: int) -> str:
+    """``value`` if it is a non-empty printable string of at most ``limit`` characters.
+
+    Printable excludes NUL and other control characters and lone surrogates:
+    PostgreSQL cannot store NUL in text, neither database can store a lone
+    surrogate, and they would reach /metrics labels and report pages.
+    """
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise MalformedRecord(f"{what} must be a non-empty string of at most {limit} characters")
+    if not value.isprintable():
+        raise MalformedRecord(f"{what} must be printable (no control character, no lone surrogate)")
+    return value
+
+
+def check_stream(data: dict[str, Any], what: str) -> tuple[str, str]:
+    """The checked ``model`` and ``version`` of a record or drop report (an int version
+    becomes its string, as registry versions are numbers)."""
+    version = data.get("version")
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    model = check_name(data.get("model"), f"{what} model", MAX_MODEL_CHARS)
+    return model, check_name(version, f"{what} version", MAX_VERSION_CHARS)
+
+
+def _check_encodable(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedRecord(f"{what} is not valid Unicode (a lone surrogate)") from None
+
+
 # --- the record contract ----------------------------------------------------------------
 
 
@@ -78,8 +120,9 @@ class CaptureRecord:
     body, with ``content_type``; base64 when ``body_encoding`` is "base64") is
     set. ``rows()`` gives the rows either way. ``predictions`` is the decoded
     ``predictions`` value of the answer, normally one entry per row.
-    ``rows_hint`` (JSON ``rows``) is the sender's count of predictions: with it the
-    monitor need not parse the body at ingest; windows still parse (and check) it.
+    ``rows_hint`` (JSON ``rows``) is what a sender says the record holds: ingest
+    refuses the record when it is not the count of the body's rows, so a claim can
+    never inflate what is measured. The capture client leaves it out.
     """
 
     id: str
@@ -114,23 +157,44 @@ class CaptureRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> CaptureRecord:
-        """Validate the envelope of a record; the inputs are checked later by ``rows()``."""
+        """Validate the envelope of a record; the inputs are checked later by ``rows()``.
+
+        Every text field the store keeps as text is bounded and printable (no NUL,
+        no lone surrogate, which the databases cannot store), and ``rows``, when
+        given, is a plain positive integer: MalformedRecord otherwise.
+        """
         if not isinstance(data, dict):
             raise MalformedRecord("a record must be a JSON object")
-        rid, model, version = data.get("id"), data.get("model"), data.get("version")
-        if not isinstance(rid, str) or not rid or len(rid) > 64:
-            raise MalformedRecord("record id must be a non-empty string of at most 64 chars")
-        if not isinstance(model, str) or not model:
-            raise MalformedRecord("record model must be a non-empty string")
-        if isinstance(version, int) and not isinstance(version, bool):
-            version = str(version)
-        if not isinstance(version, str) or not version:
-            raise MalformedRecord("record version must be a non-empty string")
+        rid = check_name(data.get("id"), "record id", MAX_ID_CHARS)
+        model, version = check_stream(data, "record")
         when = data.get("time")
-        if not isinstance(when, int | float) or isinstance(when, bool) or not math.isfinite(when):
-            raise MalformedRecord("record time must be a number (Unix seconds)")
+        if (
+            not isinstance(when, int | float)
+            or isinstance(when, bool)
+            or not math.isfinite(when)
+            or not 0 <= when < MAX_TIME
+        ):
+            raise MalformedRecord(f"record time must be Unix seconds in [0, {MAX_TIME:.0e})")
         request_id = data.get("request_id")
+        if isinstance(request_id, int) and not isinstance(request_id, bool):
+            request_id = str(request_id)
+        if request_id is not None:
+            request_id = check_name(request_id, "record request_id", MAX_REQUEST_ID_CHARS)
+        content_type = data.get("content_type")
+        if content_type is not None:
+            content_type = check_name(content_type, "record content_type", MAX_NAME_CHARS)
+        body = data.get("body")
+        if body is not None:
+            if not isinstance(body, str):
+                raise MalformedRecord("record body must be a string")
+            if not body.isascii():
+                _check_encodable(body, "record body")
+        encoding = data.get("body_encoding")
+        if encoding not in (None, "", "base64"):
+            raise MalformedRecord("record body_encoding must be 'base64' or absent")
         hint = data.get("rows")
+        if hint is not None and (type(hint) is not int or not 1 <= hint <= MAX_ROWS_PER_RECORD):
+            raise MalformedRecord(f"record rows must be an integer in [1, {MAX_ROWS_PER_RECORD}]")
         return cls(
             id=rid,
             model=model,
@@ -138,11 +202,11 @@ class CaptureRecord:
             time=float(when),
             inputs=data.get("inputs"),
             predictions=data.get("predictions"),
-            request_id=str(request_id) if request_id is not None else None,
-            body=data.get("body") if isinstance(data.get("body"), str) else None,
-            content_type=data.get("content_type"),
-            body_encoding=data.get("body_encoding"),
-            rows_hint=hint if type(hint) is int and hint > 0 else None,
+            request_id=request_id,
+            body=body,
+            content_type=content_type,
+            body_encoding=encoding or None,
+            rows_hint=hint,
         )
 
     def rows(self) -> list[dict[str, Any]]:
@@ -165,11 +229,12 @@ class CaptureRecord:
         return rows_from_body(raw, self.content_type)
 
     def row_count(self) -> int:
-        """How many rows ``rows()`` gives, without building them (MalformedRecord if none)."""
-        if self.rows_hint:
-            # The sender counted its predictions; parsing every body here would make
-            # the body's JSON the largest cost of ingest.
-            return self.rows_hint
+        """How many rows ``rows()`` gives, counted from the inputs or the body without
+        building them (MalformedRecord if none are readable).
+
+        The sender's ``rows`` is never trusted for the count: ingest checks it
+        against this (see :mod:`monitoring.ingest_checks`).
+        """
         if self.inputs is not None:
             count = _count_rows(self.inputs, "inputs")
         elif self.body is None:
@@ -398,6 +463,7 @@ class CaptureClient:
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
+        token: str | Callable[[], str | None] | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be >= 1")
@@ -422,6 +488,12 @@ class CaptureClient:
         self._failures = 0
         self._retry_at = 0.0
         self._http = httpx.Client(timeout=timeout_s)
+        # The ingest token, or where to read it again after a refusal (a monitor
+        # that created its token after this client started, or a new token).
+        self._token_source = token if callable(token) else (lambda: token)
+        self._token = self._token_source()
+        self._auth_refused = False
+        self._dead_now: set[str] = set()  # ids dead-lettered while posting the current batch
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -543,9 +615,12 @@ class CaptureClient:
             if not batch:
                 return
             first = False
+            self._dead_now.clear()
             if self._post(batch) == "retry":
-                self.spool.put(batch)
-                self._add_spooled(len(batch))
+                # What was set aside as refused stays in the dead letter, not queued again.
+                kept = [r for r in batch if r.id not in self._dead_now]
+                self.spool.put(kept)
+                self._add_spooled(len(kept))
 
     def _deliver_spool(self) -> bool:
         batch = self.spool.peek(self.batch_size)
@@ -608,8 +683,6 @@ class CaptureClient:
         extra = encoding
         if request_id is not None:
             extra += f',"request_id":{_quote(str(request_id))}'
-        if isinstance(predictions, list) and predictions:
-            extra += f',"rows":{len(predictions)}'
         try:
             preds = _dumps(predictions)
         except (TypeError, ValueError):
@@ -629,10 +702,12 @@ class CaptureClient:
         body = b'{"client":' + head.encode() + b',"records":[' + b",".join(
             r.payload for r in batch
         ) + b"]}"  # fmt: skip
+        headers = {"content-type": "application/json"}
+        if self._token:
+            headers["authorization"] = f"Bearer {self._token}"
+        answer: httpx.Response | None = None
         try:
-            answer = self._http.post(
-                self.ingest_url, content=body, headers={"content-type": "application/json"}
-            )
+            answer = self._http.post(self.ingest_url, content=body, headers=headers)
             status = answer.status_code
         except httpx.HTTPError as exc:
             status, reason = 0, type(exc).__name__
@@ -643,11 +718,44 @@ class CaptureClient:
                 logger.warning("capture: monitor at %s reachable again", self.ingest_url)
             self._failures = 0
             self._retry_at = 0.0
+            self._auth_refused = False
             with self._stats_lock:
                 self._stats.delivered += len(batch)
             return "ok"
         self._restore_dropped_report(dropped)
+        if status in (401, 403):
+            # A credential problem, not a bad record: keep everything spooled, read
+            # the token again and retry with backoff until the monitor takes it.
+            if not self._auth_refused:
+                logger.error(
+                    "capture: monitor at %s refused the ingest token (HTTP %d); records stay "
+                    "spooled until FLOWLINE_INGEST_TOKEN or $FLOWLINE_HOME/ingest-token match",
+                    self.ingest_url,
+                    status,
+                )
+            self._auth_refused = True
+            self._token = self._token_source()
+            with self._stats_lock:
+                self._stats.delivery_failures += 1
+            self._backoff()
+            return "retry"
         if status in (400, 413, 422):
+            refusal = _refusal(answer)
+            if refusal.get("field") == "client" and dropped:
+                # The drop report itself was refused: it is only counters, so it is
+                # discarded (logged) rather than holding back the records.
+                logger.error(
+                    "capture: monitor refused the drop report %s: %s", dropped, refusal.get("error")
+                )
+                self._take_dropped_report()
+                return self._post(batch)
+            invalid = _invalid_indexes(refusal, len(batch))
+            if invalid:
+                # The monitor named the bad records: set exactly those aside, send the rest.
+                for i in sorted(invalid):
+                    self._dead_letter(batch[i], f"{reason}: {invalid[i]}")
+                rest = [r for i, r in enumerate(batch) if i not in invalid]
+                return self._post(rest) if rest else "dropped"
             # Refused as malformed or too large: split to isolate the bad record.
             if len(batch) > 1:
                 mid = len(batch) // 2
@@ -664,9 +772,11 @@ class CaptureClient:
         return "retry"
 
     def _dead_letter(self, record: SpooledRecord, reason: str) -> None:
+        """Keep a record the monitor refused in the spool's dead-letter table, and count it."""
         logger.error("capture: monitor refused record %s (%s); kept in dead letter", record.id,
                      reason)  # fmt: skip
         self.spool.dead_letter([record], reason, time.time())
+        self._dead_now.add(record.id)
         try:
             meta = json.loads(record.payload)
             self._count_dropped(str(meta.get("model")), str(meta.get("version")), 1)
@@ -698,6 +808,31 @@ class CaptureClient:
                 self._dropped[(item["model"], item["version"])] += item["records"]
 
 
+def _refusal(answer: httpx.Response | None) -> dict[str, Any]:
+    """The JSON body of a 4xx answer from the monitor, or {}."""
+    if answer is None:
+        return {}
+    try:
+        doc = answer.json()
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _invalid_indexes(refusal: dict[str, Any], size: int) -> dict[int, str]:
+    """Batch positions the monitor refused, with reasons; {} when it did not name them all."""
+    items = refusal.get("invalid")
+    if not isinstance(items, list) or not items or refusal.get("truncated"):
+        return {}
+    out: dict[int, str] = {}
+    for item in items:
+        index = item.get("index") if isinstance(item, dict) else None
+        if type(index) is not int or not 0 <= index < size:
+            return {}  # not an answer about this batch: fall back to splitting it
+        out[index] = str(item.get("error"))[:500]
+    return out
+
+
 # --- wiring into the gateway ------------------------------------------------------------
 
 
@@ -716,6 +851,9 @@ def client_from_env(environ: Mapping[str, str] | None = None) -> CaptureClient |
         return None
     home = Path(env.get("FLOWLINE_HOME", ".flowline")).expanduser()
     spool_dir = Path(env.get("FLOWLINE_CAPTURE_SPOOL_DIR") or home / "capture-spool")
+    if not env.get("FLOWLINE_CAPTURE_SPOOL_DIR") and spool_dir.is_dir():
+        spool_dir.chmod(0o700)  # flowline's own folder, maybe left looser by an older run
+    token_env = {TOKEN_ENV: env.get(TOKEN_ENV, "")}
     client = CaptureClient(
         url,
         spool_dir.expanduser().resolve(),
@@ -724,6 +862,7 @@ def client_from_env(environ: Mapping[str, str] | None = None) -> CaptureClient |
         batch_size=int(env.get("FLOWLINE_CAPTURE_BATCH", DEFAULT_BATCH_SIZE)),
         flush_interval_s=float(env.get("FLOWLINE_CAPTURE_FLUSH_S", DEFAULT_FLUSH_INTERVAL_S)),
         timeout_s=float(env.get("FLOWLINE_CAPTURE_TIMEOUT_S", DEFAULT_TIMEOUT_S)),
+        token=lambda: client_token(home, token_env),
     )
     return client.start()
 

@@ -8,6 +8,8 @@ causes a redelivery (the monitor's ingest is idempotent), never a loss.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,9 +65,25 @@ class SpooledRecord(NamedTuple):
     payload: bytes
 
 
+def private_file(path: Path) -> None:
+    """Make ``path`` (and its -wal/-shm companions, if any) owner-only: 0600, created so.
+
+    Its folder is created 0700. SQLite creates its -wal and -shm files with the
+    database file's mode, so a 0600 database keeps them 0600 too; ones left by
+    an older run are tightened here.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        with contextlib.suppress(FileNotFoundError):
+            name.chmod(0o600)
+
+
 def sqlite_engine(path: Path, synchronous: str = "FULL") -> Engine:
-    """An SQLite engine in WAL mode, safe to share between threads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """An SQLite engine in WAL mode, safe to share between threads, on a 0600 file."""
+    private_file(path)
     engine = create_engine(
         f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
     )

@@ -26,6 +26,12 @@ from urllib.parse import quote
 from monitoring.alerts import AlertSender, alert_body
 from monitoring.baselines import BaselineCache, BaselineUnavailable, fetch_from_registry
 from monitoring.drift import DriftConfig, PreparedBaseline, evaluate_window
+from monitoring.ingest_checks import (
+    MAX_RECORDS_PER_BATCH,
+    IngestRefused,
+    prepare_batch,
+    refuse_invalid,
+)
 from monitoring.metrics import MonitorMetrics
 from monitoring.mlflow_runs import MonitoringRuns
 from monitoring.report_html import render_report
@@ -37,6 +43,7 @@ from monitoring.store import (
     PendingRecord,
     WindowSummary,
 )
+from monitoring.stream_gate import StreamGate, registry_lookup
 from monitoring.window_frame import VIOLATION_KINDS, build_window, plot_data
 
 logger = logging.getLogger(__name__)
@@ -101,6 +108,7 @@ class Monitor:
             runs = MonitoringRuns(settings.tracking_uri, settings.experiment)
         self.runs = runs
         self.metrics = MonitorMetrics()
+        self.gate = StreamGate(settings.max_streams, registry_lookup(settings.tracking_uri))
         self.alerts = AlertSender(self.store, settings, self.metrics)
         self.public_url = (settings.public_url or public_url).rstrip("/")
         self._stop = threading.Event()
@@ -114,9 +122,45 @@ class Monitor:
     # --- ingest -----------------------------------------------------------------------
 
     def ingest(self, records: list[Any], dropped: list[Any] | None = None) -> IngestResult:
-        """Store records (idempotent by record id) and update the counters."""
+        """Store records (idempotent by record id) and update the counters.
+
+        In-process and lenient: invalid records are counted as rejected, not
+        refused (``POST /ingest`` goes through the stricter :meth:`ingest_body`).
+        """
         started = time.perf_counter()
         result = self.store.ingest(records, dropped or [])
+        self._count(result, started)
+        return result
+
+    def ingest_body(self, body: bytes) -> IngestResult:
+        """POST /ingest: parse, check the whole batch, and store it, or store nothing.
+
+        Raises BadIngest for a body that is not a batch, and IngestRefused when
+        any record, the drop report or a new stream is refused
+        (:mod:`monitoring.ingest_checks`, :mod:`monitoring.stream_gate`).
+        """
+        started = time.perf_counter()
+        records, dropped = parse_ingest(body)
+        if len(records) > MAX_RECORDS_PER_BATCH:
+            raise IngestRefused(
+                413, f"{len(records)} records in one batch; at most {MAX_RECORDS_PER_BATCH}"
+            )
+        batch = prepare_batch(records, dropped)
+        known = self.store.known_streams()
+        new = batch.new_streams(known)
+        if new and not batch.invalid:
+            batch.refuse_streams(self.gate.refusals(new, len(known)))
+        refuse_invalid(batch)
+        # Drop counts only for streams the monitor tracks: a report cannot open a stream.
+        admitted = known | set(new)
+        ignored = [key for key in batch.dropped if key not in admitted]
+        ignored_count = sum(batch.dropped.pop(key) for key in ignored)
+        result = self.store.ingest_prepared(batch)
+        result.dropped_ignored = ignored_count
+        self._count(result, started)
+        return result
+
+    def _count(self, result: IngestResult, started: float) -> None:
         m = self.metrics
         m.ingest_seconds.observe(time.perf_counter() - started)
         for (model, version), rows in result.rows_by_stream.items():
@@ -124,23 +168,12 @@ class Monitor:
             m.rows_captured.labels(model, version).inc(rows)
         for (model, version), n in result.duplicates_by_stream.items():
             m.duplicates.labels(model, version).inc(n)
-        for item in dropped or []:
-            try:
-                m.rows_dropped.labels(str(item["model"]), str(item["version"])).inc(
-                    int(item["records"])
-                )
-            except (KeyError, TypeError, ValueError):
-                continue
+        for (model, version), n in result.dropped_by_stream.items():
+            m.rows_dropped.labels(model, version).inc(n)
         if result.rejected:
             m.rejected.inc(result.rejected)
         if result.new_records:
             self._wake_detector.set()
-        return result
-
-    def ingest_body(self, body: bytes) -> IngestResult:
-        """POST /ingest: parse and store (raises BadIngest for an unusable body)."""
-        records, dropped = parse_ingest(body)
-        return self.ingest(records, dropped)
 
     # --- windows ------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The monitor's HTTP API (Starlette) and how to serve it (uvicorn).
 
 POST /ingest                      captured records from the gateway's capture client
+                                  (bearer token: monitoring.ingest_token; checks:
+                                  monitoring.ingest_checks, monitoring.stream_gate)
 GET  /drift                       every monitored model and its versions' states
 GET  /drift/{model}               latest state per version and the window history
 GET  /drift/{model}/windows/{id}  one window's full report (JSON)
@@ -30,6 +32,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from monitoring.capture import MAX_MODEL_CHARS
+from monitoring.ingest_checks import IngestRefused
+from monitoring.ingest_token import bearer_matches, monitor_token
 from monitoring.monitor import BadIngest, Monitor
 from monitoring.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
 
@@ -38,12 +43,26 @@ logger = logging.getLogger(__name__)
 MAX_INGEST_BYTES = 64 * 1024 * 1024
 
 
+MAX_ROW_ID = 2**63 - 1  # the stores' BIGINT: larger ids cannot exist (and overflow SQLite)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
-    """The monitor's Starlette app; its lifespan starts and stops the monitor's threads."""
+def _known_name(name: str) -> bool:
+    """Whether a model name from a URL could be stored at all (ingest checks it so)."""
+    return 0 < len(name) <= MAX_MODEL_CHARS and name.isprintable()
+
+
+def create_app(
+    monitor: Monitor, manage_threads: bool = True, ingest_token: str | None = None
+) -> Starlette:
+    """The monitor's Starlette app; its lifespan starts and stops the monitor's threads.
+
+    ``POST /ingest`` needs ``Authorization: Bearer <ingest_token>``; with no
+    token it accepts nothing (serve_monitor always passes one).
+    """
 
     # Ingest batches run one at a time: the store writes under one lock anyway, and
     # concurrent batches only add GIL contention (measured: 4 senders ingested 30%
@@ -51,6 +70,11 @@ def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
     ingest_limiter = anyio.CapacityLimiter(1)
 
     async def ingest(request: Request) -> Response:
+        # Checked before the body is read: an unauthenticated sender costs no parsing.
+        if not bearer_matches(request.headers.get("authorization"), ingest_token or ""):
+            answer = _error(401, "ingest needs the monitor's token: Authorization: Bearer <token>")
+            answer.headers["www-authenticate"] = 'Bearer realm="flowline-monitor"'
+            return answer
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_INGEST_BYTES:
             return _error(413, f"ingest body larger than {MAX_INGEST_BYTES} bytes")
@@ -62,6 +86,8 @@ def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
                 result = await anyio.to_thread.run_sync(monitor.ingest_body, body)
             except BadIngest as exc:
                 return _error(400, str(exc))
+            except IngestRefused as exc:
+                return JSONResponse(exc.to_dict(), status_code=exc.status)
         return JSONResponse(result.to_dict())
 
     async def drift_models(request: Request) -> Response:
@@ -74,6 +100,8 @@ def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
         except ValueError:
             return _error(400, "limit must be an integer")
         version = request.query_params.get("version")
+        if not _known_name(model) or (version is not None and not _known_name(version)):
+            return _error(404, f"no captured traffic for model {model!r}")
         view = await run_in_threadpool(monitor.drift_view, model, limit, version)
         if view is None:
             return _error(404, f"no captured traffic for model {model!r}")
@@ -81,18 +109,19 @@ def create_app(monitor: Monitor, manage_threads: bool = True) -> Starlette:
 
     async def window_json(request: Request) -> Response:
         model, window_id = request.path_params["model"], request.path_params["window_id"]
-        doc = await run_in_threadpool(monitor.window_json, model, window_id)
+        ok = _known_name(model) and 0 < window_id <= MAX_ROW_ID
+        doc = await run_in_threadpool(monitor.window_json, model, window_id) if ok else None
         if doc is None:
             return _error(404, f"no window {window_id} for model {model!r}")
         return JSONResponse(doc)
 
     async def report(request: Request) -> Response:
         model, window_id = request.path_params["model"], request.path_params["window_id"]
-        page = await run_in_threadpool(monitor.report_html, model, window_id)
+        ok = _known_name(model) and 0 < window_id <= MAX_ROW_ID
+        page = await run_in_threadpool(monitor.report_html, model, window_id) if ok else None
         if page is None:
-            return HTMLResponse(
-                f"<p>No window {window_id} for model {html.escape(model)}.</p>", status_code=404
-            )
+            shown = html.escape(model if _known_name(model) else repr(model))
+            return HTMLResponse(f"<p>No window {window_id} for model {shown}.</p>", status_code=404)
         return HTMLResponse(page)
 
     async def index(request: Request) -> Response:
@@ -171,7 +200,7 @@ def serve_monitor(
     bound = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     monitor = Monitor(settings, public_url=f"http://{shown_host}:{bound}")
-    app = create_app(monitor)
+    app = create_app(monitor, ingest_token=monitor_token(settings.home))
     logger.warning("flowline monitor on http://%s:%d (store %s)", shown_host, bound,
                    monitor.store.engine.url.render_as_string(hide_password=True))  # fmt: skip
     if port_file is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitoring.store import default_url
+from monitoring.stream_gate import DEFAULT_MAX_STREAMS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
@@ -33,6 +34,8 @@ class MonitorSettings:
     alert_webhooks / alert_format: where drift state changes are POSTed, as
         flowline JSON or a Slack-compatible {"text": ...} body.
     public_url: base URL used in report links (defaults to http://host:port).
+    max_streams: FLOWLINE_MONITOR_MAX_STREAMS, the most (model, version) streams
+        the monitor takes on (see monitoring.stream_gate).
     experiment: MLflow experiment holding the monitoring runs.
     """
 
@@ -51,6 +54,7 @@ class MonitorSettings:
     experiment: str = DEFAULT_EXPERIMENT
     poll_interval_s: float = 0.5
     mlflow_enabled: bool = True
+    max_streams: int = DEFAULT_MAX_STREAMS
 
     def __post_init__(self) -> None:
         if self.window_rows < 1:
@@ -59,6 +63,8 @@ class MonitorSettings:
             raise ValueError("FLOWLINE_WINDOW_SECONDS must be > 0")
         if self.alert_format not in ALERT_FORMATS:
             raise ValueError(f"FLOWLINE_ALERT_FORMAT must be one of {ALERT_FORMATS}")
+        if self.max_streams < 1:
+            raise ValueError("FLOWLINE_MONITOR_MAX_STREAMS must be >= 1")
 
     @property
     def store_url(self) -> str:
@@ -89,4 +95,5 @@ class MonitorSettings:
             experiment=env.get("FLOWLINE_MONITOR_EXPERIMENT", DEFAULT_EXPERIMENT),
             poll_interval_s=float(env.get("FLOWLINE_MONITOR_POLL_S", 0.5)),
             mlflow_enabled=env.get("FLOWLINE_MONITOR_MLFLOW", "1") not in ("0", "false", "no"),
+            max_streams=int(env.get("FLOWLINE_MONITOR_MAX_STREAMS", DEFAULT_MAX_STREAMS)),
         )

@@ -22,6 +22,7 @@ database with other tools.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -55,7 +56,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from monitoring.capture import CaptureRecord, MalformedRecord
+from monitoring.capture import CaptureRecord
+from monitoring.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
 
 PREFIX = "flowline_mon_"
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
@@ -245,7 +247,9 @@ class IngestResult:
     rows: int = 0
     malformed_records: int = 0  # unreadable bodies (stored, counted as violations later)
     rejected: int = 0  # envelopes without a usable id/model/version (nothing to store)
+    dropped_ignored: int = 0  # drop counts for streams the monitor does not track
     rows_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
+    dropped_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
     malformed_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
     duplicates_by_stream: Counter[tuple[str, str]] = field(default_factory=Counter)
 
@@ -258,6 +262,7 @@ class IngestResult:
             "rows": self.rows,
             "malformed_records": self.malformed_records,
             "rejected": self.rejected,
+            "dropped_ignored": self.dropped_ignored,
         }
 
 
@@ -368,12 +373,20 @@ class MonitorStore:
         # One writer at a time in this process: SQLite needs it, and it makes the
         # duplicate check of ingest race-free (the unique key is the final guard).
         self._write_lock = threading.Lock()
-        self._known: set[tuple[str, str]] = set()
+        with self.engine.connect() as conn:
+            # Every stream, so that admitting new ones (and the cap) needs no query.
+            self._known: set[tuple[str, str]] = {
+                (m, v) for m, v in conn.execute(select(streams.c.model, streams.c.version))
+            }
         self._insert_sql: tuple[str, list[str] | None] | None = None
 
     def close(self) -> None:
         """Release connections."""
         self.engine.dispose()
+
+    def known_streams(self) -> set[tuple[str, str]]:
+        """The (model, version) pairs stored so far (a copy)."""
+        return set(self._known)
 
     # --- ingest ---------------------------------------------------------------------------
 
@@ -386,35 +399,31 @@ class MonitorStore:
         """Store captured records (raw JSON objects), skipping ones already stored.
 
         A record whose inputs cannot be read is stored as one row with ``error``
-        set (counted as a schema violation later); only an envelope without a
-        usable id, model or version is rejected, since it cannot be attributed.
+        set (counted as a schema violation later); an invalid record (see
+        :mod:`monitoring.ingest_checks`) is only counted as rejected, and invalid
+        drop report entries are skipped. ``POST /ingest`` is stricter: it refuses
+        such a batch whole (:meth:`Monitor.ingest_body`).
         """
+        batch = prepare_batch(records, dropped)
+        result = self.ingest_prepared(batch, now)
+        result.rejected = len(batch.invalid)
+        return result
+
+    def ingest_prepared(self, batch: PreparedBatch, now: float | None = None) -> IngestResult:
+        """Store the valid records and drop counts of a checked batch."""
         now = time.time() if now is None else now
-        result = IngestResult(records=len(records))
-        parsed: dict[str, CaptureRecord] = {}
-        for raw in records:
-            try:
-                record = CaptureRecord.from_dict(raw)
-            except MalformedRecord:
-                result.rejected += 1
-                continue
-            if record.id in parsed:
-                result.duplicates += 1
-                result.duplicates_by_stream[(record.model, record.version)] += 1
-                continue
-            parsed[record.id] = record
-        dropped_by_stream: Counter[tuple[str, str]] = Counter()
-        for item in dropped:
-            try:
-                dropped_by_stream[(str(item["model"]), str(item["version"]))] += int(
-                    item["records"]
-                )
-            except (KeyError, TypeError, ValueError):
-                continue
+        result = IngestResult(records=batch.size)
+        for key, n in batch.duplicates.items():
+            result.duplicates += n
+            result.duplicates_by_stream[key] += n
+        parsed = {prepared.record.id: prepared for prepared in batch.records}
+        dropped_by_stream = batch.dropped
+        result.dropped_by_stream = dropped_by_stream
         with self._write_lock, self.engine.begin() as conn:
-            rows = [_record_row(record, now) for record in parsed.values()]
+            rows = [_record_row(prepared, now) for prepared in parsed.values()]
             inserted = self._insert_new_records(conn, rows) if rows else set()
-            for record, row in zip(parsed.values(), rows, strict=True):
+            for prepared, row in zip(parsed.values(), rows, strict=True):
+                record = prepared.record
                 key = (record.model, record.version)
                 if inserted is not None and record.id not in inserted:
                     result.duplicates += 1
@@ -431,7 +440,7 @@ class MonitorStore:
                 | set(result.duplicates_by_stream)
                 | set(dropped_by_stream)
             )
-            self._register_streams(conn, touched, now)
+            registered = self._register_streams(conn, touched, now)
             for model, version in touched:
                 conn.execute(
                     update(streams)
@@ -443,6 +452,7 @@ class MonitorStore:
                         dropped_total=streams.c.dropped_total + dropped_by_stream[(model, version)],
                     )
                 )
+        self._known.update(registered)  # only once committed
         return result
 
     def _insert_new_records(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str] | None:
@@ -474,24 +484,25 @@ class MonitorStore:
 
     def _register_streams(
         self, conn: Connection, keys: Iterable[tuple[str, str]], now: float
-    ) -> None:
+    ) -> list[tuple[str, str]]:
+        """Insert the streams not stored yet; the keys not known before."""
         new = [k for k in keys if k not in self._known]
         if not new:
-            return
-        have = {
-            (m, v)
-            for m, v in conn.execute(
-                select(streams.c.model, streams.c.version).where(
-                    or_(*(and_(streams.c.model == m, streams.c.version == v) for m, v in new))
-                )
+            return []
+        have: set[tuple[str, str]] = set()
+        # In chunks: one OR of ~1000 pairs is too deep an expression for SQLite.
+        for start in range(0, len(new), 100):
+            chunk = new[start : start + 100]
+            query = select(streams.c.model, streams.c.version).where(
+                or_(*(and_(streams.c.model == m, streams.c.version == v) for m, v in chunk))
             )
-        }
+            have.update((m, v) for m, v in conn.execute(query))
         missing = [
             {"model": m, "version": v, "first_seen": now} for m, v in new if (m, v) not in have
         ]
         if missing:
             conn.execute(insert(streams), missing)
-        self._known.update(new)
+        return new
 
     # --- streams and pending rows --------------------------------------------------------
 
@@ -811,13 +822,13 @@ _RECORD_COLUMNS = (
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
-def _record_row(record: CaptureRecord, now: float) -> dict[str, Any]:
-    """The stored form of a record; its rows are counted (and checked) but not built."""
-    error = None
-    try:
-        rows = record.row_count()
-    except MalformedRecord as exc:
-        rows, error = 1, str(exc)  # one unreadable row: a schema violation in its window
+def _record_row(prepared: PreparedRecord, now: float) -> dict[str, Any]:
+    """The stored form of a checked record (its rows counted, not built)."""
+    record = prepared.record
+    body, body_encoding = record.body, record.body_encoding
+    if body is not None and body_encoding is None and "\x00" in body:
+        # PostgreSQL text cannot hold NUL: such a body is kept, losslessly, as base64.
+        body, body_encoding = base64.b64encode(body.encode()).decode("ascii"), "base64"
     encode = _ENCODER.encode
     return {
         "model": record.model,
@@ -826,11 +837,11 @@ def _record_row(record: CaptureRecord, now: float) -> dict[str, Any]:
         "request_id": record.request_id,
         "captured_at": record.time,
         "ingested_at": now,
-        "rows": rows,
+        "rows": prepared.rows,
         "content_type": record.content_type,
-        "body": record.body,
-        "body_encoding": record.body_encoding,
+        "body": body,
+        "body_encoding": body_encoding,
         "inputs": encode(record.inputs) if record.inputs is not None else None,
         "predictions": encode(record.predictions) if record.predictions is not None else None,
-        "error": error,
+        "error": prepared.error,
     }

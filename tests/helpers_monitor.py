@@ -28,6 +28,10 @@ from tests.conftest import subprocess_env as child_env
 
 REPO = Path(__file__).resolve().parents[1]
 CHURN = REPO / "projects" / "data" / "churn.csv"
+# The ingest token the test monitors and capture gateways share (FLOWLINE_INGEST_TOKEN),
+# unless a test passes its own: their homes differ, so the home's token file would not.
+INGEST_TOKEN = "test-ingest-token"
+AUTH = {"authorization": f"Bearer {INGEST_TOKEN}"}
 FEATURES = [
     "tenure_months", "monthly_charges", "total_charges", "support_calls", "senior",
     "contract", "internet_service", "payment_method",
@@ -41,6 +45,7 @@ def start_monitor(
     port_file = workdir / f"{name}.port"
     argv = [sys.executable, "-m", "monitoring", "--host", "127.0.0.1", "--port", str(port),
             "--port-file", str(port_file), "--log-level", "info"]  # fmt: skip
+    env = {"FLOWLINE_INGEST_TOKEN": INGEST_TOKEN, **env}
     return start_service(
         argv, workdir / f"{name}.log", child_env(**env), port_file, "/health", timeout
     )
@@ -55,6 +60,7 @@ def start_capture_gateway(
     port_file = workdir / "gateway.port"
     argv = [sys.executable, "-m", "tests.helpers_monitor", "gateway", "--deployments", str(path),
             "--port-file", str(port_file)]  # fmt: skip
+    env = {"FLOWLINE_INGEST_TOKEN": INGEST_TOKEN, **env}
     return start_service(
         argv, workdir / "gateway.log", child_env(**env), port_file, "/ping", timeout
     )

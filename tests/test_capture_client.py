@@ -353,7 +353,24 @@ def test_record_envelope_is_validated() -> None:
     record = CaptureRecord.from_dict(good)
     assert record.version == "2" and record.rows() == [{"a": 1}]
     assert CaptureRecord.from_dict(record.to_dict()) == record
-    for broken in ({**good, "id": ""}, {**good, "model": None}, {**good, "time": "x"}, [1]):
+    broken_records = (
+        {**good, "id": ""},
+        {**good, "model": None},
+        {**good, "time": "x"},
+        [1],
+        {**good, "model": "a\x00b"},
+        {**good, "model": "\ud800"},
+        {**good, "model": "m" * 256},
+        {**good, "version": "1\n"},
+        {**good, "time": -1.0},
+        {**good, "time": 1e30},
+        {**good, "request_id": "r" * 129},
+        {**good, "content_type": "a\x00"},
+        {**good, "body": 3},
+        {**good, "body": "x\udc00"},
+        {**good, "body_encoding": "gzip"},
+    )
+    for broken in broken_records:
         with pytest.raises(MalformedRecord):
             CaptureRecord.from_dict(broken)
     assert record.prediction_list(1) is None
@@ -380,17 +397,17 @@ def test_binary_bodies_travel_as_base64(monitor: FakeMonitor, tmp_path: Path) ->
     assert record.rows() == [{"a": 1.0}, {"a": 2.0}]
 
 
-def test_the_senders_row_count_spares_ingest_the_body_parse_but_not_the_window() -> None:
-    from monitoring.capture import CaptureRecord, MalformedRecord
+def test_a_senders_row_count_is_checked_never_trusted() -> None:
+    from monitoring.ingest_checks import prepare_record
 
     envelope = {"id": "r1", "model": "m", "version": "1", "time": 1.0}
-    hinted = CaptureRecord.from_dict({**envelope, "body": "not json", "rows": 2})
-    assert hinted.row_count() == 2
-    with pytest.raises(MalformedRecord):
-        hinted.rows()  # the window still finds the body unreadable and counts it
-    assert CaptureRecord.from_dict(hinted.to_dict()).rows_hint == 2
-    for bad in (0, -1, True, "2"):
-        record = CaptureRecord.from_dict({**envelope, "body": "not json", "rows": bad})
-        assert record.rows_hint is None
-        with pytest.raises(MalformedRecord):
-            record.row_count()
+    body = json.dumps({"inputs": [[1], [2]]})
+    assert prepare_record({**envelope, "body": body, "rows": 2}).rows == 2
+    with pytest.raises(MalformedRecord, match="rows=3 but its request has 2"):
+        prepare_record({**envelope, "body": body, "rows": 3})
+    # An unreadable body cannot confirm a claim: it is one unreadable row, whatever it says.
+    unreadable = prepare_record({**envelope, "body": "not json", "rows": 10**6})
+    assert (unreadable.rows, unreadable.error) == (1, "body is not valid JSON")
+    for bad in (0, -1, True, "2", 2**70, 2.0):
+        with pytest.raises(MalformedRecord, match="rows must be an integer"):
+            CaptureRecord.from_dict({**envelope, "body": body, "rows": bad})

@@ -29,6 +29,8 @@ from serving.gateway.model_metadata import deployment_from_model_dir
 from serving.processes import free_port
 from tests.conftest import Service, wait_for
 from tests.helpers_monitor import (
+    AUTH,
+    INGEST_TOKEN,
     LoopbackServer,
     churn_features,
     send_rows,
@@ -315,7 +317,9 @@ def test_monitor_process_on_postgresql_survives_a_crash_without_duplicates(
         CapturedRequest(split_body(data.iloc[i : i + 20]), "application/json")
         for i in range(0, len(data), 20)
     ]
-    client = CaptureClient(monitor.url, stack.workdir / "pg-spool", flush_interval_s=0.05)
+    client = CaptureClient(
+        monitor.url, stack.workdir / "pg-spool", flush_interval_s=0.05, token=INGEST_TOKEN
+    )
     client.start()
     try:
         for request in requests[:10]:
@@ -337,11 +341,13 @@ def test_monitor_process_on_postgresql_survives_a_crash_without_duplicates(
             "body": split_body(data.iloc[:20]).decode(), "predictions": ["yes"] * 20,
         }  # fmt: skip
         for _ in range(2):
-            answer = httpx.post(f"{monitor.url}/ingest", json={"records": [record]}, timeout=10)
+            answer = httpx.post(
+                f"{monitor.url}/ingest", json={"records": [record]}, headers=AUTH, timeout=10
+            )
             assert answer.status_code == 200
         assert answer.json() == {
             "records": 1, "new_records": 0, "duplicates": 1, "rows": 0,
-            "malformed_records": 0, "rejected": 0,
+            "malformed_records": 0, "rejected": 0, "dropped_ignored": 0,
         }  # fmt: skip
         version = httpx.get(f"{monitor.url}/drift/{name}", timeout=10).json()["versions"][0]
         assert version["rows_captured"] == 2 * WINDOW + 20

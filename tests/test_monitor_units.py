@@ -309,9 +309,12 @@ def test_http_api(tmp_path: Path, churn: tuple[pd.DataFrame, dict]) -> None:
     body = {"client": {"id": "c", "dropped": []}, "records": records(shifted(moved), labels)}
 
     async def scenario() -> None:
-        app = create_app(monitor, manage_threads=False)
+        app = create_app(monitor, manage_threads=False, ingest_token="t0ken")
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mon") as api:
+        auth = {"authorization": "Bearer t0ken"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://mon", headers=auth
+        ) as api:
             assert (await api.get("/health")).json() == {"status": "ok"}
             answer = await api.post("/ingest", json=body)
             assert answer.status_code == 200 and answer.json()["rows"] == WINDOW

@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 from monitoring.capture import record_id  # noqa: E402
 from monitoring.store import MonitorStore  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
-from tests.helpers_monitor import churn_features, start_monitor  # noqa: E402
+from tests.helpers_monitor import AUTH, churn_features, start_monitor  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BATCH = 500
@@ -71,7 +71,6 @@ def make_batches(rows: int, rows_per_record: int, model: str) -> list[bytes]:
                     "content_type": "application/json",
                     "body": json.dumps(body),
                     "predictions": ["no"] * rows_per_record,
-                    "rows": rows_per_record,  # as the capture client sends it
                 }
             )  # fmt: skip
         )
@@ -96,7 +95,7 @@ def post_all(url: str, bodies: list[bytes], senders: int) -> float:
                         return
                     _, body = todo.pop()
                 answer = client.post(
-                    url, content=body, headers={"content-type": "application/json"}
+                    url, content=body, headers={"content-type": "application/json", **AUTH}
                 )
                 if answer.status_code != 200:
                     failures.append(f"HTTP {answer.status_code}: {answer.text[:200]}")

@@ -200,3 +200,78 @@ def test_gateway_on_a_taken_port_or_missing_file_fails_in_one_line(tmp_path: Pat
                 timeout=60,
             )
             _assert_one_clear_line(result, expected)
+
+
+# --- the monitor's POST /ingest and report URLs: the probe's bad input gets 4xx, never 500 ---
+
+
+def _ingest_record(i: int, **change: object) -> dict:
+    body = '{"dataframe_split": {"columns": ["x"], "data": [[1]]}}'
+    record = {"id": f"probe-{i}", "model": "probe", "version": "1", "time": 1.8e9}
+    return {**record, "content_type": "application/json", "body": body, **change}
+
+
+MONITOR_BAD_INPUT = {
+    "999 distinct model versions": {
+        "records": [_ingest_record(i, model=f"m{i}") for i in range(999)]
+    },
+    "rows=2**70": {"records": [_ingest_record(0, rows=2**70)]},
+    "rows=10**12": {"records": [_ingest_record(0, rows=10**12)]},
+    "dropped 10**30": {
+        "client": {"id": "c", "dropped": [{"model": "probe", "version": "1", "records": 10**30}]},
+        "records": [_ingest_record(0)],
+    },
+    "dropped -100": {
+        "client": {"id": "c", "dropped": [{"model": "probe", "version": "1", "records": -100}]},
+        "records": [_ingest_record(0)],
+    },
+    "lone surrogate in a model name": {"records": [_ingest_record(0, model="m\ud800")]},
+    "NUL in a model name": {"records": [_ingest_record(0, model="m\x00")]},
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_monitor(tmp_path_factory: pytest.TempPathFactory):
+    from tests.helpers_monitor import start_monitor
+
+    workdir = tmp_path_factory.mktemp("bad-input-monitor")
+    env = {"FLOWLINE_HOME": str(workdir / "home"), "MLFLOW_TRACKING_URI": ""}
+    env.update(FLOWLINE_MONITOR_MLFLOW="0", FLOWLINE_WINDOW_SECONDS="3600")
+    service = start_monitor(workdir, env)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("case", sorted(MONITOR_BAD_INPUT))
+def test_monitor_bad_ingest_gets_a_4xx_and_stores_nothing(bad_input_monitor, case: str) -> None:
+    import json
+
+    import httpx
+
+    from tests.helpers_monitor import AUTH
+
+    url = bad_input_monitor.url
+    # ensure_ascii: the surrogate and NUL travel as \u escapes, as the probe sent them.
+    body = json.dumps(MONITOR_BAD_INPUT[case]).encode()
+    headers = {**AUTH, "content-type": "application/json"}
+    answer = httpx.post(f"{url}/ingest", content=body, headers=headers, timeout=30)
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
+    assert "nothing was stored" in answer.json()["error"] or "new model versions" in answer.text
+    # Refused whole: nothing of the batch is stored, so the sender still holds all of it.
+    assert httpx.get(f"{url}/drift", timeout=10).json()["models"] == []
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    unauthenticated = httpx.post(f"{url}/ingest", content=body, timeout=30)
+    assert unauthenticated.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/reports/probe/{2**63}", f"/reports/probe/{2**64 + 1}", f"/drift/probe/windows/{2**63}"],
+)
+def test_monitor_window_ids_beyond_64_bits_are_404(bad_input_monitor, path: str) -> None:
+    import httpx
+
+    answer = httpx.get(f"{bad_input_monitor.url}{path}", timeout=10)
+    assert answer.status_code == 404

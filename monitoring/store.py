@@ -56,7 +56,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from monitoring.capture import CaptureRecord
+from monitoring.capture import CaptureRecord, loads_text
 from monitoring.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
 
 PREFIX = "flowline_mon_"
@@ -211,8 +211,8 @@ class StoredRecord:
             model=model,
             version=version,
             time=self.captured_at,
-            inputs=json.loads(self.inputs) if self.inputs is not None else None,
-            predictions=json.loads(self.predictions) if self.predictions is not None else None,
+            inputs=loads_text(self.inputs) if self.inputs is not None else None,
+            predictions=loads_text(self.predictions) if self.predictions is not None else None,
             body=self.body,
             content_type=self.content_type,
             body_encoding=self.body_encoding,

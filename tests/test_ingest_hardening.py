@@ -458,3 +458,33 @@ def test_many_new_model_versions_are_split_and_none_is_lost(tmp_path: Path) -> N
     assert len(models) == 100  # the cap
     assert stats["delivered"] == 100 and stats["records_dropped"] == 200
     assert client.spool.dead_count() == 200  # kept, not lost
+
+
+def test_a_lone_surrogate_inside_the_data_cannot_wedge_its_window(tmp_path: Path) -> None:
+    # JSON allows "\ud800" in a value, and a scorer may answer it; pandas, the stores and
+    # HTML cannot encode it. It becomes U+FFFD when the window parses the body.
+    import pandas as pd
+
+    from monitoring.baselines import BaselineCache
+    from monitoring.profile import build_profile
+    from tests.helpers_monitor import CHURN, FEATURES
+
+    train = pd.read_csv(CHURN).iloc[:600]
+    profile = build_profile(train[FEATURES], train["churned"].to_numpy())
+    config = MonitorSettings(home=tmp_path, mlflow_enabled=False, window_rows=50)
+    monitor = Monitor(config, baselines=BaselineCache(lambda m, v: profile))
+    rows = json.loads(train[FEATURES].iloc[:50].to_json(orient="records"))
+    for row in rows:
+        row["contract"] = "\ud800x"
+    body = json.dumps({"dataframe_records": rows})  # the body's text holds \ud800 escapes
+    answer = post(monitor, batch([record(0, body=body, predictions=["\udc01"] * 50)]))
+    assert answer.json()["rows"] == 50
+    [window] = monitor.close_windows()
+    assert window.rows == 50 and "contract" in window.drifted_features
+    pages = call(
+        monitor,
+        ("GET", f"/reports/churn/{window.id}", {}),
+        ("GET", f"/drift/churn/windows/{window.id}", {}),
+    )
+    assert [p.status_code for p in pages] == [200, 200]
+    assert "\ufffdx" in pages[1].text

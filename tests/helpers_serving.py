@@ -101,12 +101,15 @@ def start_scoring_server(
 
 
 def start_gateway(
-    log_dir: str | Path, env: dict[str, str] | None = None, timeout: float = 30.0
+    log_dir: str | Path, env: dict[str, str] | None = None, timeout: float = 30.0, port: int = 0
 ) -> Service:
     """Start `python -m serving.gateway` on port 0 and wait until it serves /ping.
 
     The gateway binds port 0 itself and writes the port it got to a file, so
-    there is no window in which another process can take the port.
+    there is no window in which another process can take the port. `port`
+    binds a given port instead (a restart on the port a killed gateway had).
+    Unless `env` names a FLOWLINE_HOME, each gateway gets its own, so no test
+    gateway restores the routes another one saved.
     """
     log_dir = Path(log_dir)
     fd, name = tempfile.mkstemp(prefix="gateway-port-", dir=log_dir)
@@ -114,9 +117,10 @@ def start_gateway(
     port_file = Path(name)
     cmd = [
         sys.executable, "-m", "serving.gateway",
-        "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+        "--host", "127.0.0.1", "--port", str(port), "--port-file", str(port_file),
     ]  # fmt: skip
     log_path = log_dir / f"gateway-{port_file.name}.log"
+    env = {"FLOWLINE_HOME": str(log_dir / f"home-{port_file.name}"), **(env or {})}
     return start_service(cmd, log_path, serving_env(env), port_file, "/ping", timeout)
 
 

@@ -50,8 +50,11 @@ def admin_routes(gateway: Gateway) -> list[HttpRoute]:
         if (denied := check(request)) is not None:
             return denied
         model = request.path_params["model"]
+        body = await gateway.read_body(request)
+        if isinstance(body, Response):
+            return body
         try:
-            deployment = Deployment.from_dict(json.loads(await request.body()), model=model)
+            deployment = Deployment.from_dict(json.loads(body), model=model)
         except (ValueError, TypeError) as exc:
             return errors.error_response(400, errors.INVALID_PARAMETER_VALUE, str(exc))
         if request.query_params.get("verify", "").lower() in ("1", "true", "yes"):
@@ -113,8 +116,11 @@ def admin_routes(gateway: Gateway) -> list[HttpRoute]:
     async def replica_health(request: Request) -> Response:
         if (denied := check(request)) is not None:
             return denied
+        body = await gateway.read_body(request)
+        if isinstance(body, Response):
+            return body
         try:
-            data = json.loads(await request.body())
+            data = json.loads(body)
             url, healthy = str(data["url"]).rstrip("/"), data["healthy"]
             if not isinstance(healthy, bool):
                 raise ValueError("'healthy' must be true or false")

@@ -33,6 +33,16 @@ logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Flowline-Model-Version"
 BATCH_HEADER = "X-Flowline-Batch-Size"
+# Labels of flowline_gateway_rejected_total.
+REJECT_REASONS = (
+    "unauthorized",
+    "body_too_large",
+    "body_timeout",
+    "overloaded",
+    "not_deployed",
+    "routes_unknown",
+    "no_content_type",
+)
 
 
 class Gateway:
@@ -58,10 +68,7 @@ class Gateway:
         self.capture = CaptureDispatcher(on_scored, self.metrics.capture_dropped.inc)
         self._inflight = 0
         self._api_keys = [k.encode() for k in sorted(self.config.api_keys)]
-        self._rejected = {
-            reason: self.metrics.rejected.labels(reason)
-            for reason in ("unauthorized", "body_too_large", "overloaded", "not_deployed")
-        }
+        self._rejected = {reason: self.metrics.rejected.labels(reason) for reason in REJECT_REASONS}
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -80,18 +87,58 @@ class Gateway:
             matched |= hmac.compare_digest(candidate, key)
         return matched
 
+    def reject(
+        self,
+        reason: str,
+        status: int,
+        error_code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        """Count a refusal in flowline_gateway_rejected_total and answer it in MLflow's shape."""
+        self._rejected[reason].inc()
+        return errors.error_response(status, error_code, message, headers=headers)
+
     def unauthorized(self) -> Response:
         """401 in MLflow's error shape."""
-        self._rejected["unauthorized"].inc()
-        return errors.error_response(
+        return self.reject(
+            "unauthorized",
             401,
             errors.UNAUTHENTICATED,
             "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
-    async def read_body(self, request: Request) -> bytes | None:
-        """The request body, or None when it exceeds the size limit (read no further)."""
+    async def read_body(self, request: Request) -> bytes | Response:
+        """The request body, or the error answer: 413 over the size limit (read no
+        further), 408 when it takes longer than `body_timeout_s` (the connection is
+        closed), 400 when the client went away."""
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                body = await self._read_limited(request)
+        except TimeoutError:
+            return self.reject(
+                "body_timeout",
+                408,
+                errors.DEADLINE_EXCEEDED,
+                f"The request body was not received within {self.config.body_timeout_s:g} s.",
+                # The rest of the body may still trickle in: do not wait for it.
+                headers={"Connection": "close"},
+            )
+        except ClientDisconnect:
+            # Nobody is left to answer; skip routing and the error log.
+            return Response(status_code=400)
+        if body is None:
+            return self.reject(
+                "body_too_large",
+                413,
+                errors.REQUEST_LIMIT_EXCEEDED,
+                f"Request body exceeds the limit of {self.config.max_body_bytes} bytes.",
+            )
+        return body
+
+    async def _read_limited(self, request: Request) -> bytes | None:
+        # None when the body exceeds the size limit (read no further).
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit():
@@ -110,13 +157,18 @@ class Gateway:
     # --- scoring ---------------------------------------------------------------------------
 
     async def score(self, request: Request, model: str | None) -> Response:
-        """Authenticate, limit, route and forward one scoring request."""
+        """Authenticate, read, limit, route and forward one scoring request."""
         started = time.perf_counter()
         if self._api_keys and not self.authorized(request):
             return self.unauthorized()
+        # The body is read before taking an in-flight slot, under its own deadline, so
+        # slow senders cannot hold the slots that requests with a body need.
+        body = await self.read_body(request)
+        if isinstance(body, Response):
+            return body
         if self._inflight >= self.config.max_inflight:
-            self._rejected["overloaded"].inc()
-            return errors.error_response(
+            return self.reject(
+                "overloaded",
                 503,
                 errors.TEMPORARILY_UNAVAILABLE,
                 f"The gateway is at its limit of {self.config.max_inflight} requests in flight.",
@@ -124,30 +176,39 @@ class Gateway:
             )
         self._inflight += 1
         try:
-            try:
-                body = await self.read_body(request)
-            except ClientDisconnect:
-                # Nobody is left to answer; skip routing and the error log.
-                return Response(status_code=400)
-            if body is None:
-                self._rejected["body_too_large"].inc()
-                return errors.error_response(
-                    413,
-                    errors.REQUEST_LIMIT_EXCEEDED,
-                    f"Request body exceeds the limit of {self.config.max_body_bytes} bytes.",
-                )
             route, reason = self.table.admit(model)
             if route is None:
-                self._rejected["not_deployed"].inc()
-                return errors.error_response(404, errors.RESOURCE_DOES_NOT_EXIST, reason)
+                return self._not_routed(reason)
             try:
                 content_type = request.headers.get("content-type")
+                if content_type is None:
+                    # Stock answers 500 here (it splits None); a client mistake is a 4xx.
+                    return self.reject(
+                        "no_content_type",
+                        415,
+                        errors.BAD_REQUEST,
+                        "Missing Content-Type: send application/json, text/csv or "
+                        "application/vnd.apache.parquet.",
+                    )
                 outcome = await self.dispatch(route, body, content_type)
             finally:
                 self.table.release(route)
             return self._answer(route, body, content_type, outcome, started)
         finally:
             self._inflight -= 1
+
+    def _not_routed(self, reason: str) -> Response:
+        if not self.table.loaded:
+            # Just restarted with nothing saved: the model may well be served; say when
+            # to retry instead of a 404 the client would take as final.
+            return self.reject(
+                "routes_unknown",
+                503,
+                errors.TEMPORARILY_UNAVAILABLE,
+                "The gateway has no route table yet; the controller has not pushed its routes.",
+                headers={"Retry-After": "1"},
+            )
+        return self.reject("not_deployed", 404, errors.RESOURCE_DOES_NOT_EXIST, reason)
 
     async def dispatch(self, route: Route, body: bytes, content_type: str | None) -> Outcome:
         """Send through the route's batcher when the request may be merged, else directly."""

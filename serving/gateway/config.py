@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,13 @@ DEFAULT_MAX_INFLIGHT = 256
 DEFAULT_BACKEND_TIMEOUT_S = 70.0
 DEFAULT_HEALTH_INTERVAL_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 256
+# A client has this long to send its whole body (408 after) or its request head (closed
+# with 408): slow senders must not hold memory and connections indefinitely.
+DEFAULT_BODY_TIMEOUT_S = 10.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+# The request line plus headers; larger heads get 431. Clients send well under 8 KiB.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+ROUTES_FILE = Path("gateway") / "routes.json"
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,13 @@ class GatewayConfig:
     health_interval_s: how often replicas marked down are pinged.
     max_connections: keep-alive connections per replica.
     upstream: HTTP client for scoring calls: "aiohttp" (fast, default) or "httpx".
+    body_timeout_s: how long reading one request body may take before 408.
+    header_timeout_s: how long a connection may take to send a request head before
+        it gets 408 and is closed.
+    max_header_bytes: request heads larger than this get 431 and the connection closed.
+    routes_file: where the route table is persisted and restored from at start;
+        None keeps it in memory only (the default in code; `from_env` sets
+        $FLOWLINE_HOME/gateway/routes.json).
     """
 
     api_keys: frozenset[str] = field(default_factory=frozenset)
@@ -39,9 +54,23 @@ class GatewayConfig:
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     upstream: str = "aiohttp"
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    routes_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_inflight", "max_connections", "max_header_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive number")
+        seconds = ("backend_timeout_s", "health_interval_s", "body_timeout_s", "header_timeout_s")
+        for name in seconds:
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a positive, finite number of seconds")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> GatewayConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         """Read FLOWLINE_* variables (see docs/gateway.md)."""
         env = os.environ if environ is None else environ
         return cls(
@@ -58,7 +87,16 @@ class GatewayConfig:
             ),
             max_connections=int(env.get("FLOWLINE_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS)),
             upstream=env.get("FLOWLINE_UPSTREAM", "aiohttp"),
+            body_timeout_s=float(env.get("FLOWLINE_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S)),
+            header_timeout_s=float(env.get("FLOWLINE_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S)),
+            max_header_bytes=int(env.get("FLOWLINE_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES)),
+            routes_file=flowline_home(env) / ROUTES_FILE,
         )
+
+
+def flowline_home(env: Mapping[str, str]) -> Path:
+    """$FLOWLINE_HOME, else ./.flowline (the same rule as `flowline.config.home`)."""
+    return Path(env.get("FLOWLINE_HOME", ".flowline")).expanduser().resolve()
 
 
 def load_api_keys(inline: str | None, path: str | None) -> frozenset[str]:

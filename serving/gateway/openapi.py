@@ -93,39 +93,48 @@ def request_schema(deployment: Deployment) -> dict[str, Any]:
     if named:
         assert columns is not None
         names = [c["name"] for c in columns]
+        required = [c["name"] for c in columns if c.get("required", True)]
+        # The stock scorer refuses empty inputs (400), so the spec asks for a row at least.
         record = {
             "type": "object",
             "properties": {c["name"]: _column_schema(c) for c in columns},
-            "required": [c["name"] for c in columns if c.get("required", True)],
+            "required": required,
         }
         split = {
             "type": "object",
-            "required": ["data"],
+            "required": ["columns", "data"],
             "properties": {
                 "columns": {"type": "array", "items": {"type": "string", "enum": names},
+                            "uniqueItems": True, "minItems": len(required),
                             "examples": [names]},
-                "data": {"type": "array", "items": {
+                "data": {"type": "array", "minItems": 1, "items": {
                     "type": "array",
                     "prefixItems": [_column_schema(c) for c in columns],
                     "minItems": len(columns),
                     "maxItems": len(columns),
                 }},
-                "index": {"type": "array"},
+                "index": {"type": "array", "description": "One label per row of data."},
             },
             "additionalProperties": False,
         }  # fmt: skip
         columnar = {
             "type": "object",
-            "properties": {c["name"]: {"type": "array", "items": _column_schema(c)}
+            "properties": {c["name"]: {"type": "array", "minItems": 1,
+                                       "items": _column_schema(c)}
                            for c in columns},
+            "required": required,
         }  # fmt: skip
-        records = {"type": "array", "items": record}
+        records = {"type": "array", "minItems": 1, "items": record}
         inputs: dict[str, Any] = {"oneOf": [columnar, records]}
     else:
         item = type_schema(columns[0]) if columns else {}
-        split = {"type": "object", "required": ["data"]}
-        records = {"type": "array", "items": {"type": "object"}}
-        inputs = {"type": "array", "items": item} if columns else {}
+        split = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {"type": "array", "minItems": 1}},
+        }
+        records = {"type": "array", "minItems": 1, "items": {"type": "object"}}
+        inputs = {"type": "array", "minItems": 1, "items": item} if columns else {}
 
     def body(key: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -209,7 +218,15 @@ def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any
             "401": {"description": "Missing or wrong API key.", **error},
             "404": {"description": "Model not deployed.", **error},
             "413": {"description": "Body too large.", **error},
-            "415": {"description": "Unsupported content type (text/plain body)."},
+            "415": {
+                "description": "Missing Content-Type (MLflow error body; stock answers 500), "
+                "or a content type or charset the scorer does not take (plain text, as stock).",
+                "content": {
+                    "application/json": {"schema": ERROR_SCHEMA},
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            },
+            "408": {"description": "The body was not sent in time.", **error},
             "503": {"description": "Overloaded or no replica reachable; see Retry-After.", **error},
             "504": {"description": "The replica did not answer in time.", **error},
         },

@@ -20,6 +20,7 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -212,16 +213,60 @@ class Route:
         return next(self._cursor)
 
 
-class RouteTable:
-    """The in-memory table of active deployments, replica health and in-flight counts."""
+@dataclass(frozen=True)
+class RouteSnapshot:
+    """What a restarted gateway needs to route as before: the active deployments, in the
+    order they were first deployed, and the default model of `POST /invocations`."""
 
-    def __init__(self, default_model: str | None = None) -> None:
+    deployments: tuple[Deployment, ...]
+    default_model: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the route file)."""
+        return {
+            "default_model": self.default_model,
+            "deployments": [d.to_dict() for d in self.deployments],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RouteSnapshot:
+        """Parse `to_dict`'s form; ValueError when it is not that."""
+        if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+            raise ValueError("expected an object with a 'deployments' list")
+        default = data.get("default_model")
+        if default is not None and not isinstance(default, str):
+            raise ValueError("'default_model' must be a string or null")
+        return cls(tuple(Deployment.from_dict(d) for d in data["deployments"]), default)
+
+
+class RouteTable:
+    """The in-memory table of active deployments, replica health and in-flight counts.
+
+    The default model of `POST /invocations` is sticky: the configured one, else
+    the first model deployed that is still deployed, so deploying another model
+    never changes what `/invocations` answers.
+
+    `loaded` is False while the table is known to be incomplete (a gateway that
+    restored nothing and has not heard from the controller yet); the first
+    change sets it. `on_change(table)` is called after every change of the
+    active deployments (to persist them).
+    """
+
+    def __init__(
+        self,
+        default_model: str | None = None,
+        on_change: Callable[[RouteTable], None] | None = None,
+    ) -> None:
         self.default_model = default_model
+        self.on_change = on_change
+        self.loaded = True
         self._lock = threading.Lock()
         # Copy-on-write: readers take the current dict without locking.
         self._active: dict[str, Route] = {}
         self._retired: list[Route] = []
         self._replicas: dict[str, ReplicaState] = {}
+        # Models in the order they were first deployed: the first is the sticky default.
+        self._order: list[str] = []
 
     # --- controller side -------------------------------------------------------------------
 
@@ -237,14 +282,20 @@ class RouteTable:
             if previous is not None and replace(deployment, since=0) == replace(
                 previous.deployment, since=0
             ):
+                self.loaded = True
                 return None
             for url in deployment.replicas:
                 self._replicas.setdefault(url, ReplicaState(url))
             active = dict(self._active)
             active[deployment.model] = route
             self._active = active
+            if deployment.model not in self._order:
+                # Copy-on-write as `_active`: resolve_default reads it without the lock.
+                self._order = [*self._order, deployment.model]
             if previous is not None:
                 self._retire(previous)
+            self.loaded = True
+        self._changed()
         return previous.deployment if previous is not None else None
 
     def remove(self, model: str) -> Deployment | None:
@@ -254,8 +305,35 @@ class RouteTable:
             previous = active.pop(model, None)
             self._active = active
             if previous is not None:
+                self._order = [m for m in self._order if m != model]
                 self._retire(previous)
+            self.loaded = True
+        if previous is not None:
+            self._changed()
         return previous.deployment if previous is not None else None
+
+    def snapshot(self) -> RouteSnapshot:
+        """The active deployments in deployment order; the first is the sticky default
+        (a configured `default_model` still takes precedence over it)."""
+        with self._lock:
+            active = self._active
+            deployments = tuple(active[m].deployment for m in self._order if m in active)
+        return RouteSnapshot(deployments, deployments[0].model if deployments else None)
+
+    def restore(self, snapshot: RouteSnapshot) -> None:
+        """Load a snapshot into an empty table (at start), keeping its default first."""
+        ordered = sorted(
+            snapshot.deployments, key=lambda d: d.model != snapshot.default_model
+        )  # stable: the rest keep their order
+        with self._lock:
+            if self._active:
+                raise RuntimeError("restore() needs an empty route table")
+            for deployment in ordered:
+                for url in deployment.replicas:
+                    self._replicas.setdefault(url, ReplicaState(url))
+            self._order = [d.model for d in ordered]
+            self._active = {d.model: Route(d) for d in ordered}
+            self.loaded = True
 
     def inflight(self, replica_url: str) -> int:
         """Requests that may still use `replica_url` (safe to stop the replica at 0).
@@ -322,14 +400,12 @@ class RouteTable:
             if route is None:
                 return None, f"The default model '{self.default_model}' is not deployed."
             return route, ""
-        if len(active) == 1:
-            return next(iter(active.values())), ""
-        if not active:
-            return None, "No model is deployed."
-        return None, (
-            f"{len(active)} models are deployed and no default is set "
-            "(FLOWLINE_DEFAULT_MODEL); use /models/{name}/invocations."
-        )
+        # The first deployed model still deployed (the order list holds only active ones).
+        for model in self._order:
+            route = active.get(model)
+            if route is not None:
+                return route, ""
+        return None, "No model is deployed."
 
     def admit(self, model: str | None) -> tuple[Route | None, str]:
         """Look up and admit a request in one step, so a switch cannot slip between them."""
@@ -387,6 +463,10 @@ class RouteTable:
         return sum(1 for u in route.deployment.replicas if self._state_fast(states, u).healthy)
 
     # --- internals -------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _state_fast(self, states: dict[str, ReplicaState], url: str) -> ReplicaState:
         state = states.get(url)

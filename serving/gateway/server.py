@@ -16,6 +16,7 @@ import uvicorn
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
 from serving.gateway.config import GatewayConfig
+from serving.gateway.route_store import RouteStore
 from serving.gateway.routes import Deployment, RouteTable
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,16 @@ def fast_runtime() -> dict[str, str]:
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
     }
+
+
+def bounded_http(config: GatewayConfig, http: str) -> dict[str, Any]:
+    """uvicorn settings that bound request heads in size and time (see protocol.py)."""
+    if http == "httptools":
+        from serving.gateway.protocol import bounded_protocol
+
+        return {"http": bounded_protocol(config.max_header_bytes, config.header_timeout_s)}
+    # h11 only bounds the size (it answers 400 and closes); httptools is a pinned dependency.
+    return {"http": "h11", "h11_max_incomplete_event_size": config.max_header_bytes}
 
 
 def load_deployments(path: str | Path) -> list[Deployment]:
@@ -60,6 +71,11 @@ def serve_gateway(
     # Process-wide switch: the *_created series only double the scrape size here.
     prometheus_client.disable_created_metrics()
     table = table or RouteTable(config.default_model)
+    if config.routes_file is not None:
+        restored = RouteStore(config.routes_file).attach(table)
+        # Nothing on disk and nothing given: the table is unknown until the controller
+        # pushes, so the gateway answers 503 + Retry-After rather than 404.
+        table.loaded = restored or bool(deployments)
     for deployment in deployments or []:
         table.set_active(deployment)
     app = create_app(config, table, on_scored)
@@ -87,7 +103,7 @@ def serve_gateway(
             access_log=False,
             backlog=LISTEN_BACKLOG,
             timeout_keep_alive=30,
-            **runtime,
+            **{**runtime, **bounded_http(config, runtime["http"])},
         )
     )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -16,7 +17,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from flowline.platform import Platform
 from flowline.supervisor import Backoff
+from serving.controller.webhooks import signature
 from tests.conftest import BIN, Service, spawn_service, subprocess_env, wait_for
 from tests.helpers_serving import FEW_COLUMNS, breast_cancer_frame
 from tests.test_deployment_e2e import _ports, flowline_up_argv
@@ -45,8 +48,6 @@ class Up:
 
 def _kill_leftovers(home: Path) -> None:
     # Only after a failed stop: no role or replica may outlive the test.
-    import json
-
     pids = [int(p.read_text()) for p in (home / "pids").glob("*.pid")]
     pids += [json.loads(p.read_text())["pid"] for p in (home / "replicas").glob("*.json")]
     for pid in pids:
@@ -285,8 +286,6 @@ def _group(pgid: int) -> list[int]:
 
 
 def test_replicas_inherit_no_platform_secret(served: tuple[Up, str]) -> None:
-    import json
-
     up, _ = served
     replica_pids = [json.loads(p.read_text())["pid"] for p in (up.home / "replicas").glob("*.json")]
     assert replica_pids, "no replica is running"
@@ -304,3 +303,68 @@ def test_replicas_inherit_no_platform_secret(served: tuple[Up, str]) -> None:
             checked += 1
     # The leader and its uvicorn worker, which loads the model code.
     assert checked >= 2 * len(replica_pids)
+
+
+def _signed_delivery(secret: str) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(
+        {"entity": "model_version_alias", "action": "created", "timestamp": "now",
+         "data": {"name": "nobody", "alias": "production", "version": "1"}}
+    ).encode()  # fmt: skip
+    delivery, stamp = uuid.uuid4().hex, str(int(time.time()))
+    return body, {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Signature": signature(secret, delivery, stamp, body),
+        "Content-Type": "application/json",
+    }
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    """The platform in this process, unsupervised, with a 1 s reconcile interval."""
+    running = Platform(home=tmp_path, ports=_ports(), reconcile_interval=1.0)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_replayed_webhook_is_refused_after_a_controller_restart(platform: Platform) -> None:
+    url = f"http://127.0.0.1:{platform.ports.controller}/webhooks/mlflow"
+    body, headers = _signed_delivery((platform.home / "webhook-secret").read_text().strip())
+    assert requests.post(url, data=body, headers=headers, timeout=5).status_code == 200
+    assert requests.post(url, data=body, headers=headers, timeout=5).status_code == 409
+
+    controller = next(p for role, p in platform.processes if role == "controller")
+    controller.stop()  # a clean restart; a crash keeps the committed ids just the same
+    platform.processes.remove(("controller", controller))
+    platform.start_controller()
+    replayed = requests.post(url, data=body, headers=headers, timeout=5)
+    assert replayed.status_code == 409, replayed.text
+    fresh_body, fresh = _signed_delivery((platform.home / "webhook-secret").read_text().strip())
+    assert requests.post(url, data=fresh_body, headers=fresh, timeout=5).status_code == 200
+    assert (platform.home / "webhook-deliveries.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_controller_health_is_503_while_no_reconcile_succeeds(platform: Platform) -> None:
+    health = f"http://127.0.0.1:{platform.ports.controller}/health"
+    assert requests.get(health, timeout=5).status_code == 200
+    tracking = next(p for role, p in platform.processes if role == "tracking")
+    tracking.stop()
+    # (A Response is falsy when it is a 5xx: poll for its body.)
+    answer = wait_for(
+        lambda: (r := requests.get(health, timeout=5)).status_code == 503 and r.json(),
+        "the controller to report unhealthy",
+        60,
+    )
+    # Not before three intervals (1 s each) without a successful pass.
+    assert answer["seconds_since_success"] >= 3.0  # rounded to 0.1 s
+    assert "no successful reconcile pass" in answer["reason"]
+
+    platform.respawn("tracking").wait_healthy(platform.health_url("tracking"), 120)
+    wait_for(
+        lambda: requests.get(health, timeout=5).status_code == 200,
+        "the controller to be healthy again",
+        60,
+    )

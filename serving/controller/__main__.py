@@ -47,6 +47,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    # The loop retries every interval: MLflow's own retries (minutes, by default) would
+    # hold a pass, and the controller's health, hostage to a tracking-server outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     home = Path(args.home).resolve()
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri, tracking_uri)
@@ -61,7 +65,7 @@ def main() -> None:
     url = f"http://{args.host}:{args.port}{WEBHOOK_PATH}"
     app = build_app(
         reconciler,
-        WebhookVerifier(secret),
+        WebhookVerifier(secret, seen_path=home / "webhook-deliveries.db"),
         args.interval,
         on_start=[
             lambda: reconciler.adopt(backend.adopt_running()),

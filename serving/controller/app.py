@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from serving.controller.webhooks import ALIAS_EVENTS, WebhookRejected, WebhookVe
 log = logging.getLogger("flowline.controller")
 WEBHOOK_NAME = "flowline-controller"
 WEBHOOK_PATH = "/webhooks/mlflow"
+STALE_INTERVALS = 3
 
 
 def persistent_secret(path: Path) -> str:
@@ -119,8 +121,17 @@ def build_app(
     async def status(_: Request) -> JSONResponse:
         return JSONResponse(reconciler.status())
 
+    started = time.time()
+
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "last_reconcile": reconciler.last_pass})
+        # Unhealthy once no pass has succeeded for STALE_INTERVALS intervals (a registry
+        # outage, a stuck loop): liveness alone would say ok while nothing converges.
+        age = time.time() - (reconciler.fresh_since() or started)
+        body = {"last_reconcile": reconciler.last_pass, "seconds_since_success": round(age, 1)}
+        if age > STALE_INTERVALS * interval:
+            reason = f"no successful reconcile pass for {age:.0f}s"
+            return JSONResponse({"status": "unhealthy", "reason": reason, **body}, 503)
+        return JSONResponse({"status": "ok", **body})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

@@ -96,6 +96,9 @@ class Reconciler:
         self.deployed: dict[str, Deployed] = {}
         self.last_error: dict[str, str] = {}
         self.last_pass: float | None = None
+        # Start of the pass now running, once it has read the registry: a long rollout
+        # is work in progress, not a failure (see ``fresh_since``).
+        self.working_since: float | None = None
         self._retry: set[tuple[str, str]] = set()
         # Held for a whole pass; the HTTP handlers never take it, so /status and
         # webhooks answer at once even while replicas are starting.
@@ -129,23 +132,37 @@ class Reconciler:
     def reconcile(self) -> None:
         """One idempotent pass: deploy, heal, re-route and undeploy as the registry says."""
         with self._lock:
-            desired = desired_versions(self.client)
             try:
-                routes = self.gateway.routes()
-            except GatewayError as exc:
-                log.warning("%s; routes will be pushed when it answers", exc)
-                routes = None
-            for model, version in desired.items():
-                current = self.deployed.get(model)
-                if current is not None and current.version == version:
-                    self._heal(current)
-                    if routes is not None:
-                        self._sync_route(current, routes.get(model))
-                elif self._may_roll_out(model, version):
-                    self._roll_out(model, version)
-            for model in [m for m in self.deployed if m not in desired]:
-                self._undeploy(model)
-            self.last_pass = time.time()
+                self._pass()
+            finally:
+                self.working_since = None
+
+    def _pass(self) -> None:
+        started = time.time()
+        desired = desired_versions(self.client)
+        self.working_since = started
+        try:
+            routes = self.gateway.routes()
+        except GatewayError as exc:
+            log.warning("%s; routes will be pushed when it answers", exc)
+            routes = None
+        for model, version in desired.items():
+            current = self.deployed.get(model)
+            if current is not None and current.version == version:
+                self._heal(current)
+                if routes is not None:
+                    self._sync_route(current, routes.get(model))
+            elif self._may_roll_out(model, version):
+                self._roll_out(model, version)
+        for model in [m for m in self.deployed if m not in desired]:
+            self._undeploy(model)
+        self.last_pass = time.time()
+
+    def fresh_since(self) -> float | None:
+        """When the controller last knew the registry's state: the end of the last
+        successful pass, or the start of a running pass that has read the registry."""
+        known = [t for t in (self.last_pass, self.working_since) if t is not None]
+        return max(known) if known else None
 
     def _may_roll_out(self, model: str, version: str) -> bool:
         with self._retry_lock:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
+import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from pathlib import Path
 
 SIGNATURE_HEADER = "x-mlflow-signature"
 DELIVERY_HEADER = "x-mlflow-delivery-id"
 TIMESTAMP_HEADER = "x-mlflow-timestamp"
 # MLflow retries a delivery for well under this; older or future-dated ones are refused.
 MAX_SKEW_SECONDS = 300
+# Seen delivery ids kept at most (a signed flood must not grow the file without bound).
+MAX_SEEN = 100_000
 ALIAS_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 
 
@@ -34,13 +38,31 @@ def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str
 
 
 class WebhookVerifier:
-    """Checks signature and freshness, and refuses a delivery id seen before."""
+    """Checks signature and freshness, and refuses a delivery id seen before.
 
-    def __init__(self, secret: str, max_skew: float = MAX_SKEW_SECONDS) -> None:
+    Seen ids are kept in a SQLite file (``seen_path``, mode 0600) so that a replay is
+    refused after a controller restart too. Only ids inside the timestamp window need
+    keeping: an older delivery fails the freshness check anyway. Only signed deliveries
+    are recorded, so nobody without the secret can grow the file.
+    """
+
+    def __init__(
+        self, secret: str, max_skew: float = MAX_SKEW_SECONDS, seen_path: Path | None = None
+    ) -> None:
         self.secret = secret
         self.max_skew = max_skew
-        self._seen: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
+        if seen_path is not None:
+            seen_path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(seen_path, os.O_CREAT | os.O_WRONLY, 0o600))
+            seen_path.chmod(0o600)
+        self._db = sqlite3.connect(
+            str(seen_path) if seen_path else ":memory:", check_same_thread=False
+        )
+        with self._db:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS seen (delivery_id TEXT PRIMARY KEY, at REAL NOT NULL)"
+            )
 
     def verify(self, headers: dict[str, str], body: bytes, now: float | None = None) -> None:
         """Raise WebhookRejected unless the delivery is authentic, fresh and new."""
@@ -57,12 +79,18 @@ class WebhookVerifier:
             sent = float(stamp)
         except ValueError:
             raise WebhookRejected(400, "malformed webhook timestamp") from None
-        if abs(now - sent) > self.max_skew:
+        if not abs(now - sent) <= self.max_skew:  # also refuses nan
             raise WebhookRejected(401, "webhook timestamp outside the accepted window")
-        with self._lock:
+        with self._lock, self._db:
             # Ids older than the window can be forgotten: their timestamps fail above.
-            while self._seen and next(iter(self._seen.values())) < now - self.max_skew:
-                self._seen.popitem(last=False)
-            if delivery in self._seen:
-                raise WebhookRejected(409, "webhook delivery already received (replay)")
-            self._seen[delivery] = now
+            self._db.execute("DELETE FROM seen WHERE at < ?", (now - self.max_skew,))
+            try:
+                self._db.execute("INSERT INTO seen VALUES (?, ?)", (delivery, now))
+            except sqlite3.IntegrityError:
+                raise WebhookRejected(409, "webhook delivery already received (replay)") from None
+            # A hard bound as well, should a flood of signed deliveries ever arrive.
+            self._db.execute(
+                "DELETE FROM seen WHERE delivery_id IN (SELECT delivery_id FROM seen "
+                "ORDER BY at DESC LIMIT -1 OFFSET ?)",
+                (MAX_SEEN,),
+            )

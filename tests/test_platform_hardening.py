@@ -368,3 +368,39 @@ def test_controller_health_is_503_while_no_reconcile_succeeds(platform: Platform
         "the controller to be healthy again",
         60,
     )
+
+
+def test_replica_count_follows_the_model_tag_with_no_failed_request(
+    served: tuple[Up, str],
+) -> None:
+    up, name = served
+    client = MlflowClient(up.url("tracking"), up.url("tracking"))
+    status = f"{up.url('controller')}/status"
+
+    def replicas() -> list[str]:
+        deployments = requests.get(status, timeout=5).json()["deployments"]
+        return [
+            r["url"] for d in deployments if d["model"] == name for r in d["replicas"] if r["alive"]
+        ]
+
+    def routed() -> set[str]:
+        models = requests.get(f"{up.url('gateway')}/models", timeout=5).json()["models"]
+        return {r["url"] for m in models if m["name"] == name for r in m["replicas"]}
+
+    before = wait_for(replicas, "the served replica", DEADLINE)
+    assert len(before) == 1
+    with Load(f"{up.url('gateway')}/models/{name}/invocations") as load:
+        client.set_registered_model_tag(name, "flowline.replicas", "2")
+        scaled = wait_for(lambda: len(replicas()) == 2 and replicas(), "2 replicas", DEADLINE)
+        assert before[0] in scaled  # scaled in place: the serving replica stays
+        wait_for(lambda: routed() == set(scaled), "the gateway to route to both", DEADLINE)
+        grown = time.monotonic()
+        wait_for(lambda: load.successes_after(grown) >= 20, "traffic on 2 replicas", 60)
+        client.set_registered_model_tag(name, "flowline.replicas", "1")
+        wait_for(lambda: len(replicas()) == 1, "1 replica again", DEADLINE)
+        assert routed() == set(replicas())
+        shrunk = time.monotonic()
+        wait_for(lambda: load.successes_after(shrunk) >= 20, "traffic after scaling down", 60)
+    assert load.failures == [], load.failures[:5]
+    assert replicas()[0] in scaled
+    client.delete_registered_model_tag(name, "flowline.replicas")

@@ -36,6 +36,7 @@ REASON_TAG = "flowline.deployment.reason"
 REPLICAS_MODEL_TAG = "flowline.replicas"
 BATCHING_MODEL_TAG = "flowline.batching"
 SMOKE_TIMEOUT_SECONDS = 30.0
+MAX_REPLICAS = 32
 
 
 class RolloutFailed(Exception):
@@ -150,6 +151,7 @@ class Reconciler:
             current = self.deployed.get(model)
             if current is not None and current.version == version:
                 self._heal(current)
+                self._scale(current)
                 if routes is not None:
                     self._sync_route(current, routes.get(model))
             elif self._may_roll_out(model, version):
@@ -180,7 +182,8 @@ class Reconciler:
         tags = self.client.get_registered_model(model).tags
         replicas = int(tags.get(REPLICAS_MODEL_TAG, self.default_replicas))
         batching = BatchingSettings.from_dict(json.loads(tags.get(BATCHING_MODEL_TAG, "null")))
-        return max(1, replicas), batching
+        # A typo in a tag must not start a thousand processes.
+        return max(1, min(MAX_REPLICAS, replicas)), batching
 
     def _metadata(self, model: str, version: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -255,11 +258,7 @@ class Reconciler:
             self._retire(old, f"replaced by version {version}")
 
     def _retire(self, old: Deployed, reason: str) -> None:
-        urls = [r.url for r in old.replicas]
-        try:
-            self.gateway.drain(urls, self.drain_timeout)
-        except GatewayError as exc:
-            log.warning("could not drain %s/%s: %s", old.model, old.version, exc)
+        self._drain([r.url for r in old.replicas])
         for replica in old.replicas:
             self.backend.stop_replica(replica)
         self._tag(old.model, old.version, "undeployed", reason)
@@ -279,14 +278,71 @@ class Reconciler:
             return
         for replica in dead:
             self.backend.stop_replica(replica)
-        current.replicas = [r for r in current.replicas if r not in dead] + fresh
-        current.deployment = replace(
-            current.deployment, replicas=tuple(r.url for r in current.replicas)
-        )
+        self._publish(current, [r for r in current.replicas if r not in dead] + fresh)
+
+    def _publish(self, current: Deployed, replicas: list[Replica]) -> bool:
+        """Route ``current`` to ``replicas``; False when the gateway did not take it."""
+        current.replicas = replicas
+        current.deployment = replace(current.deployment, replicas=tuple(r.url for r in replicas))
         try:
             self.gateway.put(current.deployment)
         except GatewayError as exc:
             log.warning("could not update the gateway: %s", exc)
+            return False
+        return True
+
+    def _scale(self, current: Deployed) -> None:
+        """Converge a served version's replica count to its model's ``flowline.replicas``.
+
+        Up: new replicas are smoke-tested before they join the route. Down: the route
+        loses the extra replicas first, they drain, then stop; no request is cut.
+        """
+        try:
+            wanted, _ = self._model_settings(current.model)
+        except (MlflowException, ValueError) as exc:
+            self.last_error[current.model] = f"replica count: {str(exc).splitlines()[0][:300]}"
+            return
+        have = list(current.replicas)
+        if wanted == len(have):
+            return
+        log.info(
+            "scaling %s/%s from %d to %d replica(s)",
+            current.model, current.version, len(have), wanted,
+        )  # fmt: skip
+        if wanted > len(have):
+            fresh: list[Replica] = []
+            try:
+                fresh = self._start_replicas(current.model, current.version, wanted - len(have))
+                for replica in fresh:
+                    smoke_test(replica.url, current.deployment.input_example)
+            except RolloutFailed as exc:
+                for replica in fresh:
+                    self.backend.stop_replica(replica)
+                self.last_error[current.model] = f"scaling up failed: {exc}"
+                return
+            if self._publish(current, have + fresh):
+                self._clear_scaling_error(current.model)
+            return
+        if not self._publish(current, have[:wanted]):
+            current.replicas = have  # still routed to all of them: stop none
+            return
+        self._clear_scaling_error(current.model)
+        extra = have[wanted:]
+        self._drain([r.url for r in extra])
+        for replica in extra:
+            self.backend.stop_replica(replica)
+
+    def _clear_scaling_error(self, model: str) -> None:
+        # Only the scaling error: a failed newer version's reason must stay visible.
+        if self.last_error.get(model, "").startswith(("scaling up failed", "replica count")):
+            self.last_error.pop(model)
+
+    def _drain(self, urls: list[str]) -> None:
+        """Wait (bounded) until the gateway has no request in flight to ``urls``."""
+        try:
+            self.gateway.drain(urls, self.drain_timeout)
+        except GatewayError as exc:
+            log.warning("could not drain %s: %s", ", ".join(urls), exc)
 
     def _sync_route(self, current: Deployed, route: dict[str, Any] | None) -> None:
         # A restarted gateway has no routes: give it ours back.

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,13 @@ from monitoring.drift_report import (
     SchemaReport,
     WindowReport,
 )
-from monitoring.profile import CATEGORICAL, NUMERIC, NumericBaseline
+from monitoring.profile import (
+    CATEGORICAL,
+    NUMERIC,
+    NumericBaseline,
+    feature_types,
+    profiled_values,
+)
 
 __all__ = [
     "PREDICTION",
@@ -113,6 +119,7 @@ class PreparedBaseline:
     profile: dict[str, Any]
     columns: dict[str, NumericRef | CategoricalRef]
     prediction: NumericRef | CategoricalRef | None
+    types: dict[str, str] = field(default_factory=dict)  # profile.feature_types
 
 
 def _prepare_column(stats: dict[str, Any], config: DriftConfig) -> NumericRef | CategoricalRef:
@@ -137,7 +144,8 @@ def prepare_baseline(
     config = config or DriftConfig()
     columns = {name: _prepare_column(st, config) for name, st in profile["features"].items()}
     pred = profile.get("prediction")
-    return PreparedBaseline(profile, columns, _prepare_column(pred, config) if pred else None)
+    prediction = _prepare_column(pred, config) if pred else None
+    return PreparedBaseline(profile, columns, prediction, feature_types(profile))
 
 
 _CACHE: OrderedDict[tuple[int, int], PreparedBaseline] = OrderedDict()
@@ -311,15 +319,18 @@ def evaluate_window(
 
     missing = [c for c in prepared.columns if c not in window.columns]
     repeated = window.columns.duplicated()
+    # Columns the model drops at training (IDs, constants) are expected, not extra.
+    ignored = prepared.profile.get("ignored") or {}
     # A repeated column name is an extra column; the first one is evaluated.
     extra = [
         str(c)
         for c, dup in zip(window.columns, repeated, strict=True)
-        if dup or c not in prepared.columns
+        if dup or (c not in prepared.columns and c not in ignored)
     ]
     window = window.loc[:, ~repeated]
+    types = prepared.types
     features = {
-        name: _evaluate_column(name, ref, window[name], config)
+        name: _evaluate_column(name, ref, profiled_values(window[name], types.get(name)), config)
         for name, ref in prepared.columns.items()
         if name in window.columns
     }

@@ -10,10 +10,19 @@ Format ``flowline.baseline`` version 1 (see docs/baseline-format.md)::
       "format": "flowline.baseline", "version": 1,
       "created_at": "2026-11-21T15:00:00+00:00",
       "rows": 1000,
-      "schema": [{"name": "age", "dtype": "float64", "kind": "numeric"}, ...],
+      "schema": [{"name": "age", "dtype": "float64", "kind": "numeric", "type": "integer"}, ...],
       "features": {"age": <numeric stats>, "city": <categorical stats>},
+      "ignored": {"customer_id": "id_like"},
       "prediction": <numeric or categorical stats of the model's training predictions>
     }
+
+Each feature's ``type`` says how raw values map into the profiled space, the same way in
+training and in the monitor (:func:`profiled_values`): ``integer`` and ``float`` are
+numbers; ``boolean`` values are the strings "true"/"false"; ``datetime`` values are days
+since 1970-01-01 (kind numeric); ``string`` values are text. A profile without ``type``
+(written before it existed) reads as integer/float or string by kind. ``ignored`` lists the
+columns the model does not use, with the reason, so that the monitor does not count them
+as extra columns.
 
 numeric stats: kind, count (non-null), nulls, null_rate, mean, std, min, max,
   kll {k, n, sketch (base64 of a kll_floats_sketch)}
@@ -40,6 +49,24 @@ KLL_K = 200
 TOP_K = 50
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
+INTEGER, FLOAT, BOOLEAN, DATETIME, STRING = "integer", "float", "boolean", "datetime", "string"
+TYPES = (INTEGER, FLOAT, BOOLEAN, DATETIME, STRING)
+# The model-metadata key under which a logged model names each input column's type (one
+# of TYPES): written by training, read by the gateway for its OpenAPI page.
+INPUT_TYPES_METADATA = "flowline.input_types"
+KIND_OF_TYPE = {
+    INTEGER: NUMERIC,
+    FLOAT: NUMERIC,
+    DATETIME: NUMERIC,
+    BOOLEAN: CATEGORICAL,
+    STRING: CATEGORICAL,
+}
+# Words a boolean column may hold, any case; 1/0 and real booleans count too.
+BOOLEAN_WORDS = {word: True for word in ("true", "t", "yes", "y", "1")} | {
+    word: False for word in ("false", "f", "no", "n", "0")
+}
+_EPOCH = pd.Timestamp("1970-01-01")
+_DAY = pd.Timedelta(days=1)
 
 
 class ProfileError(ValueError):
@@ -51,6 +78,64 @@ def feature_kind(series: pd.Series) -> str:
     if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
         return CATEGORICAL
     return NUMERIC
+
+
+def boolean_strings(series: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Map a boolean-like column to "true"/"false" (nulls stay null).
+
+    Returns the mapped column and a mask of present values that are not booleans.
+    """
+    present = series.notna()
+
+    def word(value: Any) -> Any:
+        if isinstance(value, bool | np.bool_):
+            return bool(value)
+        if isinstance(value, int | float | np.integer | np.floating):
+            return {1: True, 0: False}.get(value)
+        return BOOLEAN_WORDS.get(str(value).strip().lower())
+
+    mapped = (
+        series.where(present, None).astype(object).map(lambda v: None if v is None else word(v))
+    )
+    invalid = present & mapped.isna()
+    text = mapped.map(lambda v: None if v is None else ("true" if v else "false"))
+    return text.astype(object), invalid
+
+
+def datetime_values(series: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Parse ISO-8601 strings or datetimes into naive UTC timestamps (nulls stay NaT).
+
+    Returns the parsed column and a mask of present values that are not dates.
+    Time-zone aware values are converted to UTC; naive ones are taken as UTC.
+    """
+    present = series.notna()
+    if pd.api.types.is_datetime64_any_dtype(series):
+        parsed = series
+    else:
+        text = series.where(present, None).astype(object)
+        numbers = text.map(lambda v: isinstance(v, int | float | np.integer | np.floating))
+        parsed = pd.to_datetime(
+            text.where(~numbers, None), format="ISO8601", errors="coerce", utc=True
+        )
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
+    parsed = parsed.astype("datetime64[ns]")
+    return parsed, present & parsed.isna()
+
+
+def profiled_values(series: pd.Series, type_: str | None) -> pd.Series:
+    """Raw column values as the baseline profiles them (see the module docstring).
+
+    Values that do not fit ``type_`` become NaN for numeric types (the drift test counts
+    them as invalid) and stay as they are for categorical ones.
+    """
+    if type_ == DATETIME:
+        parsed, _ = datetime_values(series)
+        return (parsed - _EPOCH) / _DAY
+    if type_ == BOOLEAN:
+        mapped, invalid = boolean_strings(series)
+        return mapped.where(~invalid, series.astype(object))
+    return series
 
 
 def _numeric_stats(series: pd.Series) -> dict[str, Any]:
@@ -99,24 +184,58 @@ def column_stats(series: pd.Series) -> dict[str, Any]:
     return _categorical_stats(series)
 
 
-def build_profile(features: pd.DataFrame, predictions: Any = None) -> dict[str, Any]:
+def _default_type(series: pd.Series) -> str:
+    if feature_kind(series) == CATEGORICAL:
+        return STRING
+    return INTEGER if pd.api.types.is_integer_dtype(series) else FLOAT
+
+
+def build_profile(
+    features: pd.DataFrame,
+    predictions: Any = None,
+    types: dict[str, str] | None = None,
+    ignored: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Build the baseline profile of the raw training features and, optionally,
-    of the model's predictions on them."""
+    of the model's predictions on them.
+
+    ``types`` gives each column's type (see TYPES); a column without one is typed by its
+    dtype. ``ignored`` names columns the model does not use, with the reason; they are
+    not profiled.
+    """
+    types = types or {}
+    ignored = ignored or {}
+    kept = [name for name in features.columns if str(name) not in ignored]
+    schema, stats = [], {}
+    for name in kept:
+        column = features[name]
+        type_ = types.get(str(name)) or _default_type(column)
+        values = profiled_values(column, type_)
+        kind = KIND_OF_TYPE[type_]
+        schema.append({"name": str(name), "dtype": str(column.dtype), "kind": kind, "type": type_})
+        stats[str(name)] = _numeric_stats(values) if kind == NUMERIC else _categorical_stats(values)
     profile: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": len(features),
-        "schema": [
-            {"name": str(name), "dtype": str(features[name].dtype), "kind": feature_kind(col)}
-            for name, col in features.items()
-        ],
-        "features": {str(name): column_stats(col) for name, col in features.items()},
+        "schema": schema,
+        "features": stats,
+        "ignored": {str(k): str(v) for k, v in ignored.items()},
         "prediction": None,
     }
     if predictions is not None:
         profile["prediction"] = column_stats(pd.Series(np.asarray(predictions).ravel()))
     return profile
+
+
+def feature_types(profile: dict[str, Any]) -> dict[str, str]:
+    """Each profiled feature's type; profiles written before types existed read by kind."""
+    types = {}
+    for entry in profile.get("schema", []):
+        default = FLOAT if entry.get("kind") == NUMERIC else STRING
+        types[entry["name"]] = entry.get("type", default)
+    return types
 
 
 def dumps(profile: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.columns import ColumnPlan, plan_columns
 from pipelines.errors import UserError
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "projects" / "data" / "churn.csv"
@@ -16,17 +17,32 @@ SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 TASKS = ("auto", "classification", "regression")
 # An integer target with at most this many distinct values is taken as class labels.
 MAX_AUTO_CLASSES = 20
+# Below this share of rows for the rarest class, the default metric is average precision.
+IMBALANCED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Raw features and target, ready for splitting."""
+    """Raw features (as pandas read them) and target, ready for splitting.
+
+    ``plan`` says what each feature becomes inside the model; ``null_target_rows`` counts
+    the rows left out because their target was missing; ``minority_share`` is the rarest
+    class's share of rows (1.0 for regression).
+    """
 
     features: pd.DataFrame
     target: pd.Series
     task: str
     fingerprint: str
     source: Path
+    plan: ColumnPlan
+    null_target_rows: int = 0
+    minority_share: float = 1.0
+
+    @property
+    def imbalanced(self) -> bool:
+        """Whether the rarest class has under IMBALANCED_SHARE of the rows."""
+        return self.minority_share < IMBALANCED_SHARE
 
 
 def resolve_source(data: str, target: str) -> tuple[Path, str]:
@@ -77,25 +93,6 @@ def infer_task(target: pd.Series) -> str:
     return "regression"
 
 
-def normalise_features(features: pd.DataFrame) -> pd.DataFrame:
-    """Give features the types the model's signature will promise at scoring time.
-
-    Numeric columns become float64 so that a null sent at scoring time is accepted
-    (an int64 signature would reject it); everything non-numeric becomes text.
-    """
-    out = {}
-    for name, column in features.items():
-        if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
-            out[str(name)] = (
-                column.astype(object)
-                .where(column.notna(), None)
-                .map(lambda v: v if v is None else str(v))
-            )
-        else:
-            out[str(name)] = column.astype("float64")
-    return pd.DataFrame(out, index=features.index)
-
-
 def load_training_data(data: str, target: str, task: str) -> TrainingData:
     """Read, validate and split the table into raw features and target."""
     if task not in TASKS:
@@ -111,11 +108,8 @@ def load_training_data(data: str, target: str, task: str) -> TrainingData:
         )
     if len(frame.columns) < 2:
         raise UserError(f"{path.name} has only the target column; add feature columns")
-    empty = [str(c) for c in frame.columns if frame[c].isna().all()]
-    if empty:
-        raise UserError(
-            f"column(s) {', '.join(empty)} contain only missing values; drop them from the file"
-        )
+    frame.columns = [str(c) for c in frame.columns]
+    null_target = int(frame[target].isna().sum())
     frame = frame[frame[target].notna()]
     if frame.empty:
         raise UserError(f"target column '{target}' has no values")
@@ -126,17 +120,30 @@ def load_training_data(data: str, target: str, task: str) -> TrainingData:
             f"target '{target}' is not numeric, so task=regression cannot use it; "
             "use task=classification"
         )
+    minority = 1.0
     if resolved == "classification":
-        classes = y.astype(str).unique()
-        if len(classes) < 2:
+        counts = y.astype(str).value_counts()
+        if len(counts) < 2:
             raise UserError(
-                f"target '{target}' has a single class ('{classes[0]}'); "
+                f"target '{target}' has a single class ('{counts.index[0]}'); "
                 "classification needs at least two"
             )
-        if y.astype(str).value_counts().min() < 2:
+        if counts.min() < 2:
             raise UserError(f"every class of target '{target}' needs at least two rows")
+        minority = float(counts.min() / counts.sum())
         y = y.astype(str) if not pd.api.types.is_numeric_dtype(y) else y
-    features = normalise_features(frame.drop(columns=[target]))
+    features = frame.drop(columns=[target]).reset_index(drop=True)
+    plan = plan_columns(features)
+    if not plan.types:
+        reasons = ", ".join(f"{c} ({r})" for c, r in plan.dropped.items())
+        raise UserError(f"no usable feature column in {path.name}: all were dropped: {reasons}")
     return TrainingData(
-        features.reset_index(drop=True), y.reset_index(drop=True), resolved, fingerprint(path), path
+        features,
+        y.reset_index(drop=True),
+        resolved,
+        fingerprint(path),
+        path,
+        plan,
+        null_target,
+        minority,
     )

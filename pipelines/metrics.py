@@ -10,8 +10,12 @@ from sklearn import metrics as skm
 from pipelines.errors import UserError
 
 DEFAULT_METRIC = {"classification": "roc_auc", "regression": "rmse"}
+# With a rare class, ROC AUC looks good while the rare class is found poorly; average
+# precision (the area under the precision-recall curve) weighs exactly that.
+IMBALANCED_DEFAULT_METRIC = "average_precision"
 GREATER_IS_BETTER = {
     "accuracy": True,
+    "average_precision": True,
     "f1": True,
     "roc_auc": True,
     "log_loss": False,
@@ -20,14 +24,19 @@ GREATER_IS_BETTER = {
     "r2": True,
 }
 TASK_METRICS = {
-    "classification": ("accuracy", "f1", "roc_auc", "log_loss"),
+    "classification": ("accuracy", "f1", "roc_auc", "average_precision", "log_loss"),
     "regression": ("rmse", "mae", "r2"),
 }
 
 
-def resolve_metric(metric: str, task: str) -> str:
-    """The metric to optimise: the task's default when empty, validated otherwise."""
-    chosen = metric or DEFAULT_METRIC[task]
+def resolve_metric(metric: str, task: str, imbalanced: bool = False) -> str:
+    """The metric to optimise: the task's default when empty, validated otherwise.
+
+    The classification default is ``roc_auc``, or ``average_precision`` when the classes
+    are imbalanced (see ``pipelines.data.IMBALANCED_SHARE``).
+    """
+    default = IMBALANCED_DEFAULT_METRIC if task == "classification" and imbalanced else None
+    chosen = metric or default or DEFAULT_METRIC[task]
     if chosen not in TASK_METRICS[task]:
         allowed = ", ".join(TASK_METRICS[task])
         raise UserError(f"metric '{chosen}' does not fit task={task}; use one of {allowed}")
@@ -42,6 +51,13 @@ def _roc_auc(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> floa
     )
 
 
+def _average_precision(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    if len(classes) == 2:
+        return float(skm.average_precision_score(y_true == classes[1], proba[:, 1]))
+    onehot = np.stack([y_true == c for c in classes], axis=1)
+    return float(skm.average_precision_score(onehot, proba, average="macro"))
+
+
 def classification_scores(model: object, X: object, y: np.ndarray) -> dict[str, float]:
     """All classification metrics of a fitted classifier on (X, y)."""
     predicted = model.predict(X)
@@ -52,6 +68,7 @@ def classification_scores(model: object, X: object, y: np.ndarray) -> dict[str, 
         "accuracy": float(skm.accuracy_score(y, predicted)),
         "f1": float(skm.f1_score(y, predicted, average="weighted")),
         "roc_auc": _roc_auc(y, proba, classes),
+        "average_precision": _average_precision(y, proba, classes),
         "log_loss": float(skm.log_loss(y, proba, labels=classes)),
     }
 

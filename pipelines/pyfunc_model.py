@@ -3,7 +3,9 @@
 It wraps a fitted sklearn Pipeline (preprocessing + estimator, where the estimator may
 be a Keras network) so that ``/invocations`` takes the raw columns of the training file.
 Classifiers answer labels by default; ``params={"predict_method": "predict_proba"}``
-returns one probability column per class instead.
+returns one probability column per class instead. A value of the wrong type for its
+column (text in a numeric column, say) is MLflow's INVALID_PARAMETER_VALUE: a 400 from
+``/invocations`` that names the column.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from pipelines.columns import ColumnTypeError
 
 PREDICT_METHODS = ("predict", "predict_proba")
 
@@ -30,14 +35,17 @@ class TabularModel(mlflow.pyfunc.PythonModel):
         """Predict on raw rows; ``predict_method`` chooses labels or probabilities."""
         method = (params or {}).get("predict_method", "predict")
         if method not in PREDICT_METHODS:
-            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            raise MlflowException.invalid_parameter_value(
                 f"predict_method must be one of {', '.join(PREDICT_METHODS)}, got {method!r}"
             )
-        if method == "predict_proba":
-            if self.task != "classification":
-                raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                    "predict_proba is only available for classification models"
-                )
-            proba = self.pipeline.predict_proba(model_input)
-            return pd.DataFrame(proba, columns=[str(c) for c in self.pipeline.classes_])
-        return np.asarray(self.pipeline.predict(model_input))
+        if method == "predict_proba" and self.task != "classification":
+            raise MlflowException.invalid_parameter_value(
+                "predict_proba is only available for classification models"
+            )
+        try:
+            if method == "predict_proba":
+                proba = self.pipeline.predict_proba(model_input)
+                return pd.DataFrame(proba, columns=[str(c) for c in self.pipeline.classes_])
+            return np.asarray(self.pipeline.predict(model_input))
+        except ColumnTypeError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None

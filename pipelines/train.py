@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import requests
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 from sklearn.model_selection import train_test_split
 
 from monitoring import profile as baseline
 from pipelines import keras_family, sklearn_family
+from pipelines.columns import ColumnPlan
 from pipelines.data import DEMO_DATA, TrainingData, load_training_data
 from pipelines.errors import UserError
 from pipelines.metrics import SCORERS, TASK_METRICS, resolve_metric
@@ -104,17 +107,26 @@ def _split(data: TrainingData, size: float, seed: int) -> list[Any]:
         raise UserError(f"cannot split the data for training: {exc}") from None
 
 
-def _signature(features: pd.DataFrame, predictions: Any) -> ModelSignature:
-    # Built from the normalised dtypes rather than inferred, so every column is exact.
-    inputs = Schema(
-        [
-            ColSpec("double" if pd.api.types.is_float_dtype(col) else "string", name)
-            for name, col in features.items()
-        ]
-    )
-    outputs = infer_signature(features.head(1), predictions).outputs
+def _signature(plan: ColumnPlan, predictions: Any) -> ModelSignature:
+    # Every input column is declared ``Any``: MLflow 3.17's enforcement refuses int64 for
+    # `double` and NaN for `long`, so no declared type accepts what pandas reads from a real
+    # file through every path. The model checks each value itself (pipelines/columns.py)
+    # and the exact types travel in the model's metadata (flowline.input_types).
+    inputs = Schema([ColSpec(AnyType(), name) for name in plan.types])
+    outputs = infer_signature(pd.DataFrame({"x": [0]}), predictions).outputs
     params = ParamSchema([ParamSpec("predict_method", "string", "predict")])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _dropped_tag(plan: ColumnPlan) -> str:
+    # JSON, so a column name with a comma stays one name: {"customer_id": "id_like"}.
+    return json.dumps(plan.dropped, sort_keys=True)
+
+
+def _input_example(features: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
+    # Real rows, nulls included, of the columns the model reads: the controller's smoke test
+    # scores exactly this, so it must look like what clients send.
+    return features.loc[:, list(plan.types)].head(INPUT_EXAMPLE_ROWS)
 
 
 def _requirements(family: str) -> list[str]:
@@ -150,7 +162,7 @@ def preflight(config: TrainConfig) -> TrainingData:
     """Every check on the user's input, without touching MLflow."""
     validate_config(config)
     data = load_training_data(config.data, config.target, config.task)
-    resolve_metric(config.metric, data.task)
+    resolve_metric(config.metric, data.task, data.imbalanced)
     return data
 
 
@@ -161,26 +173,34 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
     so bad input never leaves a half-registered version behind.
     """
     data = preflight(config)
-    metric = resolve_metric(config.metric, data.task)
+    metric = resolve_metric(config.metric, data.task, data.imbalanced)
     check_tracking_server(mlflow.get_tracking_uri())
     name = default_model_name(config, data)
     X_train, X_test, y_train, y_test = _split(data, config.test_size, config.seed)
     X_fit, X_val, y_fit, y_val = _split(
-        TrainingData(X_train, y_train, data.task, data.fingerprint, data.source),
-        VALIDATION_FRACTION,
-        config.seed,
+        replace(data, features=X_train, target=y_train), VALIDATION_FRACTION, config.seed
     )
+    plan = data.plan
     space, make_estimator = _estimator_factory(config, data.task)
     scorer = SCORERS[data.task]
 
     def evaluate(params: dict[str, Any]) -> float:
-        pipeline = with_preprocessing(X_fit, make_estimator(params)).fit(X_fit, y_fit)
+        pipeline = with_preprocessing(plan, make_estimator(params)).fit(X_fit, y_fit)
         return scorer(pipeline, X_val, y_val)[metric]
 
+    for warning in plan.warnings:
+        report(f"warning: {warning}")
+    if data.null_target_rows:
+        report(
+            f"left out {data.null_target_rows} row(s) whose target '{data.target.name}' is empty"
+        )
+    balance = (
+        f", rarest class {data.minority_share:.1%} of rows" if data.task == "classification" else ""
+    )
     report(
         f"training {config.family} {data.task} on {data.source.name}: {len(data.features)} rows, "
-        f"{data.features.shape[1]} features, target '{data.target.name}', metric {metric}, "
-        f"{config.max_evals} trials"
+        f"{len(plan.types)} features, target '{data.target.name}', metric {metric}, "
+        f"{config.max_evals} trials{balance}"
     )
     with mlflow.start_run(run_name=f"tune-{config.family}") as parent:
         _log_project_params(config)
@@ -190,6 +210,13 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 f"{TAG_PREFIX}family": config.family,
                 f"{TAG_PREFIX}metric": metric,
                 f"{TAG_PREFIX}data_fingerprint": data.fingerprint,
+                f"{TAG_PREFIX}dropped_columns": _dropped_tag(plan),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "rows_null_target_dropped": data.null_target_rows,
+                "minority_share": data.minority_share,
             }
         )
         try:
@@ -198,7 +225,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
             raise UserError(str(exc)) from None
         _log_search(result, metric)
 
-        pipeline = with_preprocessing(X_train, make_estimator(result.best_params))
+        pipeline = with_preprocessing(plan, make_estimator(result.best_params))
         pipeline.fit(X_train, y_train)
         test_scores = scorer(pipeline, X_test, y_test)
         mlflow.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
@@ -206,14 +233,17 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
         with tempfile.TemporaryDirectory() as tmp:
             profile_path = os.path.join(tmp, baseline.FILE_NAME)
             Path(profile_path).write_text(
-                baseline.dumps(baseline.build_profile(X_train, train_predictions))
+                baseline.dumps(
+                    baseline.build_profile(X_train, train_predictions, plan.types, plan.dropped)
+                )
             )
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=TabularModel(pipeline, data.task),
                 artifacts={"baseline": profile_path},
-                signature=_signature(X_train, train_predictions),
-                input_example=X_train.head(INPUT_EXAMPLE_ROWS),
+                signature=_signature(plan, train_predictions),
+                input_example=_input_example(X_train, plan),
+                metadata={baseline.INPUT_TYPES_METADATA: plan.types},
                 pip_requirements=_requirements(config.family),
                 code_paths=[str(Path(__file__).resolve().parent)],
             )
@@ -229,6 +259,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 f"{TAG_PREFIX}training_rows": str(len(X_train)),
                 f"{TAG_PREFIX}parent_run_id": parent.info.run_id,
                 f"{TAG_PREFIX}baseline": f"artifacts/{baseline.FILE_NAME}",
+                f"{TAG_PREFIX}dropped_columns": _dropped_tag(plan),
             },
         )
         mlflow.set_tag(f"{TAG_PREFIX}registered_version", f"{name}/{version_.version}")

@@ -70,9 +70,14 @@ CASES = {
         lambda p: ["--data", str(_write(p, _frame())), "--target", "label", "--task", "regression"],
         "is not numeric, so task=regression",
     ),
-    "all-null column": (
-        lambda p: ["--data", str(_write(p, _frame().assign(b=np.nan))), "--target", "label"],
-        "column(s) b contain only missing values",
+    "only empty or constant features": (
+        lambda p: [
+            "--data",
+            str(_write(p, _frame()[["label"]].assign(b=np.nan, c=1))),
+            "--target",
+            "label",
+        ],
+        "no usable feature column in data.csv: all were dropped: b (empty), c (constant)",
     ),
     "max_evals below one": (
         lambda p: ["--data", str(_write(p, _frame())), "--target", "label", "--max-evals", "0"],

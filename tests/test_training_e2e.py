@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.types.schema import AnyType
 from sklearn.datasets import load_diabetes
 
 from monitoring import profile
@@ -69,10 +70,17 @@ def _assert_model_files(uri: str, features: pd.DataFrame) -> dict:
     model = mlflow.models.Model.load(local)
     columns = model.signature.inputs.input_names()
     assert columns == list(features.columns)
-    types = {c.name: c.type.name for c in model.signature.inputs.inputs}
-    for name in features.columns:
-        numeric = pd.api.types.is_numeric_dtype(features[name])
-        assert types[name] == ("double" if numeric else "string"), name
+    # Every column is `Any` to MLflow (it refuses int64 for double, NaN for long); the
+    # exact type, which the model itself checks, is in the model's metadata.
+    assert all(c.type == AnyType() for c in model.signature.inputs.inputs)
+    types = model.metadata[profile.INPUT_TYPES_METADATA]
+    for name, column in features.items():
+        if pd.api.types.is_integer_dtype(column):
+            assert types[name] == "integer", name
+        elif pd.api.types.is_numeric_dtype(column):
+            assert types[name] in ("integer", "float"), name
+        else:
+            assert types[name] == "string", name
     example = json.loads((local / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == columns
     assert len(example["dataframe_split"]["data"]) == 5

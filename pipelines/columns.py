@@ -1,0 +1,257 @@
+"""The column plan: what each raw column of a training table becomes inside the model.
+
+Real tables hold integers, floats, dates, booleans, IDs, constants and text. The plan is
+decided once, on the training frame as pandas reads it, and travels inside the logged
+model (``InputCoercer``), so serving applies exactly the same rules as training:
+
+======================  =====================================================  ==========
+raw column              rule                                                   type
+======================  =====================================================  ==========
+bool dtype, or text     all present values are true/false/yes/no/t/f/y/n/1/0   boolean
+whose values are all    (any case)
+boolean words
+datetime dtype, or      >= DATE_SHARE of present values parse as ISO-8601      datetime
+ISO-8601 text           (``YYYY-MM-DD[ HH:MM:SS][+zone]``); fewer: categorical
+                        with a warning
+integer dtype, or       every present value is a whole number                  integer
+floats that are whole
+other numeric dtypes                                                           float
+anything else                                                                  string
+======================  =====================================================  ==========
+
+Dropped, each with a warning and listed in the tag ``flowline.dropped_columns``:
+
+* ``empty``: no value at all; ``constant``: a single distinct value (nulls aside);
+* ``id_like``: text with more than ID_DISTINCT_SHARE distinct values among its present
+  values (and more than ID_MIN_DISTINCT of them) — names, free text, keys — or an
+  integer column whose values are all distinct and either form one consecutive run
+  (a row number) or whose name says it is an identifier (``id``, ``*_id``, ``uuid``...).
+
+At scoring time ``InputCoercer`` turns whatever a client sent into the typed frame the
+preprocessing expects, and raises ``ColumnTypeError`` (a 400 from ``/invocations``) for a
+value of the wrong type: text in a numeric column, a list anywhere. Datetimes become
+their year, month, day of week and day of year; an unparseable date string is a missing
+value, as it was in training.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from monitoring import profile
+
+DATE_SHARE = 0.95
+ID_DISTINCT_SHARE = 0.5
+ID_MIN_DISTINCT = 20
+DATE_PARTS = ("year", "month", "day_of_week", "day_of_year")
+MISSING = "__missing__"
+_ISO_DATE = re.compile(
+    r"^\s*\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?\s*$"
+)
+_ID_NAME = re.compile(r"(^|[_\s-])(id|uuid|guid|key)$|^(id|uuid|guid)([_\s-]|$)", re.IGNORECASE)
+
+
+class ColumnTypeError(ValueError):
+    """A scoring value does not fit its column's type."""
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """Kept columns with their types, in training order, and dropped columns with reasons."""
+
+    types: dict[str, str]
+    dropped: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def numeric(self) -> list[str]:
+        """Model-input columns (after coercion) that the preprocessing treats as numbers."""
+        out: list[str] = []
+        for name, type_ in self.types.items():
+            if type_ == profile.DATETIME:
+                out += [f"{name}__{part}" for part in DATE_PARTS]
+            elif type_ in (profile.INTEGER, profile.FLOAT):
+                out.append(name)
+        return out
+
+    @property
+    def categorical(self) -> list[str]:
+        """Model-input columns (after coercion) that the preprocessing one-hot encodes."""
+        return [n for n, t in self.types.items() if t in (profile.BOOLEAN, profile.STRING)]
+
+
+def _present(series: pd.Series) -> pd.Series:
+    return series.dropna()
+
+
+def _is_whole(values: pd.Series) -> bool:
+    numbers = values.to_numpy(dtype=np.float64)
+    return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)))
+
+
+def _looks_boolean(series: pd.Series, present: pd.Series) -> bool:
+    if pd.api.types.is_bool_dtype(series):
+        return True
+    if pd.api.types.is_numeric_dtype(series) or present.empty:
+        return False
+    words = present.astype(str).str.strip().str.lower()
+    return bool(words.isin(list(profile.BOOLEAN_WORDS)).all() and words.nunique() == 2)
+
+
+def _date_share(present: pd.Series) -> float:
+    text = present.astype(str)
+    shaped = text.str.match(_ISO_DATE)
+    if not shaped.any():
+        return 0.0
+    _, invalid = profile.datetime_values(text.where(shaped, None))
+    return float((shaped & ~invalid).mean())
+
+
+def _is_id_like(name: str, series: pd.Series, present: pd.Series, type_: str) -> bool:
+    distinct = present.nunique()
+    if type_ == profile.STRING:
+        share = distinct / len(present) if len(present) else 0.0
+        return distinct > ID_MIN_DISTINCT and share > ID_DISTINCT_SHARE
+    if type_ == profile.INTEGER and distinct == len(present) and distinct > ID_MIN_DISTINCT:
+        values = present.to_numpy(dtype=np.float64)
+        consecutive = values.max() - values.min() + 1 == distinct
+        return bool(consecutive or _ID_NAME.search(name))
+    return False
+
+
+def _column_type(name: str, series: pd.Series, present: pd.Series, warn: list[str]) -> str:
+    if _looks_boolean(series, present):
+        return profile.BOOLEAN
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return profile.DATETIME
+    if pd.api.types.is_numeric_dtype(series):
+        return profile.INTEGER if _is_whole(present) else profile.FLOAT
+    share = _date_share(present)
+    if share >= DATE_SHARE:
+        return profile.DATETIME
+    if share > 0.5:
+        warn.append(
+            f"column '{name}' looks like dates but {1 - share:.0%} of its values do not parse "
+            "as ISO-8601; treated as categorical"
+        )
+    return profile.STRING
+
+
+def plan_columns(features: pd.DataFrame) -> ColumnPlan:
+    """Decide each column's type, or why it is dropped (see the module docstring)."""
+    types: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    warnings: list[str] = []
+    for raw_name, series in features.items():
+        name = str(raw_name)
+        present = _present(series)
+        if present.empty:
+            dropped[name] = "empty"
+            continue
+        if present.astype(str).nunique() == 1:
+            dropped[name] = "constant"
+            continue
+        type_ = _column_type(name, series, present, warnings)
+        if _is_id_like(name, series, present, type_):
+            dropped[name] = "id_like"
+            continue
+        types[name] = type_
+    for name, reason in dropped.items():
+        warnings.append(f"column '{name}' dropped ({reason.replace('_', '-')})")
+    return ColumnPlan(types, dropped, tuple(warnings))
+
+
+def _numbers(name: str, series: pd.Series) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return series.astype("float64")
+    present = series.notna()
+    values = pd.to_numeric(series.where(present, None).astype(object), errors="coerce")
+    bad = present & values.isna()
+    if bad.any():
+        raise ColumnTypeError(
+            f"Incompatible input types for column {name}: expected a number, "
+            f"got {series[bad].iloc[0]!r}"
+        )
+    return values.astype("float64")
+
+
+def _text(name: str, series: pd.Series) -> pd.Series:
+    present = series.notna()
+    values = series.where(present, None).astype(object)
+    nested = values.map(lambda v: isinstance(v, list | dict | tuple | set))
+    if nested.any():
+        raise ColumnTypeError(
+            f"Incompatible input types for column {name}: expected a scalar, "
+            f"got {values[nested].iloc[0]!r}"
+        )
+    # Whole floats are the same category as ints: nulls turn int codes into floats.
+    return values.map(
+        lambda v: (
+            MISSING
+            if v is None
+            else str(int(v))
+            if isinstance(v, float | np.floating) and float(v).is_integer()
+            else str(v)
+        )
+    )
+
+
+def _booleans(name: str, series: pd.Series) -> pd.Series:
+    mapped, invalid = profile.boolean_strings(series)
+    if invalid.any():
+        raise ColumnTypeError(
+            f"Incompatible input types for column {name}: expected a boolean "
+            f"(true/false, yes/no, 1/0), got {series[invalid].iloc[0]!r}"
+        )
+    return mapped.where(mapped.notna(), MISSING).astype(str)
+
+
+def _date_parts(name: str, series: pd.Series) -> dict[str, pd.Series]:
+    if pd.api.types.is_numeric_dtype(series) and series.notna().any():
+        raise ColumnTypeError(
+            f"Incompatible input types for column {name}: expected an ISO-8601 date, "
+            f"got {series.dropna().iloc[0]!r}"
+        )
+    parsed, _ = profile.datetime_values(series)
+    return {f"{name}__{part}": getattr(parsed.dt, part).astype("float64") for part in DATE_PARTS}
+
+
+def coerce(frame: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
+    """The typed model-input frame for raw rows ``frame`` (extra columns are ignored).
+
+    Raises ``ColumnTypeError`` naming the column when a value does not fit its type, and
+    ``KeyError`` semantics are left to MLflow's signature check (it names missing columns).
+    """
+    out: dict[str, pd.Series] = {}
+    for name, type_ in plan.types.items():
+        series = frame[name]
+        if type_ == profile.DATETIME:
+            out.update(_date_parts(name, series))
+        elif type_ == profile.BOOLEAN:
+            out[name] = _booleans(name, series)
+        elif type_ == profile.STRING:
+            out[name] = _text(name, series)
+        else:
+            out[name] = _numbers(name, series)
+    return pd.DataFrame(out, index=frame.index)
+
+
+class InputCoercer(BaseEstimator, TransformerMixin):
+    """The first pipeline step: raw client columns in, typed model-input columns out."""
+
+    def __init__(self, plan: ColumnPlan) -> None:
+        self.plan = plan
+
+    def fit(self, X: pd.DataFrame, y: Any = None) -> InputCoercer:
+        """Nothing to learn: the plan was decided on the training frame."""
+        return self
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Coerce raw rows; see :func:`coerce`."""
+        return coerce(X, self.plan)

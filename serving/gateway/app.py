@@ -24,6 +24,14 @@ from serving.gateway.backend import Backend
 from serving.gateway.batching import AdaptiveBatcher, Outcome
 from serving.gateway.capture import CaptureDispatcher, CapturedRequest, OnScored
 from serving.gateway.config import GatewayConfig
+from serving.gateway.csv_bodies import (
+    PARQUET_MIME,
+    CsvBodyError,
+    bad_csv_body,
+    csv_as_parquet,
+    has_any_columns,
+    is_csv_content_type,
+)
 from serving.gateway.metrics import GatewayMetrics, RouteMetrics
 from serving.gateway.openapi import build_openapi, render_docs
 from serving.gateway.routes import ErrorNote, Route, RouteTable
@@ -225,6 +233,12 @@ class Gateway:
             item = parse_tabular(body, batcher.schema, batcher.settings.max_batch_size)
             if item is not None:
                 return await batcher.submit(item, body, content_type)
+        if is_csv_content_type(content_type) and has_any_columns(route.deployment.input_columns()):
+            # Stock cannot read CSV for `any` columns; see serving/gateway/csv_bodies.py.
+            try:
+                body, content_type = csv_as_parquet(body), PARQUET_MIME
+            except CsvBodyError as exc:
+                return Outcome(400, bad_csv_body(exc), "application/json", True)
         return await self._send(route, body, content_type, "single")
 
     async def _send(

@@ -40,6 +40,22 @@ ERROR_SCHEMA = {
 }
 
 
+# What a flowline model's column accepts (pipelines/columns.py); null is always accepted.
+_FLOWLINE_TYPES: dict[str, dict[str, Any]] = {
+    "integer": {"type": ["integer", "null"]},
+    "float": {"type": ["number", "null"]},
+    "boolean": {
+        "type": ["boolean", "string", "null"],
+        "description": "true/false, or one of the strings true, false, yes, no, t, f, y, n, 1, 0",
+    },
+    "datetime": {
+        "type": ["string", "null"],
+        "description": "ISO-8601 date or date-time (YYYY-MM-DD[THH:MM:SS][zone])",
+    },
+    "string": {"type": ["string", "null"]},
+}
+
+
 def type_schema(spec: dict[str, Any]) -> dict[str, Any]:
     """JSON schema of one MLflow column/tensor/param spec."""
     kind = spec.get("type")
@@ -59,7 +75,8 @@ def type_schema(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "map":
         return {"type": "object", "additionalProperties": type_schema(spec.get("values", {}))}
     if kind == "any":
-        return {}
+        # A flowline-trained column: MLflow checks nothing, the model checks this type.
+        return dict(_FLOWLINE_TYPES.get(str(spec.get("x-flowline-type")), {}))
     return dict(_SCALARS.get(str(kind), {}))
 
 
@@ -324,4 +341,4 @@ def _type_label(spec: dict[str, Any]) -> str:
         return f"tensor {tensor.get('dtype')} {tensor.get('shape')}"
     if kind == "array":
         return f"array<{_type_label(spec.get('items', {}))}>"
-    return str(kind)
+    return str(spec.get("x-flowline-type", kind))

@@ -33,7 +33,9 @@ SPLIT = "dataframe_split"
 RECORDS = "dataframe_records"
 PARAMS = "params"
 
-_SCALAR_TYPES = {"double", "float", "long", "integer", "boolean", "string"}
+# "any" columns merge too: requests merge only when every column holds the same JSON
+# value types, so the merged frame has the dtypes each request alone would have had.
+_SCALAR_TYPES = {"double", "float", "long", "integer", "boolean", "string", "any"}
 _FLOAT_TYPES = {"double", "float"}
 
 # Kind bits of JSON scalars as json.loads returns them (exact types; bool is not int here).

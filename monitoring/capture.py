@@ -93,14 +93,37 @@ def check_name(value: Any, what: str, limit: int) -> str:
     return value
 
 
+# Names already found valid: a batch repeats the same few model versions and content
+# types, and ingest checks every record's (a few microseconds each, at 500 a batch).
+_VALID: dict[tuple[str, str], bool] = {}
+_VALID_TYPES: set[str] = set()
+
+
 def check_stream(data: dict[str, Any], what: str) -> tuple[str, str]:
     """The checked ``model`` and ``version`` of a record or drop report (an int version
     becomes its string, as registry versions are numbers)."""
-    version = data.get("version")
+    model, version = data.get("model"), data.get("version")
+    if type(model) is str and type(version) is str and (model, version) in _VALID:
+        return model, version
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)
-    model = check_name(data.get("model"), f"{what} model", MAX_MODEL_CHARS)
-    return model, check_name(version, f"{what} version", MAX_VERSION_CHARS)
+    model = check_name(model, f"{what} model", MAX_MODEL_CHARS)
+    version = check_name(version, f"{what} version", MAX_VERSION_CHARS)
+    if len(_VALID) > 4096:
+        _VALID.clear()
+    _VALID[(model, version)] = True
+    return model, version
+
+
+def check_content_type(value: Any) -> str:
+    """A checked content type (``check_name``, 255 characters), remembered once valid."""
+    if type(value) is str and value in _VALID_TYPES:
+        return value
+    value = check_name(value, "record content_type", MAX_NAME_CHARS)
+    if len(_VALID_TYPES) > 256:
+        _VALID_TYPES.clear()
+    _VALID_TYPES.add(value)
+    return value
 
 
 def _check_encodable(text: str, what: str) -> None:
@@ -166,7 +189,9 @@ class CaptureRecord:
         """
         if not isinstance(data, dict):
             raise MalformedRecord("a record must be a JSON object")
-        rid = check_name(data.get("id"), "record id", MAX_ID_CHARS)
+        rid = data.get("id")
+        if type(rid) is not str or not 0 < len(rid) <= MAX_ID_CHARS or not rid.isprintable():
+            rid = check_name(rid, "record id", MAX_ID_CHARS)  # raises the clear message
         model, version = check_stream(data, "record")
         when = data.get("time")
         if (
@@ -183,7 +208,7 @@ class CaptureRecord:
             request_id = check_name(request_id, "record request_id", MAX_REQUEST_ID_CHARS)
         content_type = data.get("content_type")
         if content_type is not None:
-            content_type = check_name(content_type, "record content_type", MAX_NAME_CHARS)
+            content_type = check_content_type(content_type)
         body = data.get("body")
         if body is not None:
             if not isinstance(body, str):
@@ -298,8 +323,25 @@ def count_rows_in_body(body: str | bytes, content_type: str | None) -> int:
         return len(rows_from_body(body, content_type))
     key, value = _json_scoring_value(body)
     if key == "dataframe_split":
-        return len(_split_parts(value)[1])
+        return _count_split(value)
     return _count_rows(value, key)
+
+
+def _count_split(value: Any) -> int:
+    """``len(_split_parts(value)[1])`` with the same checks, without copying the rows."""
+    data = value.get("data") if isinstance(value, dict) else None
+    if not isinstance(data, list):
+        raise MalformedRecord("dataframe_split needs a 'data' list")
+    columns = value.get("columns")
+    if columns is None:
+        return len(data)
+    if not isinstance(columns, list):
+        raise MalformedRecord("dataframe_split 'columns' must be a list")
+    width = len(columns)
+    for row in data:
+        if (len(row) if isinstance(row, list) else 1) != width:
+            raise MalformedRecord("dataframe_split row length differs from 'columns'")
+    return len(data)
 
 
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape

@@ -488,3 +488,18 @@ def test_a_lone_surrogate_inside_the_data_cannot_wedge_its_window(tmp_path: Path
     )
     assert [p.status_code for p in pages] == [200, 200]
     assert "\ufffdx" in pages[1].text
+
+
+def test_store_and_spool_files_left_readable_by_an_older_run_are_tightened(tmp_path: Path) -> None:
+    from monitoring.capture_spool import SPOOL_FILE, Spool
+
+    for name in ("monitor.db", "monitor.db-wal", SPOOL_FILE):
+        (tmp_path / name).touch(mode=0o644)
+        (tmp_path / name).chmod(0o644)
+    MonitorStore(f"sqlite:///{tmp_path / 'monitor.db'}").close()
+    Spool(tmp_path / SPOOL_FILE).close()
+    modes = {p.name: mode(p) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o600}, modes
+    fresh = tmp_path / "new" / "deeper"
+    MonitorStore(f"sqlite:///{fresh / 'monitor.db'}").close()
+    assert mode(fresh) == 0o700 and mode(fresh / "monitor.db") == 0o600

@@ -227,7 +227,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "decodes each batch, validates every record and counts its body's rows (bodies are "
         "parsed into feature rows later, when their window is evaluated), and inserts one row "
         "per request in one transaction per batch, skipping record ids it already has "
-        "(ON CONFLICT DO NOTHING). HTTP batches are ingested one at a time.",
+        "(ON CONFLICT DO NOTHING). HTTP batches are ingested one at a time, each with the "
+        "bearer token checked and the whole batch validated (every record's envelope, its "
+        "rows counted from its body, new model versions admitted) before anything is stored.",
         "",
         "| path | store | rows/record | senders | rows | rows/s (wall) | rows per CPU-second "
         "of the ingesting process | exactly once |",

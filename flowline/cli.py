@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import requests
 
-from flowline.config import Ports, home
+from flowline.config import Ports, home, make_private
 from flowline.platform import Platform
 from flowline.supervisor import Supervisor
 from flowline.tracking import TrackingServer
@@ -51,6 +51,7 @@ def _wait_for_interrupt() -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Run the tracking server in the foreground until Ctrl-C."""
+    make_private(home())
     server = _tracking_server(args)
     if port_in_use(server.port, server.host):
         _say(f"port {server.port} is already in use; choose another with --port")
@@ -113,6 +114,7 @@ def _start_platform(platform: Platform) -> bool:
         )
         return False
     _say(f"starting flowline (home {platform.home})")
+    make_private(platform.home)  # and the umask, for what this process writes too
     try:
         platform.start()
     except (RuntimeError, TimeoutError) as exc:

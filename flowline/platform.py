@@ -9,10 +9,11 @@ from pathlib import Path
 
 import requests
 
-from flowline.config import Ports
+from flowline.config import Ports, make_private
 from flowline.tracking import TrackingServer
 from serving.controller.app import persistent_secret
-from serving.processes import ManagedProcess, port_in_use
+from serving.gateway.config import ROUTES_FILE
+from serving.processes import PRIVATE_UMASK, ManagedProcess, port_in_use
 
 START_TIMEOUT_SECONDS = 120.0
 
@@ -78,6 +79,7 @@ class Platform:
             process = ManagedProcess(
                 argv, env=self._env(), log_path=self.home / "logs" / f"{name}.log"
             )
+        process.umask = PRIVATE_UMASK  # what the roles and their replicas create is private
         process.start()
         self._write_pidfile(name, process.pid)
         return process
@@ -87,8 +89,10 @@ class Platform:
 
     def _write_pidfile(self, name: str, pid: int) -> None:
         # Pid files say which process is which role, for operators and crash tests.
-        self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
-        self._pidfile(name).write_text(f"{pid}\n")
+        self._pidfile(name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self._pidfile(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{pid}\n")
 
     def health_url(self, name: str) -> str:
         """The URL that answers 200 once role ``name`` is ready."""
@@ -132,7 +136,11 @@ class Platform:
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and re-raise."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        make_private(self.home, set_umask=False)
+        # A cold start: the routes a gateway saved point at replicas of the last run, which
+        # are gone. The controller pushes the live ones; a gateway restarted alone (below,
+        # by the supervisor) keeps its file and serves on at once.
+        (self.home / ROUTES_FILE).unlink(missing_ok=True)
         python = sys.executable
         try:
             tracking = self._launch("tracking")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from serving.processes import ManagedProcess
+from serving.processes import PRIVATE_UMASK, ManagedProcess
 
 HEALTH_TIMEOUT_SECONDS = 120.0
 
@@ -23,9 +23,10 @@ def webhook_encryption_key(home: Path) -> str:
     """
     path = home / "webhook-encryption.key"
     if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(Fernet.generate_key())
-        path.chmod(0o600)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(Fernet.generate_key())
     return path.read_text().strip()
 
 
@@ -97,13 +98,14 @@ class TrackingServer:
 
     def process(self, log_path: Path | None = None) -> ManagedProcess:
         """An unstarted managed process for this server."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.artifacts_destination:
-            Path(self.artifacts_root()).mkdir(parents=True, exist_ok=True)
+            Path(self.artifacts_root()).mkdir(mode=0o700, parents=True, exist_ok=True)
         return ManagedProcess(
             self.argv(),
             env=self.environment(),
             log_path=log_path or self.home / "logs" / "tracking.log",
+            umask=PRIVATE_UMASK,  # mlflow.db and the artifacts it stores: 0600 in 0700
         )
 
     def start(self, timeout: float = HEALTH_TIMEOUT_SECONDS) -> ManagedProcess:

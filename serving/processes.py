@@ -19,6 +19,9 @@ from typing import IO
 import requests
 
 STOP_GRACE_SECONDS = 10.0
+# Files flowline (and every child it starts) creates: 0600 files in 0700 folders. The
+# home holds captured request bodies, the registry database and secrets.
+PRIVATE_UMASK = 0o077
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,14 +75,18 @@ class ManagedProcess:
     env: Mapping[str, str] | None = None
     log_path: Path | None = None
     cwd: Path | None = None
+    # For the child only (PRIVATE_UMASK for flowline's roles); None inherits ours.
+    umask: int | None = None
     popen: subprocess.Popen | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
     def start(self) -> ManagedProcess:
         """Start the process; its output goes to ``log_path`` (or is discarded)."""
         if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_path.open("ab")
+            self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Logs can hold request data and paths: readable by the owner only.
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._log = os.fdopen(fd, "ab")
         self.popen = subprocess.Popen(
             list(self.argv),
             env=dict(self.env) if self.env is not None else None,
@@ -88,6 +95,7 @@ class ManagedProcess:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=-1 if self.umask is None else self.umask,
         )
         return self
 

@@ -194,7 +194,13 @@ PLANTED_SECRETS = {
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, str]]:
     """`flowline up` serving one small model (1 replica)."""
-    with flowline_up(tmp_path_factory.mktemp("up"), **PLANTED_SECRETS) as up:
+    tmp = tmp_path_factory.mktemp("up")
+    # A home made before, world-readable: flowline up must close it.
+    (tmp / "home" / "logs").mkdir(parents=True, mode=0o755)
+    (tmp / "home").chmod(0o755)
+    (tmp / "home" / "logs" / "old.log").write_text("from an earlier run\n")
+    (tmp / "home" / "logs" / "old.log").chmod(0o644)
+    with flowline_up(tmp, **PLANTED_SECRETS) as up:
         name = f"sturdy-{uuid.uuid4().hex[:6]}"
         promote(up, name, register_model(up.url("tracking"), name))
         yield up, name
@@ -404,3 +410,23 @@ def test_replica_count_follows_the_model_tag_with_no_failed_request(
     assert load.failures == [], load.failures[:5]
     assert replicas()[0] in scaled
     client.delete_registered_model_tag(name, "flowline.replicas")
+
+
+def test_files_under_the_home_are_private(served: tuple[Up, str]) -> None:
+    up, name = served
+    # Traffic first, so captures, the monitor's store and every log exist.
+    with Load(f"{up.url('gateway')}/models/{name}/invocations"):
+        pass
+    seen = {"file": 0, "dir": 0}
+    loose = []
+    for folder, _dirs, files in os.walk(up.home):
+        for path, kind in [(folder, "dir"), *((os.path.join(folder, f), "file") for f in files)]:
+            with contextlib.suppress(FileNotFoundError):  # a journal can vanish meanwhile
+                mode = os.lstat(path).st_mode & 0o777
+                seen[kind] += 1
+                if mode & 0o077 or (kind == "dir" and mode != 0o700):
+                    loose.append(f"{oct(mode)} {path}")
+    assert loose == []
+    names = {p.name for p in up.home.rglob("*")}
+    assert {"mlflow.db", "admin-token", "webhook-secret", "old.log", "gateway.pid"} <= names
+    assert seen["file"] > 10 and seen["dir"] > 3, seen

@@ -21,6 +21,7 @@ from serving.controller.app import (
 from serving.controller.gateway_client import GatewayClient
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import WebhookVerifier
+from serving.processes import PRIVATE_UMASK
 
 
 def main() -> None:
@@ -51,6 +52,7 @@ def main() -> None:
     # hold a pass, and the controller's health, hostage to a tracking-server outage.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.umask(PRIVATE_UMASK)  # pid files, logs and the replay guard: 0600, also run alone
     home = Path(args.home).resolve()
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri, tracking_uri)

@@ -37,9 +37,12 @@ STALE_INTERVALS = 3
 def persistent_secret(path: Path) -> str:
     """A random secret kept in ``path``: stable across restarts, created on first use."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600, never readable by others even for an instant.
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 

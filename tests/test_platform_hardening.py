@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from flowline.platform import Platform
 from flowline.supervisor import Backoff
 from serving.controller.webhooks import signature
-from tests.conftest import BIN, Service, spawn_service, subprocess_env, wait_for
+from tests.conftest import BIN, REPO, Service, spawn_service, subprocess_env, wait_for
 from tests.helpers_serving import FEW_COLUMNS, breast_cancer_frame
 from tests.test_deployment_e2e import _ports, flowline_up_argv
 
@@ -430,3 +431,32 @@ def test_files_under_the_home_are_private(served: tuple[Up, str]) -> None:
     names = {p.name for p in up.home.rglob("*")}
     assert {"mlflow.db", "admin-token", "webhook-secret", "old.log", "gateway.pid"} <= names
     assert seen["file"] > 10 and seen["dir"] > 3, seen
+
+
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # no venv: as a shell that never activated it
+
+
+@pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
+def test_venv_mlflow_run_works_without_an_activated_venv(tracking_server, tmp_path) -> None:
+    name = f"novenv-{uuid.uuid4().hex[:6]}"
+    env = {
+        "PATH": SYSTEM_PATH, "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": tracking_server.url,
+    }  # fmt: skip
+    argv = [str(BIN / "mlflow"), "run", str(REPO), "-e", "main", "--env-manager", "local"]
+    argv += ["-P", "max_evals=1", "-P", f"registered_model={name}"]
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_server.url)
+    assert client.get_latest_versions(name), "no version registered"
+    run_id = client.get_latest_versions(name)[0].run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_launcher_says_what_to_do_when_no_python_has_mlflow(tmp_path: Path) -> None:
+    # Started from a process that is not `mlflow run`, with no venv on PATH.
+    done = subprocess.run(
+        ["bash", str(REPO / "projects" / "python.sh"), "-c", "print('ran')"],
+        env={"PATH": SYSTEM_PATH}, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "ran" not in done.stdout
+    assert done.stderr.count("\n") == 1 and "activate the venv" in done.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import requests
 
+from flowline.auth import ADMIN_USER, Auth, is_loopback
 from flowline.config import Ports, home, make_private
 from flowline.platform import Platform
 from flowline.supervisor import Supervisor
@@ -39,7 +40,29 @@ def _tracking_server(args: argparse.Namespace) -> TrackingServer:
         backend_store_uri=args.backend_store_uri,
         artifacts_destination=args.artifacts_destination,
         workers=args.workers,
+        auth=args.auth,
     )
+
+
+def _exposure_refused(args: argparse.Namespace) -> bool:
+    """Refuse (one line) to bind the registry or controller beyond loopback without auth."""
+    if is_loopback(args.host) or args.auth:
+        return False
+    print(
+        f"flowline: error: --host {args.host} exposes the tracking server and the controller "
+        "beyond this machine without a password; add --auth (or bind 127.0.0.1)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _announce_auth(args: argparse.Namespace) -> None:
+    if not args.auth:
+        return
+    password, created = Auth(home()).admin_password()
+    if created:  # printed once: afterwards it is only in the 0600 file
+        _say(f"MLflow user '{ADMIN_USER}' password (shown once): {password}")
+    _say(f"basic auth on: users and passwords in {home()} (auth-admin-password, 0600)")
 
 
 def _wait_for_interrupt() -> None:
@@ -51,7 +74,10 @@ def _wait_for_interrupt() -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Run the tracking server in the foreground until Ctrl-C."""
+    if _exposure_refused(args):
+        return 2
     make_private(home())
+    _announce_auth(args)
     server = _tracking_server(args)
     if port_in_use(server.port, server.host):
         _say(f"port {server.port} is already in use; choose another with --port")
@@ -101,7 +127,7 @@ def _platform(args: argparse.Namespace) -> Platform:
     )
     return Platform(
         home=home(), ports=ports, host=args.host, backend_store_uri=args.backend_store_uri,
-        replicas=args.replicas,
+        replicas=args.replicas, auth=args.auth,
     )  # fmt: skip
 
 
@@ -138,8 +164,23 @@ def _supervise(platform: Platform) -> int:
     return 0
 
 
+def _warn_open_gateway(args: argparse.Namespace) -> None:
+    if is_loopback(args.host):
+        return
+    if not (os.environ.get("FLOWLINE_API_KEYS") or os.environ.get("FLOWLINE_API_KEYS_FILE")):
+        _say("!" * 78)
+        _say(f"WARNING: the gateway listens on {args.host} with NO API KEYS: anyone who can")
+        _say("reach it can score. Set FLOWLINE_API_KEYS or FLOWLINE_API_KEYS_FILE.")
+        _say("!" * 78)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the whole platform and supervise it until Ctrl-C."""
+    if _exposure_refused(args):
+        return 2
+    _warn_open_gateway(args)
+    make_private(home())
+    _announce_auth(args)
     platform = _platform(args)
     if not _start_platform(platform):
         return 1
@@ -255,6 +296,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The full lifecycle: up, train and register, promote, score, show the deployment."""
     from mlflow import MlflowClient
 
+    if _exposure_refused(args):
+        return 2
+    make_private(home())
+    _announce_auth(args)
+    if args.auth:  # this process registers and promotes: as flowline's service user
+        os.environ.update(Auth(home()).service_env())
     platform = _platform(args)
     if not _start_platform(platform):
         return 1
@@ -376,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="artifact store location (default: <home>/artifacts)",
         )
         sub.add_argument("--workers", type=int, default=2, help="tracking server workers")
+        sub.add_argument(
+            "--auth",
+            action="store_true",
+            default=os.environ.get("FLOWLINE_AUTH") == "1",
+            help="MLflow basic auth on the tracking server (needed to bind beyond loopback)",
+        )
 
     server = commands.add_parser("server", help="run the MLflow tracking server and registry")
     server_options(server)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import requests
 
+from flowline.auth import Auth
 from flowline.config import Ports, make_private
 from flowline.tracking import TrackingServer
 from serving.controller.app import persistent_secret
@@ -27,6 +28,7 @@ class Platform:
     host: str = "127.0.0.1"
     backend_store_uri: str = ""
     replicas: int = 1
+    auth: bool = False
     reconcile_interval: float = field(
         default_factory=lambda: float(os.environ.get("FLOWLINE_RECONCILE_INTERVAL_S", 5.0))
     )
@@ -39,7 +41,7 @@ class Platform:
         """The tracking server's settings."""
         return TrackingServer(
             home=self.home, host=self.host, port=self.ports.tracking,
-            backend_store_uri=self.backend_store_uri,
+            backend_store_uri=self.backend_store_uri, auth=self.auth,
         )  # fmt: skip
 
     def urls(self) -> dict[str, str]:
@@ -62,6 +64,7 @@ class Platform:
             FLOWLINE_MONITOR_URL=f"http://{self.host}:{self.ports.monitor}",
             PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
             PYTHONUNBUFFERED="1",
+            **(dict(Auth(self.home).service_env(), FLOWLINE_AUTH="1") if self.auth else {}),
         )
 
     def _spawn(self, name: str, argv: list[str], health: str) -> None:
@@ -146,6 +149,8 @@ class Platform:
             tracking = self._launch("tracking")
             self.processes.append(("tracking", tracking))
             tracking.wait_healthy(f"{self.tracking.url}/health", START_TIMEOUT_SECONDS)
+            if self.auth:
+                Auth(self.home).ensure_service_user(self.tracking.url)
             # The monitor before the gateway, so captures flow from the first request.
             self._spawn(
                 "monitor",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from flowline.auth import Auth
 from serving.processes import PRIVATE_UMASK, ManagedProcess
 
 HEALTH_TIMEOUT_SECONDS = 120.0
@@ -40,6 +41,8 @@ class TrackingServer:
     backend_store_uri: str = ""
     artifacts_destination: str = ""
     workers: int = 2
+    # MLflow's basic-auth app (flowline/auth.py): every call needs a user and password.
+    auth: bool = False
 
     @property
     def url(self) -> str:
@@ -77,6 +80,7 @@ class TrackingServer:
             str(self.port),
             "--workers",
             str(self.workers),
+            *(["--app-name", "basic-auth"] if self.auth else []),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -94,6 +98,8 @@ class TrackingServer:
                 "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
             }
         )
+        if self.auth:
+            env.update(Auth(self.home).server_env())
         return env
 
     def process(self, log_path: Path | None = None) -> ManagedProcess:

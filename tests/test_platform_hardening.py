@@ -460,3 +460,79 @@ def test_the_launcher_says_what_to_do_when_no_python_has_mlflow(tmp_path: Path) 
     )  # fmt: skip
     assert done.returncode == 2 and "ran" not in done.stdout
     assert done.stderr.count("\n") == 1 and "activate the venv" in done.stderr
+
+
+def test_binding_beyond_loopback_without_auth_is_refused(tmp_path: Path) -> None:
+    for command in ("up", "server"):
+        done = subprocess.run(
+            [str(BIN / "flowline"), command, "--host", "0.0.0.0", "--port", "1"],
+            env=subprocess_env(FLOWLINE_HOME=str(tmp_path)), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "--auth" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_with_auth_a_read_user_cannot_promote_and_the_platform_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with flowline_up(tmp_path, "--auth") as up:
+        tracking = up.url("tracking")
+        secret_file = up.home / "auth-admin-password"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        admin = ("admin", secret_file.read_text().strip())
+        assert _text(up.log).count(admin[1]) == 1  # printed once, at creation
+        api = f"{tracking}/api/2.0/mlflow"
+        anonymous = requests.get(f"{api}/registered-models/search", timeout=10)
+        assert anonymous.status_code == 401
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+        name = f"guarded-{uuid.uuid4().hex[:6]}"
+        version = register_model(tracking, name)
+        reader = ("reader", "reader-password-1234")
+        made = requests.post(
+            f"{api}/users/create",
+            json={"username": reader[0], "password": reader[1]},
+            auth=admin,
+            timeout=10,
+        )
+        assert made.status_code == 200, made.text
+        granted = requests.post(
+            f"{tracking}/api/3.0/mlflow/users/permissions/grant",
+            json={
+                "username": reader[0], "resource_type": "registered_model",
+                "resource_id": name, "permission": "READ",
+            },
+            auth=admin,
+            timeout=10,
+        )  # fmt: skip
+        assert granted.status_code == 200, granted.text
+        promote_body = {"name": name, "alias": "production", "version": version}
+        # What the registry UI's "Add alias" sends.
+        refused = requests.post(
+            f"{api}/registered-models/alias", json=promote_body, auth=reader, timeout=10
+        )
+        assert refused.status_code == 403, refused.text
+        assert requests.get(
+            f"{api}/registered-models/get", params={"name": name}, auth=reader, timeout=10
+        ).json()["registered_model"].get("aliases") in (None, [])
+
+        # The admin may; the controller, on its own credentials, deploys it.
+        allowed = requests.post(
+            f"{api}/registered-models/alias", json=promote_body, auth=admin, timeout=10
+        )
+        assert allowed.status_code == 200, allowed.text
+        wait_for(
+            lambda: served_version(up.url("gateway"), name) == version, "the deployment", DEADLINE
+        )
+        answer = requests.post(
+            f"{up.url('gateway')}/models/{name}/invocations", json=BODY, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        service_password = (up.home / "auth-service-password").read_text().strip()
+        for record in (up.home / "replicas").glob("*.json"):
+            for member in _group(json.loads(record.read_text())["pid"]):
+                environ = Path(f"/proc/{member}/environ").read_bytes().decode()
+                assert service_password not in environ and admin[1] not in environ

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote
 
+import mlflow
 import requests
+from mlflow.exceptions import MlflowException
 
 from serving.backends.base import BackendError, Replica
 from serving.processes import ManagedProcess, port_bindable
@@ -75,6 +80,8 @@ class LocalProcessBackend:
         self._used_ports: set[int] = set()
         self._lock = threading.Lock()
         self._live: dict[str, Replica] = {}
+        self._starting: dict[tuple[str, str], int] = {}
+        self._download_lock = threading.Lock()
         (state_dir / "replicas").mkdir(parents=True, exist_ok=True)
 
     def _take_port(self) -> int:
@@ -94,15 +101,57 @@ class LocalProcessBackend:
         A port can be taken by someone else between our check and the replica's own
         bind; that one failure is retried on the next free port.
         """
-        for attempt in range(PORT_ATTEMPTS):
+        key = (model, version)
+        with self._lock:
+            self._starting[key] = self._starting.get(key, 0) + 1
+        try:
+            local = self._local_copy(model, version, model_uri)
+            for attempt in range(PORT_ATTEMPTS):
+                try:
+                    return self._start_on_free_port(model, version, local)
+                except _PortTaken:
+                    if attempt == PORT_ATTEMPTS - 1:
+                        raise BackendError(
+                            f"replica of {model}/{version}: no port could be bound"
+                        ) from None
+            raise AssertionError("unreachable")
+        finally:
+            with self._lock:
+                self._starting[key] -= 1
+            self._prune(model, version)
+
+    def _model_dir(self, model: str, version: str) -> Path:
+        return self.state_dir / "models" / quote(model, safe="") / quote(version, safe="")
+
+    def _local_copy(self, model: str, version: str, model_uri: str) -> str:
+        """The version's files, downloaded once by the controller (which holds the
+        registry credentials) so that replicas need none."""
+        target = self._model_dir(model, version)
+        with self._download_lock:
+            if (target / "MLmodel").exists():
+                return str(target)
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=target.parent))
             try:
-                return self._start_on_free_port(model, version, model_uri)
-            except _PortTaken:
-                if attempt == PORT_ATTEMPTS - 1:
-                    raise BackendError(
-                        f"replica of {model}/{version}: no port could be bound"
-                    ) from None
-        raise AssertionError("unreachable")
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=str(staging), tracking_uri=self.tracking_uri
+                )
+                os.replace(local, target)  # whole or not at all
+            except (MlflowException, OSError) as exc:
+                first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                raise BackendError(f"could not download {model_uri}: {first}") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return str(target)
+
+    def _prune(self, model: str, version: str) -> None:
+        # A version no replica serves or is starting needs no local copy.
+        with self._lock:
+            if self._starting.get((model, version)) or any(
+                (r.model, r.version) == (model, version) for r in self._live.values()
+            ):
+                return
+        shutil.rmtree(self._model_dir(model, version), ignore_errors=True)
 
     def _start_on_free_port(self, model: str, version: str, model_uri: str) -> Replica:
         port = self._take_port()
@@ -146,6 +195,7 @@ class LocalProcessBackend:
         with self._lock:
             self._live.pop(replica.url, None)
             self._used_ports.discard(port)
+        self._prune(replica.model, replica.version)
 
     def stop_all(self) -> None:
         """Stop every replica started by this backend."""

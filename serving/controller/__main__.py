@@ -46,6 +46,11 @@ def main() -> None:
         "--interval", type=float, default=env_float("FLOWLINE_RECONCILE_INTERVAL_S", 5.0)
     )
     args = parser.parse_args()
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    if not loopback and os.environ.get("FLOWLINE_AUTH") != "1":
+        # Its webhook and reconcile endpoints change what is served: loopback unless the
+        # registry it follows has auth (flowline up --auth sets FLOWLINE_AUTH=1).
+        parser.exit(2, f"flowline: error: the controller binds {args.host} only with auth\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     # The loop retries every interval: MLflow's own retries (minutes, by default) would

@@ -157,10 +157,12 @@ def _supervise(platform: Platform) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     _say("press Ctrl-C to stop")
-    Supervisor(platform, _say).run(stop)
-    _say("stopping")
-    platform.stop()
-    _say("stopped")
+    try:
+        Supervisor(platform, _say).run(stop)
+    finally:  # whatever ends supervision, nothing may be left running
+        _say("stopping")
+        platform.stop()
+        _say("stopped")
     return 0
 
 

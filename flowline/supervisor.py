@@ -106,7 +106,11 @@ class Supervisor:
             role.down_since = now
             self._schedule(role, now, f"exited unexpectedly ({_exit(role.process)})")
         elif role.state == "waiting" and now >= role.due:
-            role.process = self.platform.respawn(role.name)
+            try:
+                role.process = self.platform.respawn(role.name)
+            except OSError as exc:  # no fork, no disk for the log: try again later
+                self._schedule(role, now, f"could not be started ({exc})")
+                return
             role.state, role.since = "starting", now
         elif role.state == "starting":
             if not role.process.alive():

@@ -68,6 +68,9 @@ class ColumnPlan:
     types: dict[str, str]
     dropped: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    # Kept in the plan, not read from DATE_PARTS, because the fitted preprocessing of a
+    # logged model names these columns: a later flowline must produce the same ones.
+    date_parts: tuple[str, ...] = DATE_PARTS
 
     @property
     def numeric(self) -> list[str]:
@@ -75,7 +78,7 @@ class ColumnPlan:
         out: list[str] = []
         for name, type_ in self.types.items():
             if type_ == profile.DATETIME:
-                out += [f"{name}__{part}" for part in DATE_PARTS]
+                out += [f"{name}__{part}" for part in self.date_parts]
             elif type_ in (profile.INTEGER, profile.FLOAT):
                 out.append(name)
         return out
@@ -218,7 +221,7 @@ def _booleans(name: str, series: pd.Series) -> np.ndarray:
     return mapped.where(mapped.notna(), MISSING).to_numpy(dtype=object)
 
 
-def _date_parts(name: str, series: pd.Series) -> dict[str, np.ndarray]:
+def _date_parts(name: str, series: pd.Series, parts: tuple[str, ...]) -> dict[str, np.ndarray]:
     if pd.api.types.is_numeric_dtype(series) and series.notna().any():
         raise ColumnTypeError(
             f"Incompatible input types for column {name}: expected an ISO-8601 date, "
@@ -227,7 +230,7 @@ def _date_parts(name: str, series: pd.Series) -> dict[str, np.ndarray]:
     parsed, _ = profile.datetime_values(series)
     return {
         f"{name}__{part}": getattr(parsed.dt, part).to_numpy(dtype=np.float64, na_value=np.nan)
-        for part in DATE_PARTS
+        for part in parts
     }
 
 
@@ -241,7 +244,7 @@ def coerce(frame: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
     for name, type_ in plan.types.items():
         series = frame[name]
         if type_ == profile.DATETIME:
-            out.update(_date_parts(name, series))
+            out.update(_date_parts(name, series, plan.date_parts))
         elif type_ == profile.BOOLEAN:
             out[name] = _booleans(name, series)
         elif type_ == profile.STRING:

@@ -28,7 +28,8 @@ from pipelines.errors import UserError
 from pipelines.metrics import SCORERS, TASK_METRICS, resolve_metric
 from pipelines.preprocess import with_preprocessing
 from pipelines.pyfunc_model import TabularModel
-from pipelines.tune import SearchResult, search
+from pipelines.spark import check_java, check_master
+from pipelines.tune import SearchResult, SparkSettings, search
 
 FAMILIES = ("sklearn", "keras")
 VALIDATION_FRACTION = 0.25
@@ -50,6 +51,8 @@ class TrainConfig:
     test_size: float = 0.2
     seed: int = 42
     epochs: int = keras_family.DEFAULT_EPOCHS
+    spark: str = ""  # empty: trials one after another; else a Spark master (SparkTrials)
+    parallelism: int = 2
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -62,6 +65,11 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"test_size must be between 0 and 1 (got {config.test_size})")
     if config.epochs < 1:
         raise UserError(f"epochs must be at least 1 (got {config.epochs})")
+    if config.parallelism < 1:
+        raise UserError(f"parallelism must be at least 1 (got {config.parallelism})")
+    if config.spark:
+        check_master(config.spark)
+        check_java()
 
 
 def check_tracking_server(uri: str) -> None:
@@ -184,9 +192,13 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
     space, make_estimator = _estimator_factory(config, data.task)
     scorer = SCORERS[data.task]
 
-    def evaluate(params: dict[str, Any]) -> float:
-        pipeline = with_preprocessing(plan, make_estimator(params)).fit(X_fit, y_fit)
-        return scorer(pipeline, X_val, y_val)[metric]
+    def evaluate(params: dict[str, Any], fit_data: tuple[Any, ...]) -> float:
+        # fit_data arrives as an argument (a Spark broadcast on executors), not a closure.
+        x_fit, y_fit_, x_val, y_val_ = fit_data
+        pipeline = with_preprocessing(plan, make_estimator(params)).fit(x_fit, y_fit_)
+        return scorer(pipeline, x_val, y_val_)[metric]
+
+    spark = SparkSettings(config.spark, config.parallelism) if config.spark else None
 
     for warning in plan.warnings:
         report(f"warning: {warning}")
@@ -201,6 +213,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
         f"training {config.family} {data.task} on {data.source.name}: {len(data.features)} rows, "
         f"{len(plan.types)} features, target '{data.target.name}', metric {metric}, "
         f"{config.max_evals} trials{balance}"
+        + (f", on Spark {config.spark} ({config.parallelism} at a time)" if spark else "")
     )
     with mlflow.start_run(run_name=f"tune-{config.family}") as parent:
         _log_project_params(config)
@@ -220,7 +233,16 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
             }
         )
         try:
-            result = search(space, evaluate, metric, config.max_evals, config.seed, report)
+            result = search(
+                space,
+                evaluate,
+                (X_fit, y_fit, X_val, y_val),
+                metric,
+                config.max_evals,
+                config.seed,
+                report,
+                spark,
+            )
         except RuntimeError as exc:
             raise UserError(str(exc)) from None
         _log_search(result, metric)

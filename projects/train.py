@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument(
         "--epochs", type=_whole_number, default=defaults.epochs, help="keras max epochs"
     )
+    parser.add_argument(
+        "--spark", default=defaults.spark, help="Spark master for parallel trials, e.g. local[*]"
+    )
+    parser.add_argument("--parallelism", type=_whole_number, default=defaults.parallelism)
     args = parser.parse_args(argv)
     return TrainConfig(**{k: v for k, v in vars(args).items()})
 

@@ -159,16 +159,31 @@ def tracking_server(
         process.stop()
 
 
+@pytest.fixture(scope="module")
+def sqlite_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """A real `mlflow server` on SQLite, one per test module that asks for it."""
+    server = TrackingServer(home=tmp_path_factory.mktemp("home"), port=free_port(), workers=1)
+    process = server.start()
+    try:
+        yield server
+    finally:
+        process.stop()
+
+
 def mlflow_run(
-    tracking_uri: str, timeout: float = 600, **params: object
+    tracking_uri: str,
+    timeout: float = 600,
+    entry: str = "main",
+    env: dict[str, str] | None = None,
+    **params: object,
 ) -> subprocess.CompletedProcess:
-    """`mlflow run <repo> -e main --env-manager local -P k=v ...` as a real subprocess."""
-    argv = [str(BIN / "mlflow"), "run", str(REPO), "-e", "main", "--env-manager", "local"]
+    """`mlflow run <repo> -e <entry> --env-manager local -P k=v ...` as a real subprocess."""
+    argv = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local"]
     for key, value in params.items():
         argv += ["-P", f"{key}={value}"]
     return subprocess.run(
         argv,
-        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_uri),
+        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_uri, **(env or {})),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -25,7 +25,6 @@ from sklearn.datasets import load_digits
 
 from flowline.tracking import TrackingServer
 from serving.gateway.model_metadata import deployment_from_model_dir
-from serving.processes import free_port
 from tests.conftest import BIN, Service, mlflow_run, subprocess_env
 from tests.helpers_serving import running, start_gateway, start_scoring_server
 from tests.test_columns import real_table
@@ -34,17 +33,6 @@ pytestmark = pytest.mark.slow
 
 ADMIN = "real-tables-admin-token"
 PARQUET = "application/vnd.apache.parquet"
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """A real `mlflow server` on SQLite for this module."""
-    server = TrackingServer(home=tmp_path_factory.mktemp("home"), port=free_port(), workers=1)
-    process = server.start()
-    try:
-        yield server
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +163,12 @@ def score_everywhere(
         assert props[column] == {"type": ["integer", "null"]}
 
 
-def test_sklearn_on_a_real_looking_table(tracking, gateway: Service, tmp_path: Path) -> None:
+def test_sklearn_on_a_real_looking_table(sqlite_tracking, gateway: Service, tmp_path: Path) -> None:
     table = real_table(600)
     table.loc[:11, "label"] = None
     data = tmp_path / "customers.csv"
     table.to_csv(data, index=False)
-    result, version, local = _train(tracking, data, "label", "customers")
+    result, version, local = _train(sqlite_tracking, data, "label", "customers")
 
     assert "left out 12 row(s) whose target 'label' is empty" in result.stdout
     assert "warning: column 'name' dropped (id-like)" in result.stdout
@@ -202,7 +190,7 @@ def test_sklearn_on_a_real_looking_table(tracking, gateway: Service, tmp_path: P
     score_everywhere(local, "customers", file_rows, gateway, tmp_path)
 
 
-def test_keras_on_digits_as_its_integer_frame(tracking, gateway: Service, tmp_path: Path):
+def test_keras_on_digits_as_its_integer_frame(sqlite_tracking, gateway: Service, tmp_path: Path):
     # scikit-learn 1.9 ships every bundled frame's features as float64 (only targets are
     # int64); digits' pixels are whole numbers, so they are typed `integer`, and the int64
     # frame that reading them from a file gives is scored as well.
@@ -211,7 +199,7 @@ def test_keras_on_digits_as_its_integer_frame(tracking, gateway: Service, tmp_pa
     digits.frame.astype("int64").to_csv(data, index=False)
     from_file = pd.read_csv(data).drop(columns=["target"])
     assert all(pd.api.types.is_integer_dtype(t) for t in from_file.dtypes)
-    _, version, local = _train(tracking, data, "target", "digits", family="keras", epochs=2)
+    _, version, local = _train(sqlite_tracking, data, "target", "digits", family="keras", epochs=2)
     dropped = json.loads(version.tags["flowline.dropped_columns"])
     assert dropped and set(dropped.values()) == {"constant"}  # blank corner pixels
     types = mlflow.models.Model.load(local).metadata["flowline.input_types"]

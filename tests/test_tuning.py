@@ -27,13 +27,13 @@ def test_failed_trial_is_recorded_and_search_goes_on(sqlite_uri: str) -> None:
         "estimator", [{"estimator": "good", "x": hp.uniform("x", 0, 1)}, {"estimator": "bad"}]
     )
 
-    def evaluate(params: dict) -> float:
+    def evaluate(params: dict, data: object) -> float:
         if params["estimator"] == "bad":
             raise TrainingDiverged("training loss became NaN or infinite")
         return params["x"]
 
     with mlflow.start_run() as parent:
-        result = search(space, evaluate, "r2", max_evals=12, seed=1, report=lambda _: None)
+        result = search(space, evaluate, None, "r2", max_evals=12, seed=1, report=lambda _: None)
     statuses = [t.status for t in result.trials]
     assert len(result.trials) == 12
     assert "failed" in statuses and "ok" in statuses
@@ -47,12 +47,18 @@ def test_failed_trial_is_recorded_and_search_goes_on(sqlite_uri: str) -> None:
 
 
 def test_all_trials_failing_is_a_clear_error(sqlite_uri: str) -> None:
-    def evaluate(params: dict) -> float:
+    def evaluate(params: dict, data: object) -> float:
         raise ValueError("boom")
 
     with mlflow.start_run(), pytest.raises(RuntimeError, match="all 2 trials failed"):
         search(
-            {"x": hp.uniform("x", 0, 1)}, evaluate, "r2", max_evals=2, seed=1, report=lambda _: None
+            {"x": hp.uniform("x", 0, 1)},
+            evaluate,
+            None,
+            "r2",
+            max_evals=2,
+            seed=1,
+            report=lambda _: None,
         )
 
 

@@ -536,3 +536,30 @@ def test_with_auth_a_read_user_cannot_promote_and_the_platform_serves(
             for member in _group(json.loads(record.read_text())["pid"]):
                 environ = Path(f"/proc/{member}/environ").read_bytes().decode()
                 assert service_password not in environ and admin[1] not in environ
+
+
+def test_a_controller_beyond_loopback_without_auth_is_refused() -> None:
+    done = subprocess.run(
+        [str(BIN / "python"), "-m", "serving.controller", "--host", "0.0.0.0", "--port", "1"],
+        env=subprocess_env(MLFLOW_TRACKING_URI="http://127.0.0.1:1", FLOWLINE_AUTH=""),
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().count("\n") == 0 and "only with auth" in done.stderr
+
+
+def test_a_gateway_beyond_loopback_without_api_keys_warns_loudly(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from flowline.cli import _warn_open_gateway
+
+    monkeypatch.delenv("FLOWLINE_API_KEYS", raising=False)
+    monkeypatch.delenv("FLOWLINE_API_KEYS_FILE", raising=False)
+    _warn_open_gateway(argparse.Namespace(host="0.0.0.0"))
+    assert "WARNING" in capsys.readouterr().out
+    monkeypatch.setenv("FLOWLINE_API_KEYS", "a-key")
+    _warn_open_gateway(argparse.Namespace(host="0.0.0.0"))
+    _warn_open_gateway(argparse.Namespace(host="127.0.0.1"))
+    assert capsys.readouterr().out == ""

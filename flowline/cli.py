@@ -364,9 +364,11 @@ def mlflow_artifacts_download(tracking: str, uri: str) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp())
 
 
-def _mlflow_run_argv(params: dict[str, str], experiment: str | None = None) -> list[str]:
+def _mlflow_run_argv(
+    params: dict[str, str], experiment: str | None = None, entry: str = "main"
+) -> list[str]:
     argv = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "run", str(PROJECT_DIR)]
-    argv += ["-e", "main", "--env-manager", "local"]
+    argv += ["-e", entry, "--env-manager", "local"]
     if experiment:
         argv += ["--experiment-name", experiment]
     for key, value in params.items():
@@ -374,11 +376,10 @@ def _mlflow_run_argv(params: dict[str, str], experiment: str | None = None) -> l
     return argv
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Check the parameters, data and server in one second, then hand over to `mlflow run`."""
+def _checked_mlflow_run(args: argparse.Namespace, entry: str) -> int:
+    """Check an entry point's parameters (and the server) in a second, then `mlflow run` it."""
     from pipelines.errors import UserError
-    from pipelines.train import check_tracking_server, preflight
-    from projects.train import parse_args
+    from pipelines.train import check_tracking_server
 
     params = dict(pair.split("=", 1) for pair in args.param if "=" in pair)
     bad = [pair for pair in args.param if "=" not in pair]
@@ -388,22 +389,40 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        config = parse_args([f"--{k.replace('_', '-')}={v}" for k, v in params.items()])
-    except SystemExit as exc:
-        return int(exc.code or 2)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
     import mlflow
 
     try:
-        preflight(config)
+        if entry == "main":
+            from pipelines.train import preflight
+            from projects.train import parse_args as parse_train
+
+            preflight(parse_train(argv))
+        else:
+            from pipelines.batch_score import validate
+            from projects.score import parse_args as parse_score
+
+            validate(parse_score(argv))
         check_tracking_server(mlflow.get_tracking_uri())
+    except SystemExit as exc:  # argparse has printed its one line
+        return int(exc.code or 2)
     except UserError as exc:
         print(f"flowline: error: {exc}", file=sys.stderr)
         return 2
     env = dict(
         os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     )
-    return subprocess.run(_mlflow_run_argv(params, args.experiment_name), env=env).returncode
+    return subprocess.run(_mlflow_run_argv(params, args.experiment_name, entry), env=env).returncode
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Check the parameters, data and server in one second, then hand over to `mlflow run`."""
+    return _checked_mlflow_run(args, "main")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Check the model URI, paths and server, then `mlflow run -e score` (batch scoring)."""
+    return _checked_mlflow_run(args, "score")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--experiment-name", default=None)
     train.set_defaults(func=cmd_train)
+    score = commands.add_parser(
+        "score",
+        help="check inputs, then `mlflow run -e score`: batch-score a table with a registered "
+        "model (-P model=models:/name@production -P input=... -P output=...)",
+    )
+    score.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE")
+    score.add_argument("--experiment-name", default=None)
+    score.set_defaults(func=cmd_score)
 
     def platform_options(sub: argparse.ArgumentParser) -> None:
         server_options(sub)

@@ -152,6 +152,20 @@ def test_flowline_train_checks_data_before_creating_a_run(tmp_path: Path) -> Non
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_flowline_score_checks_its_paths_before_creating_a_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = ["model=models:/m/1", f"input={tmp_path / 'nope.parquet'}", "output=out.parquet"]
+    result = subprocess.run(
+        [str(BIN / "flowline"), "score", *(arg for p in params for arg in ("-P", p))],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _assert_one_clear_line(result, "input not found")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_bad_input_through_mlflow_run_against_a_real_server(
     tracking_server, tmp_path: Path

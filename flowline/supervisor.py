@@ -1,10 +1,10 @@
 """Keep every role of `flowline up` running: restart what exits, with capped backoff.
 
 One crashed role must not stop the platform. The supervisor polls each role's process;
-a role that exited is started again after a delay that doubles with each restart that
-did not last (0.5 s, 1 s, 2 s, ... capped at 30 s) and resets once a restart has stayed
-up for a minute. Only the stop event (Ctrl-C or SIGTERM) ends the loop; stopping the
-platform is the caller's job.
+a role that exited is started again at once, and after a delay that doubles with each
+further restart that did not last (0.5 s, 1 s, 2 s, ... capped at 30 s); the count
+starts over once a restart has stayed up for a minute. Only the stop event (Ctrl-C or
+SIGTERM) ends the loop; stopping the platform is the caller's job.
 
 Roles live in their own process groups and scoring replicas in theirs, so a restarted
 controller adopts the replicas it left and the gateway keeps serving meanwhile.
@@ -37,8 +37,11 @@ class Backoff:
     reset_after: float = 60.0
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before restart number ``attempt`` (1-based)."""
-        return min(self.cap, self.first * self.factor ** max(0, attempt - 1))
+        """Seconds to wait before restart number ``attempt`` (1-based): none for the
+        first (one crash costs no extra outage), then ``first``, doubling, capped."""
+        if attempt <= 1:
+            return 0.0
+        return min(self.cap, self.first * self.factor ** (attempt - 2))
 
 
 class Supervised(Protocol):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -231,6 +232,7 @@ def test_a_killed_role_is_restarted_with_no_failed_scoring_request(
     served: tuple[Up, str], role: str, health: str
 ) -> None:
     up, name = served
+    before = _settled_captures(up, name)
     with Load(f"{up.url('gateway')}/models/{name}/invocations") as load:
         old = _crash(up, role)
         _wait_restarted(up, role, old, health)
@@ -239,6 +241,38 @@ def test_a_killed_role_is_restarted_with_no_failed_scoring_request(
     assert load.failures == [], load.failures[:5]
     assert up.service.alive(), "flowline up itself must keep running"
     assert served_version(up.url("gateway"), name) is not None
+    if role == "monitor":  # what the gateway captured meanwhile reaches the new monitor
+        wait_for(
+            lambda: _captures(up, name) - before >= load.ok,
+            f"all {load.ok} scored requests to be captured",
+            DEADLINE,
+        )
+        stored = _settled_captures(up, name) - before
+        print(f"monitor kill -9: {load.ok} requests scored, {stored} captured")
+        assert stored == load.ok
+
+
+def _captures(up: Up, name: str) -> int:
+    """Capture records the monitor stored for ``name`` (its SQLite store, read-only)."""
+    with contextlib.closing(
+        sqlite3.connect(f"file:{up.home / 'monitor.db'}?mode=ro", uri=True)
+    ) as db:
+        query = "SELECT count(*) FROM flowline_mon_captured_records WHERE model = ?"
+        return db.execute(query, (name,)).fetchone()[0]
+
+
+def _settled_captures(up: Up, name: str) -> int:
+    """The stored capture count once it has not changed for 3 s (the client flushed)."""
+    seen = [(-1, time.monotonic())]
+
+    def settled() -> bool:
+        count = _captures(up, name)
+        if count != seen[-1][0]:
+            seen.append((count, time.monotonic()))
+        return time.monotonic() - seen[-1][1] >= 3.0
+
+    wait_for(settled, "captures to settle", DEADLINE)
+    return seen[-1][0]
 
 
 def test_a_killed_controller_adopts_its_replicas(served: tuple[Up, str]) -> None:
@@ -268,8 +302,15 @@ def test_a_killed_gateway_scores_again_within_5_seconds(served: tuple[Up, str]) 
     with Load(f"{up.url('gateway')}/models/{name}/invocations") as load:
         old = _crash(up, "gateway")
         killed = time.monotonic()
-        wait_for(lambda: load.successes_after(killed) >= 5, "scoring after the kill", DEADLINE)
-        back = min(t for t in load.successes if t > killed)
+        wait_for(
+            lambda: load.failures and load.successes_after(load.failures[-1][0]) >= 5,
+            "scoring after the kill",
+            DEADLINE,
+        )
+    # The outage ends with the first success after the last failure (a request answered
+    # just before the kill can land just after it).
+    last_failure = load.failures[-1][0]
+    back = min(t for t in load.successes if t > last_failure)
     outage = back - killed
     print(f"gateway kill -9: scoring back after {outage:.2f}s, {len(load.failures)} failed")
     assert outage <= 5.0, f"scoring came back {outage:.1f}s after the kill"
@@ -278,7 +319,7 @@ def test_a_killed_gateway_scores_again_within_5_seconds(served: tuple[Up, str]) 
 
 def test_backoff_doubles_and_is_capped() -> None:
     backoff = Backoff(first=0.5, factor=2.0, cap=30.0)
-    assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert [backoff.delay(n) for n in (1, 2, 3, 4, 5)] == [0.0, 0.5, 1.0, 2.0, 4.0]
     assert backoff.delay(50) == 30.0
 
 

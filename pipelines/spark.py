@@ -79,6 +79,8 @@ def spark_session(master: str, app_name: str) -> Any:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = builder.config("spark.driver.host", "127.0.0.1")
         builder = builder.config("spark.driver.bindAddress", "127.0.0.1")
+        # Workers forked with mlflow, scikit-learn and pandas imported (see the module).
+        builder = builder.config("spark.python.daemon.module", "pipelines.spark_daemon")
     try:
         session = builder.getOrCreate()
     except Exception as exc:  # py4j and pyspark raise many types; all mean "no Spark"

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint
+.PHONY: demo test install lint jvm
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,5 +20,10 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Spark (-P spark=local[N], its tests) needs a Java 17+ runtime; Debian's, if none is on PATH.
+jvm:
+	@command -v java >/dev/null 2>&1 || { apt-get update -qq && \
+		apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
+
+test: lint jvm
 	$(BIN)/python -m pytest

@@ -127,27 +127,25 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
     _assert_one_clear_line(result, f"cannot reach the MLflow tracking server at {uri}")
 
 
-def test_flowline_train_checks_server_before_mlflow_run(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{free_port()}"
-    result = subprocess.run(
-        [str(BIN / "flowline"), "train", "-P", "max_evals=1"],
-        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+def _flowline(command: str, tracking_uri: str, *params: str) -> subprocess.CompletedProcess:
+    """`flowline <command> -P k=v ...` as a real subprocess against ``tracking_uri``."""
+    return subprocess.run(
+        [str(BIN / "flowline"), command, *(arg for p in params for arg in ("-P", p))],
+        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_uri),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_flowline_train_checks_server_before_mlflow_run(tmp_path: Path) -> None:
+    result = _flowline("train", f"http://127.0.0.1:{free_port()}", "max_evals=1")
     _assert_one_clear_line(result, "cannot reach the MLflow tracking server")
 
 
 def test_flowline_train_checks_data_before_creating_a_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = subprocess.run(
-        [str(BIN / "flowline"), "train", "-P", f"data={tmp_path / 'nope.csv'}", "-P", "target=y"],
-        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _flowline("train", uri, f"data={tmp_path / 'nope.csv'}", "target=y")
     _assert_one_clear_line(result, "data file not found")
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -155,13 +153,7 @@ def test_flowline_train_checks_data_before_creating_a_run(tmp_path: Path) -> Non
 def test_flowline_score_checks_its_paths_before_creating_a_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = ["model=models:/m/1", f"input={tmp_path / 'nope.parquet'}", "output=out.parquet"]
-    result = subprocess.run(
-        [str(BIN / "flowline"), "score", *(arg for p in params for arg in ("-P", p))],
-        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _flowline("score", uri, *params)
     _assert_one_clear_line(result, "input not found")
     assert not (tmp_path / "mlflow.db").exists()
 

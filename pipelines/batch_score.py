@@ -37,8 +37,8 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.data import SUPPORTED_SUFFIXES
 from pipelines.errors import UserError
+from pipelines.pyfunc_model import PREDICT_METHODS
 
-PREDICT_METHODS = ("predict", "predict_proba")
 CHUNK_ROWS = 50_000
 # A capture record holds at most this many rows (records are bounded by the monitor).
 CAPTURE_ROWS_PER_RECORD = 200

@@ -89,10 +89,6 @@ class ColumnPlan:
         return [n for n, t in self.types.items() if t in (profile.BOOLEAN, profile.STRING)]
 
 
-def _present(series: pd.Series) -> pd.Series:
-    return series.dropna()
-
-
 def _is_whole(values: pd.Series) -> bool:
     numbers = values.to_numpy(dtype=np.float64)
     return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)))
@@ -116,7 +112,7 @@ def _date_share(present: pd.Series) -> float:
     return float((shaped & ~invalid).mean())
 
 
-def _is_id_like(name: str, series: pd.Series, present: pd.Series, type_: str) -> bool:
+def _is_id_like(name: str, present: pd.Series, type_: str) -> bool:
     distinct = present.nunique()
     if type_ == profile.STRING:
         share = distinct / len(present) if len(present) else 0.0
@@ -153,7 +149,7 @@ def plan_columns(features: pd.DataFrame) -> ColumnPlan:
     warnings: list[str] = []
     for raw_name, series in features.items():
         name = str(raw_name)
-        present = _present(series)
+        present = series.dropna()
         if present.empty:
             dropped[name] = "empty"
             continue
@@ -161,7 +157,7 @@ def plan_columns(features: pd.DataFrame) -> ColumnPlan:
             dropped[name] = "constant"
             continue
         type_ = _column_type(name, series, present, warnings)
-        if _is_id_like(name, series, present, type_):
+        if _is_id_like(name, present, type_):
             dropped[name] = "id_like"
             continue
         types[name] = type_

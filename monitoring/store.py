@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -473,7 +474,7 @@ class MonitorStore:
         # A plain DB-API executemany: SQLAlchemy's per-row parameter processing would
         # cost as much as the insert itself. Values are plain str/float/int.
         if positions is not None:
-            params: list[Any] = [tuple(row[k] for k in positions) for row in rows]
+            params: list[Any] = list(map(itemgetter(*positions), rows))  # C, not a genexpr per row
         else:
             params = rows
         stored = conn.exec_driver_sql(sql, params).rowcount
@@ -818,8 +819,25 @@ _RECORD_COLUMNS = (
     "model", "version", "record_id", "request_id", "captured_at", "ingested_at", "rows",
     "content_type", "body", "body_encoding", "inputs", "predictions", "error",
 )  # fmt: skip
-# One encoder for every record: json.dumps with options builds a new encoder per call.
+# One encoder for every record: json.dumps with options builds a new encoder per call,
+# and so does JSONEncoder.encode (its C encoder): 2 us of the ~40 us a record costs.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+_C_ENCODER = (
+    json.encoder.c_make_encoder(  # (markers, default, encoder, indent, ":", ",", sort, skip, nan)
+        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
+def _encode(value: Any) -> str:
+    """``_ENCODER.encode(value)``. No cycle check: values come from decoded JSON."""
+    if _C_ENCODER is None:
+        return _ENCODER.encode(value)
+    if isinstance(value, str):
+        return json.encoder.encode_basestring_ascii(value)
+    return "".join(_C_ENCODER(value, 0))
 
 
 def _record_row(prepared: PreparedRecord, now: float) -> dict[str, Any]:
@@ -829,7 +847,7 @@ def _record_row(prepared: PreparedRecord, now: float) -> dict[str, Any]:
     if body is not None and body_encoding is None and "\x00" in body:
         # PostgreSQL text cannot hold NUL: such a body is kept, losslessly, as base64.
         body, body_encoding = base64.b64encode(body.encode()).decode("ascii"), "base64"
-    encode = _ENCODER.encode
+    encode = _encode
     return {
         "model": record.model,
         "version": record.version,

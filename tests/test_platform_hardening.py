@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from flowline.platform import Platform
 from flowline.supervisor import Backoff
+from monitoring.capture import DEFAULT_FLUSH_INTERVAL_S
 from serving.controller.webhooks import signature
 from tests.conftest import BIN, REPO, Service, spawn_service, subprocess_env, wait_for
 from tests.helpers_serving import FEW_COLUMNS, breast_cancer_frame
@@ -315,6 +316,37 @@ def test_a_killed_gateway_scores_again_within_5_seconds(served: tuple[Up, str]) 
     print(f"gateway kill -9: scoring back after {outage:.2f}s, {len(load.failures)} failed")
     assert outage <= 5.0, f"scoring came back {outage:.1f}s after the kill"
     assert up.pid("gateway") != old
+
+
+def test_a_killed_gateway_loses_at_most_a_few_flush_intervals_of_captures(
+    served: tuple[Up, str],
+) -> None:
+    """Item 7: kill -9 loses only what waited in memory, about one flush interval of traffic.
+
+    The bound allows 3 intervals (75 ms) at the rate measured just before the kill,
+    for the POST in flight and a delivery thread held back by the busy event loop;
+    the old 0.2 s interval lost up to ~200 ms and fails it most of the time.
+    Spooled records are redelivered by the restarted gateway: they are not lost.
+    """
+    up, name = served
+    before = _settled_captures(up, name)
+    with Load(f"{up.url('gateway')}/models/{name}/invocations") as load:
+        first = load.successes[0]
+        wait_for(lambda: load.successes[-1] - first >= 3.0, "3 s of steady traffic", DEADLINE)
+        old = _crash(up, "gateway")
+        killed = time.monotonic()
+        rate = (load.successes_after(killed - 2.0) - load.successes_after(killed)) / 2.0
+        wait_for(
+            lambda: up.pid("gateway") != old and load.successes_after(killed) >= 20,
+            "scoring after the kill",
+            DEADLINE,
+        )
+    stored = _settled_captures(up, name) - before
+    lost = load.ok - stored
+    bound = 3 * DEFAULT_FLUSH_INTERVAL_S * rate
+    print(f"gateway kill -9: {load.ok} scored, {stored} captured, {lost} lost "
+          f"({lost / rate * 1000:.0f} ms at {rate:.0f} requests/s; bound {bound:.1f})")  # fmt: skip
+    assert lost <= bound, f"{lost} captures lost, more than {bound:.1f} (3 flush intervals)"
 
 
 def test_backoff_doubles_and_is_capped() -> None:

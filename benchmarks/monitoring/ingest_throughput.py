@@ -248,6 +248,27 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Target: >= {TARGET:,} rows/s. Slowest HTTP case on SQLite (the default store): "
         f"{worst:,} rows/s: **{'met' if worst >= TARGET else 'not met'}**.",
         "",
+    ]
+    baseline = doc.get("baseline")
+    if baseline:
+        lines += [
+            f"Same session, run just before with the code of {baseline['label']} (single-row "
+            "records, rows/s wall; rows per CPU-second in brackets):",
+            "",
+            "| path | store | senders | before | after |",
+            "|---|---|---:|---:|---:|",
+        ]
+        now = {_case(r): r for r in doc["results"]}
+        for r in baseline["results"]:
+            if r["rows_per_record"] == 1 and _case(r) in now:
+                n = now[_case(r)]
+                lines.append(
+                    f"| {r['path']} | {r['store']} | {r['senders']} | {r['rows_per_s']:,} "
+                    f"({r['rows_per_cpu_s'] or 0:,}) | {n['rows_per_s']:,} "
+                    f"({n['rows_per_cpu_s'] or 0:,}) |"
+                )
+        lines.append("")
+    lines += [
         "'exactly once': after the timed run the first batches were posted again (a client "
         "redelivering after a lost acknowledgement) and the stored row count still equals the "
         "rows sent.",
@@ -263,6 +284,10 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _case(result: dict[str, Any]) -> tuple[Any, ...]:
+    return result["path"], result["store"], result["rows_per_record"], result["senders"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every setting and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -270,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS / "monitoring_ingest.json"))
     parser.add_argument(
         "--markdown-only", action="store_true", help="rewrite the .md from the saved .json"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="JSON[=LABEL]",
+        help="results of this script run on older code just before, shown side by side",
     )
     args = parser.parse_args(argv)
     if args.markdown_only:
@@ -302,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         "target_rows_per_s": TARGET,
         "results": results,
     }
+    if args.baseline:
+        path, _, label = args.baseline.partition("=")
+        doc["baseline"] = {
+            "label": label or path,
+            "results": json.loads(Path(path).read_text())["results"],
+        }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(doc, indent=2) + "\n")

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from monitoring import profile
+from monitoring import column_types
 
 DATE_SHARE = 0.95
 ID_DISTINCT_SHARE = 0.5
@@ -77,16 +77,18 @@ class ColumnPlan:
         """Model-input columns (after coercion) that the preprocessing treats as numbers."""
         out: list[str] = []
         for name, type_ in self.types.items():
-            if type_ == profile.DATETIME:
+            if type_ == column_types.DATETIME:
                 out += [f"{name}__{part}" for part in self.date_parts]
-            elif type_ in (profile.INTEGER, profile.FLOAT):
+            elif type_ in (column_types.INTEGER, column_types.FLOAT):
                 out.append(name)
         return out
 
     @property
     def categorical(self) -> list[str]:
         """Model-input columns (after coercion) that the preprocessing one-hot encodes."""
-        return [n for n, t in self.types.items() if t in (profile.BOOLEAN, profile.STRING)]
+        return [
+            n for n, t in self.types.items() if t in (column_types.BOOLEAN, column_types.STRING)
+        ]
 
 
 def _is_whole(values: pd.Series) -> bool:
@@ -100,7 +102,7 @@ def _looks_boolean(series: pd.Series, present: pd.Series) -> bool:
     if pd.api.types.is_numeric_dtype(series) or present.empty:
         return False
     words = present.astype(str).str.strip().str.lower()
-    return bool(words.isin(list(profile.BOOLEAN_WORDS)).all() and words.nunique() == 2)
+    return bool(words.isin(list(column_types.BOOLEAN_WORDS)).all() and words.nunique() == 2)
 
 
 def _date_share(present: pd.Series) -> float:
@@ -108,16 +110,16 @@ def _date_share(present: pd.Series) -> float:
     shaped = text.str.match(_ISO_DATE)
     if not shaped.any():
         return 0.0
-    _, invalid = profile.datetime_values(text.where(shaped, None))
+    _, invalid = column_types.datetime_values(text.where(shaped, None))
     return float((shaped & ~invalid).mean())
 
 
 def _is_id_like(name: str, present: pd.Series, type_: str) -> bool:
     distinct = present.nunique()
-    if type_ == profile.STRING:
+    if type_ == column_types.STRING:
         share = distinct / len(present) if len(present) else 0.0
         return distinct > ID_MIN_DISTINCT and share > ID_DISTINCT_SHARE
-    if type_ == profile.INTEGER and distinct == len(present) and distinct > ID_MIN_DISTINCT:
+    if type_ == column_types.INTEGER and distinct == len(present) and distinct > ID_MIN_DISTINCT:
         values = present.to_numpy(dtype=np.float64)
         consecutive = values.max() - values.min() + 1 == distinct
         return bool(consecutive or _ID_NAME.search(name))
@@ -126,20 +128,20 @@ def _is_id_like(name: str, present: pd.Series, type_: str) -> bool:
 
 def _column_type(name: str, series: pd.Series, present: pd.Series, warn: list[str]) -> str:
     if _looks_boolean(series, present):
-        return profile.BOOLEAN
+        return column_types.BOOLEAN
     if pd.api.types.is_datetime64_any_dtype(series):
-        return profile.DATETIME
+        return column_types.DATETIME
     if pd.api.types.is_numeric_dtype(series):
-        return profile.INTEGER if _is_whole(present) else profile.FLOAT
+        return column_types.INTEGER if _is_whole(present) else column_types.FLOAT
     share = _date_share(present)
     if share >= DATE_SHARE:
-        return profile.DATETIME
+        return column_types.DATETIME
     if share > 0.5:
         warn.append(
             f"column '{name}' looks like dates but {1 - share:.0%} of its values do not parse "
             "as ISO-8601; treated as categorical"
         )
-    return profile.STRING
+    return column_types.STRING
 
 
 def plan_columns(features: pd.DataFrame) -> ColumnPlan:
@@ -208,7 +210,7 @@ def _text(name: str, series: pd.Series) -> np.ndarray:
 
 
 def _booleans(name: str, series: pd.Series) -> np.ndarray:
-    mapped, invalid = profile.boolean_strings(series)
+    mapped, invalid = column_types.boolean_strings(series)
     if invalid.any():
         raise ColumnTypeError(
             f"Incompatible input types for column {name}: expected a boolean "
@@ -223,7 +225,7 @@ def _date_parts(name: str, series: pd.Series, parts: tuple[str, ...]) -> dict[st
             f"Incompatible input types for column {name}: expected an ISO-8601 date, "
             f"got {series.dropna().iloc[0]!r}"
         )
-    parsed, _ = profile.datetime_values(series)
+    parsed, _ = column_types.datetime_values(series)
     return {
         f"{name}__{part}": getattr(parsed.dt, part).to_numpy(dtype=np.float64, na_value=np.nan)
         for part in parts
@@ -239,11 +241,11 @@ def coerce(frame: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
     out: dict[str, np.ndarray] = {}
     for name, type_ in plan.types.items():
         series = frame[name]
-        if type_ == profile.DATETIME:
+        if type_ == column_types.DATETIME:
             out.update(_date_parts(name, series, plan.date_parts))
-        elif type_ == profile.BOOLEAN:
+        elif type_ == column_types.BOOLEAN:
             out[name] = _booleans(name, series)
-        elif type_ == profile.STRING:
+        elif type_ == column_types.STRING:
             out[name] = _text(name, series)
         else:
             out[name] = _numbers(name, series)

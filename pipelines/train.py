@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +21,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 from sklearn.model_selection import train_test_split
 
+from monitoring import column_types
 from monitoring import profile as baseline
 from pipelines import keras_family, sklearn_family
 from pipelines.columns import ColumnPlan
@@ -174,6 +176,21 @@ def preflight(config: TrainConfig) -> TrainingData:
     return data
 
 
+def model_code_paths(staging: Path) -> list[str]:
+    """The code a logged model carries: ``pipelines/`` and, of ``monitoring/``, only the
+    column-type contract its input coercer imports.
+
+    A replica in a container has the model's requirements and this code, nothing of
+    flowline's own install, so everything the pickled pipeline imports must be here.
+    The rest of ``monitoring/`` stays out: it needs packages the model does not.
+    """
+    package = staging / "monitoring"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text('"""What a logged model needs of monitoring/."""\n')
+    shutil.copy2(column_types.__file__, package / "column_types.py")
+    return [str(Path(__file__).resolve().parent), str(package)]
+
+
 def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVersion:
     """Run the whole job and return the registered model version.
 
@@ -267,7 +284,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 input_example=_input_example(X_train, plan),
                 metadata={baseline.INPUT_TYPES_METADATA: plan.types},
                 pip_requirements=_requirements(config.family),
-                code_paths=[str(Path(__file__).resolve().parent)],
+                code_paths=model_code_paths(Path(tmp)),
             )
         version_ = mlflow.register_model(
             info.model_uri,

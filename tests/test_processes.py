@@ -1,9 +1,8 @@
 """Port selection for servers that take consecutive ports."""
 
 import socket
-from pathlib import Path
 
-from serving.backends.local import LocalProcessBackend
+from serving.backends.ports import PortPool
 from serving.processes import free_port_block, port_bindable
 
 
@@ -21,10 +20,14 @@ def test_port_blocks_are_free_and_below_the_ephemeral_range() -> None:
     assert all(port_bindable(p) for p in range(start, start + 5))
 
 
-def test_the_local_backend_skips_ports_it_cannot_bind(tmp_path: Path) -> None:
-    start = free_port_block(3)
+def test_the_port_pool_skips_ports_it_cannot_bind_and_takes_back_released_ones() -> None:
+    start = free_port_block(4)
     with socket.socket() as held:
         held.bind(("127.0.0.1", start))
-        backend = LocalProcessBackend("sqlite:///unused.db", tmp_path, port_from=start)
-        assert backend._take_port() == start + 1
-        assert backend._take_port() == start + 2
+        pool = PortPool("127.0.0.1", start)
+        assert pool.take() == start + 1
+        assert pool.take() == start + 2
+        pool.hold(start + 3)
+        pool.release(start + 1)
+        assert pool.take() == start + 1
+        assert pool.take() == start + 4

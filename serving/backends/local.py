@@ -7,22 +7,20 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
-import mlflow
 import requests
-from mlflow.exceptions import MlflowException
 
+from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
-from serving.processes import ManagedProcess, port_bindable
+from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
+from serving.processes import ManagedProcess
 
 STARTUP_TIMEOUT_SECONDS = 120.0
-PORT_ATTEMPTS = 3
 # What a replica inherits: enough to run `mlflow models serve` and nothing else. Model
 # code runs in the replica, so no platform secret (admin token, tracking credentials,
 # webhook secrets, API keys) may be in its environment: an allowlist, not a denylist.
@@ -53,10 +51,6 @@ def replica_environment(
     return env
 
 
-class _PortTaken(Exception):
-    """The replica lost its port to another process before binding it."""
-
-
 class LocalProcessBackend:
     """Runs replicas as child processes on consecutive free loopback ports."""
 
@@ -77,20 +71,12 @@ class LocalProcessBackend:
         self.env_manager = env_manager
         self.workers = workers
         self.startup_timeout = startup_timeout
-        self._used_ports: set[int] = set()
+        self.ports = PortPool(host, port_from)
         self._lock = threading.Lock()
         self._live: dict[str, Replica] = {}
         self._starting: dict[tuple[str, str], int] = {}
         self._download_lock = threading.Lock()
         (state_dir / "replicas").mkdir(parents=True, exist_ok=True)
-
-    def _take_port(self) -> int:
-        with self._lock:
-            port = self.port_from
-            while port in self._used_ports or not port_bindable(port, self.host):
-                port += 1
-            self._used_ports.add(port)
-            return port
 
     def _pidfile(self, port: int) -> Path:
         return self.state_dir / "replicas" / f"{port}.json"
@@ -109,7 +95,7 @@ class LocalProcessBackend:
             for attempt in range(PORT_ATTEMPTS):
                 try:
                     return self._start_on_free_port(model, version, local)
-                except _PortTaken:
+                except PortTaken:
                     if attempt == PORT_ATTEMPTS - 1:
                         raise BackendError(
                             f"replica of {model}/{version}: no port could be bound"
@@ -126,23 +112,9 @@ class LocalProcessBackend:
     def _local_copy(self, model: str, version: str, model_uri: str) -> str:
         """The version's files, downloaded once by the controller (which holds the
         registry credentials) so that replicas need none."""
-        target = self._model_dir(model, version)
         with self._download_lock:
-            if (target / "MLmodel").exists():
-                return str(target)
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=target.parent))
-            try:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=model_uri, dst_path=str(staging), tracking_uri=self.tracking_uri
-                )
-                os.replace(local, target)  # whole or not at all
-            except (MlflowException, OSError) as exc:
-                first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-                raise BackendError(f"could not download {model_uri}: {first}") from None
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        return str(target)
+            target = self._model_dir(model, version)
+            return str(download_version(model_uri, target, self.tracking_uri))
 
     def _prune(self, model: str, version: str) -> None:
         # A version no replica serves or is starting needs no local copy.
@@ -154,7 +126,7 @@ class LocalProcessBackend:
         shutil.rmtree(self._model_dir(model, version), ignore_errors=True)
 
     def _start_on_free_port(self, model: str, version: str, model_uri: str) -> Replica:
-        port = self._take_port()
+        port = self.ports.take()
         bin_dir = os.path.dirname(sys.executable)
         argv = [
             os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri,
@@ -174,9 +146,8 @@ class LocalProcessBackend:
             lost_port = "address already in use" in process.tail(40)
             self.stop_replica(replica)
             if lost_port:
-                with self._lock:
-                    self._used_ports.add(port)  # someone else holds it: never offer it again
-                raise _PortTaken() from None
+                self.ports.hold(port)  # someone else holds it: never offer it again
+                raise PortTaken() from None
             raise BackendError(f"replica of {model}/{version} failed to start: {exc}") from None
         with self._lock:
             self._live[replica.url] = replica
@@ -194,7 +165,7 @@ class LocalProcessBackend:
         self._pidfile(port).unlink(missing_ok=True)
         with self._lock:
             self._live.pop(replica.url, None)
-            self._used_ports.discard(port)
+        self.ports.release(port)
         self._prune(replica.model, replica.version)
 
     def stop_all(self) -> None:
@@ -233,8 +204,8 @@ class LocalProcessBackend:
             if not _pings(replica.url):
                 self.stop_replica(replica)
                 continue
+            self.ports.hold(port)
             with self._lock:
-                self._used_ports.add(port)
                 self._live[replica.url] = replica
             adopted.append(replica)
         return adopted

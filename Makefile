@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint jvm
+.PHONY: demo test install lint jvm docker
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,10 @@ jvm:
 	@command -v java >/dev/null 2>&1 || { apt-get update -qq && \
 		apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
 
-test: lint jvm
-	$(BIN)/python -m pytest
+# The docker backend and its tests: Debian's docker.io and debootstrap, a running dockerd
+# and the offline base image (no registry is reachable to pull python:3.11-slim).
+docker: $(BIN)/.installed
+	bash scripts/docker-up.sh $(BIN)
+
+test: lint jvm docker
+	FLOWLINE_BASE_IMAGE=$${FLOWLINE_BASE_IMAGE:-flowline-base:bookworm} $(BIN)/python -m pytest

@@ -23,6 +23,8 @@ from flowline.config import Ports, home, make_private
 from flowline.platform import Platform
 from flowline.supervisor import Supervisor
 from flowline.tracking import TrackingServer
+from serving.backends.base import BackendError
+from serving.backends.factory import BACKENDS
 from serving.processes import port_in_use
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -127,7 +129,7 @@ def _platform(args: argparse.Namespace) -> Platform:
     )
     return Platform(
         home=home(), ports=ports, host=args.host, backend_store_uri=args.backend_store_uri,
-        replicas=args.replicas, auth=args.auth,
+        replicas=args.replicas, auth=args.auth, backend=args.backend,
     )  # fmt: skip
 
 
@@ -176,9 +178,30 @@ def _warn_open_gateway(args: argparse.Namespace) -> None:
         _say("!" * 78)
 
 
+def _docker_ready(args: argparse.Namespace) -> bool:
+    """With ``--backend docker``: the daemon answers and the base image is there."""
+    if args.backend != "docker":
+        return True
+    from serving.backends.docker import docker_client
+    from serving.images.builder import base_image
+
+    try:
+        client = docker_client()
+    except BackendError as exc:
+        _say(f"error: {exc}")
+        return False
+    if not client.images.list(name=base_image()):
+        _say(
+            f"error: base image {base_image()!r} is not on the Docker daemon: pull it, or run "
+            "`flowline image base` and set FLOWLINE_BASE_IMAGE=flowline-base:bookworm"
+        )
+        return False
+    return True
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the whole platform and supervise it until Ctrl-C."""
-    if _exposure_refused(args):
+    if _exposure_refused(args) or not _docker_ready(args):
         return 2
     _warn_open_gateway(args)
     make_private(home())
@@ -425,6 +448,36 @@ def cmd_score(args: argparse.Namespace) -> int:
     return _checked_mlflow_run(args, "score")
 
 
+def cmd_image_base(args: argparse.Namespace) -> int:
+    """Make the offline base image with debootstrap, unless the daemon already has it."""
+    from serving.images.base import BaseImageError, ensure_base_image
+
+    try:
+        image_id, built = ensure_base_image(args.name)
+    except (BaseImageError, BackendError) as exc:
+        _say(f"error: {exc}")
+        return 1
+    _say(f"{'built' if built else 'found'} {args.name} ({image_id[:19]})")
+    _say(f"use it with: export FLOWLINE_BASE_IMAGE={args.name}")
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    """Build (or find) the serving image of one registry version and print its tag."""
+    from serving.backends.docker import build_image
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or TrackingServer(home()).url
+    try:
+        built = build_image(args.model_uri, tracking_uri, home())
+    except BackendError as exc:
+        _say(f"error: {exc}")
+        return 1
+    _say(f"{'built' if built.built else 'cached'} {built.tag} in {built.seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="flowline", description=__doc__)
@@ -484,6 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
             default=int(os.environ.get("FLOWLINE_REPLICAS", 1)),
             help="scoring replicas per deployed version",
         )
+        sub.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default=os.environ.get("FLOWLINE_BACKEND", "local"),
+            help="where replicas run: local processes, or docker containers",
+        )
+
+    image = commands.add_parser("image", help="container images for the docker backend")
+    images = image.add_subparsers(dest="image_command", required=True)
+    base = images.add_parser("base", help="make the offline Debian base image (debootstrap)")
+    base.add_argument("--name", default="flowline-base:bookworm")
+    base.set_defaults(func=cmd_image_base)
+    build = images.add_parser("build", help="build the serving image of a registry version")
+    build.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    build.set_defaults(func=cmd_image_build)
 
     up = commands.add_parser("up", help="start the whole platform (Ctrl-C stops it)")
     platform_options(up)

@@ -29,6 +29,7 @@ class Platform:
     backend_store_uri: str = ""
     replicas: int = 1
     auth: bool = False
+    backend: str = field(default_factory=lambda: os.environ.get("FLOWLINE_BACKEND", "local"))
     reconcile_interval: float = field(
         default_factory=lambda: float(os.environ.get("FLOWLINE_RECONCILE_INTERVAL_S", 5.0))
     )
@@ -191,7 +192,7 @@ class Platform:
             [
                 sys.executable, "-m", "serving.controller", "--host", self.host,
                 "--port", str(self.ports.controller), "--home", str(self.home),
-                "--replicas", str(self.replicas),
+                "--replicas", str(self.replicas), "--backend", self.backend,
                 "--replica-port-from", str(self.ports.replicas_from),
                 "--interval", str(self.reconcile_interval),
             ],
@@ -204,6 +205,12 @@ class Platform:
             name, process = self.processes.pop()
             process.stop(grace=30.0)
             self._pidfile(name).unlink(missing_ok=True)
+        if self.backend == "docker":
+            # Containers are not our children: a controller killed before it could stop
+            # them would leave them running, so sweep this home's labelled ones too.
+            from serving.backends.docker import docker_client, remove_containers
+
+            remove_containers(docker_client(), self.home)
 
     def dead(self) -> list[str]:
         """Names of roles whose process has exited."""

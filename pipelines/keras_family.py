@@ -12,7 +12,6 @@ import tempfile
 from typing import Any
 
 import numpy as np
-from hyperopt import hp
 from sklearn.base import BaseEstimator
 
 DEFAULT_EPOCHS = 50
@@ -25,6 +24,10 @@ class TrainingDiverged(RuntimeError):
 
 def search_space(task: str) -> dict[str, Any]:
     """Depth, width, dropout, learning rate and batch size of the MLP."""
+    # Imported here: a served model unpickles KerasMLP from this module, and hyperopt is a
+    # training dependency that is not in the model's requirements (nor in its image).
+    from hyperopt import hp
+
     return {
         "estimator": "mlp",
         "hidden_layers": hp.choice("mlp.hidden_layers", [1, 2, 3]),

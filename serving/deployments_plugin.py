@@ -6,10 +6,15 @@ its own: ``create``/``update`` set the alias ``production`` on the version named
 wait until the controller serves it; ``delete`` removes the alias. ``list``, ``get``
 and ``predict`` talk to the gateway. Settings come from the environment:
 ``MLFLOW_TRACKING_URI``, ``FLOWLINE_GATEWAY_URL`` (default http://127.0.0.1:8080).
+
+``--config`` on create/update sets the registered model's flowline tags before the
+promotion: ``backend=local|docker`` (where its replicas run), ``replicas=N``, and
+``cpus=1.5`` / ``memory=2g`` (a container's limits).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,9 +29,16 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
+from serving.backends.base import BackendError
+from serving.backends.docker import RESOURCES_MODEL_TAG, Resources
+from serving.backends.factory import BACKENDS
 from serving.backends.local import replica_environment
+from serving.backends.router import BACKEND_MODEL_TAG
 from serving.controller.desired import PRODUCTION_ALIAS
-from serving.controller.reconciler import REASON_TAG, STATUS_TAG
+from serving.controller.reconciler import REASON_TAG, REPLICAS_MODEL_TAG, STATUS_TAG
+
+# What `mlflow deployments create/update --config KEY=VALUE` may set.
+CONFIG_KEYS = {"backend", "replicas", "cpus", "memory"}
 
 WAIT_SECONDS = 180.0
 
@@ -73,6 +85,36 @@ def _parse_model_uri(name: str, model_uri: str, client: MlflowClient) -> str:
     return version
 
 
+def model_tags_from_config(config: dict[str, Any]) -> dict[str, str]:
+    """The registered-model tags that ``--config`` asks for; a 400-style error naming the
+    allowed keys for anything else, before anything is changed."""
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise MlflowException(
+            f"unknown --config key(s) {', '.join(unknown)}: use {', '.join(sorted(CONFIG_KEYS))}",
+            INVALID_PARAMETER_VALUE,
+        )
+    tags: dict[str, str] = {}
+    if "backend" in config:
+        if config["backend"] not in BACKENDS:
+            raise MlflowException(
+                f"backend must be one of {', '.join(BACKENDS)}", INVALID_PARAMETER_VALUE
+            )
+        tags[BACKEND_MODEL_TAG] = str(config["backend"])
+    if "replicas" in config:
+        if not str(config["replicas"]).isdigit() or int(config["replicas"]) < 1:
+            raise MlflowException("replicas must be a whole number >= 1", INVALID_PARAMETER_VALUE)
+        tags[REPLICAS_MODEL_TAG] = str(int(config["replicas"]))
+    resources = {k: config[k] for k in ("cpus", "memory") if k in config}
+    if resources:
+        try:
+            Resources.parse(json.dumps(resources), 1.0, "2g")
+        except BackendError as exc:
+            raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from None
+        tags[RESOURCES_MODEL_TAG] = json.dumps(resources)
+    return tags
+
+
 class FlowlineDeploymentClient(BaseDeploymentClient):
     """Deployments are promotions: the registry alias ``production`` is the desired state."""
 
@@ -110,8 +152,14 @@ class FlowlineDeploymentClient(BaseDeploymentClient):
         )
 
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
-        """Promote the version (alias ``production``) and wait until it serves."""
+        """Promote the version (alias ``production``) and wait until it serves.
+
+        ``--config`` keys become the registered model's flowline tags first: ``backend``
+        (local or docker), ``replicas``, and ``cpus``/``memory`` for containers.
+        """
         version = _parse_model_uri(name, model_uri, self.client)
+        for tag, value in model_tags_from_config(config or {}).items():
+            self.client.set_registered_model_tag(name, tag, value)
         self.client.set_registered_model_alias(name, PRODUCTION_ALIAS, version)
         served = self._wait(name, version) or {}
         return {"name": name, "flavor": "python_function", **served}

@@ -38,3 +38,7 @@ class Backend(Protocol):
     def stop_all(self) -> None:
         """Stop every replica this backend started."""
         ...
+
+    def adopt_running(self) -> list[Replica]:
+        """Replicas a controller that died left running, taken over without a restart."""
+        ...

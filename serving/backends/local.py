@@ -60,6 +60,7 @@ class LocalProcessBackend:
         state_dir: Path,
         host: str = "127.0.0.1",
         port_from: int = 9000,
+        ports: PortPool | None = None,
         env_manager: str = "local",
         workers: int = 1,
         startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
@@ -71,7 +72,8 @@ class LocalProcessBackend:
         self.env_manager = env_manager
         self.workers = workers
         self.startup_timeout = startup_timeout
-        self.ports = PortPool(host, port_from)
+        # Shared when several backends run side by side, so they never pick the same port.
+        self.ports = ports or PortPool(host, port_from)
         self._lock = threading.Lock()
         self._live: dict[str, Replica] = {}
         self._starting: dict[tuple[str, str], int] = {}

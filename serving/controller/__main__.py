@@ -10,7 +10,10 @@ from pathlib import Path
 import uvicorn
 from mlflow import MlflowClient
 
-from serving.backends.local import LocalProcessBackend
+from serving.backends.base import BackendError
+from serving.backends.factory import BACKENDS, create_backend
+from serving.backends.ports import PortPool
+from serving.backends.router import BACKEND_MODEL_TAG, BackendRouter
 from serving.controller.app import (
     WEBHOOK_PATH,
     build_app,
@@ -43,6 +46,9 @@ def main() -> None:
     )
     parser.add_argument("--env-manager", default=os.environ.get("FLOWLINE_ENV_MANAGER", "local"))
     parser.add_argument(
+        "--backend", choices=BACKENDS, default=os.environ.get("FLOWLINE_BACKEND", "local")
+    )
+    parser.add_argument(
         "--interval", type=float, default=env_float("FLOWLINE_RECONCILE_INTERVAL_S", 5.0)
     )
     args = parser.parse_args()
@@ -57,13 +63,21 @@ def main() -> None:
     # hold a pass, and the controller's health, hostage to a tracking-server outage.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    # A log file is no terminal: progress bars of every download would fill it.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.umask(PRIVATE_UMASK)  # pid files, logs and the replay guard: 0600, also run alone
     home = Path(args.home).resolve()
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri, tracking_uri)
-    backend = LocalProcessBackend(
-        tracking_uri, home, port_from=args.replica_port_from, env_manager=args.env_manager
-    )
+    ports = PortPool("127.0.0.1", args.replica_port_from)
+    try:
+        backend = BackendRouter(
+            args.backend,
+            lambda kind: create_backend(kind, tracking_uri, home, ports, args.env_manager),
+            lambda model: client.get_registered_model(model).tags.get(BACKEND_MODEL_TAG),
+        )
+    except BackendError as exc:
+        parser.exit(2, f"flowline: error: {exc}\n")
     admin_token = os.environ.get("FLOWLINE_ADMIN_TOKEN") or persistent_secret(home / "admin-token")
     reconciler = Reconciler(
         client, backend, GatewayClient(args.gateway_url, admin_token), replicas=args.replicas

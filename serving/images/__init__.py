@@ -1,0 +1,1 @@
+"""OCI images for model versions: the offline base image and per-version serving images."""

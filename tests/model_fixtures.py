@@ -18,6 +18,12 @@ class FailsOnExample(mlflow.pyfunc.PythonModel):
 
 def log_broken_version(name: str) -> str:
     """Register a version of ``name`` that starts fine and fails its smoke test."""
+    return log_model_with_requirements(name, ["mlflow"])
+
+
+def log_model_with_requirements(name: str, requirements: list[str]) -> str:
+    """Register a small version of ``name`` whose requirements.txt is ``requirements``
+    (a version whose image cannot be built, when one of them does not exist)."""
     import cloudpickle
 
     import tests.model_fixtures as module
@@ -30,7 +36,7 @@ def log_broken_version(name: str) -> str:
             python_model=FailsOnExample(),
             input_example=example,
             signature=mlflow.models.infer_signature(example, [0.0, 0.0]),
-            pip_requirements=["mlflow"],
+            pip_requirements=requirements,
             registered_model_name=name,
         )
     return str(info.registered_model_version)

@@ -142,6 +142,7 @@ class Load:
 
     url: str
     threads: int = 2
+    body: dict = field(default_factory=lambda: BODY)
     ok: int = 0
     failures: list[tuple[float, str]] = field(default_factory=list)
     successes: list[float] = field(default_factory=list)
@@ -153,7 +154,7 @@ class Load:
         with requests.Session() as session:
             while not self._stop.is_set():
                 try:
-                    answer = session.post(self.url, json=BODY, timeout=30)
+                    answer = session.post(self.url, json=self.body, timeout=30)
                     outcome = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
                 except requests.RequestException as exc:
                     outcome = type(exc).__name__

@@ -208,9 +208,13 @@ class Platform:
         if self.backend == "docker":
             # Containers are not our children: a controller killed before it could stop
             # them would leave them running, so sweep this home's labelled ones too.
+            from serving.backends.base import BackendError
             from serving.backends.docker import docker_client, remove_containers
 
-            remove_containers(docker_client(), self.home)
+            try:
+                remove_containers(docker_client(), self.home)
+            except BackendError as exc:  # the daemon is gone, and its containers with it
+                print(f"[flowline] could not sweep containers: {exc}", file=sys.stderr)
 
     def dead(self) -> list[str]:
         """Names of roles whose process has exited."""

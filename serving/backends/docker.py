@@ -134,12 +134,21 @@ class DockerBackend:
         build's own error line when it cannot be built."""
         key = (model, version)
         with self._image_lock:
+            if key in self._images and not self._image_exists(self._images[key]):
+                del self._images[key]  # removed from the daemon since: build it again
             if key not in self._images:
                 built = build_version_image(
                     self.builder, model, version, model_uri, self.tracking_uri
                 )
                 self._images[key] = built.tag
             return self._images[key]
+
+    def _image_exists(self, tag: str) -> bool:
+        try:
+            self.client.images.get(tag)
+        except NotFound:
+            return False
+        return True
 
     def _resources(self, model: str) -> Resources:
         try:
@@ -312,7 +321,8 @@ class DockerBackend:
             self.ports.hold(port)
             with self._lock:
                 self._live[replica.url] = replica
-            self._images[(replica.model, replica.version)] = container.image.tags[0]
+            if container.image.tags:
+                self._images[(replica.model, replica.version)] = container.image.tags[0]
             adopted.append(replica)
         return adopted
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import docker
 import mlflow
+import requests
 import yaml
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound
 
@@ -278,8 +279,9 @@ class ImageBuilder:
             container.commit(
                 repository, tag, changes=[f"ENV PATH={path}", f"LABEL {LABEL}.role=environment"]
             )
-        except (APIError, DockerException) as exc:
-            raise ImageBuildError(last_error_line(str(exc))) from None
+        except (APIError, DockerException, requests.RequestException) as exc:
+            # A wait past BUILD_TIMEOUT_S is a requests timeout, not a Docker error.
+            raise ImageBuildError(last_error_line(str(exc)) or "the build timed out") from None
         finally:
             container.remove(force=True)
 

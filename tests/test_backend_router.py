@@ -72,6 +72,15 @@ def test_a_bad_backend_tag_is_a_clear_rollout_error() -> None:
         router.start_replica("odd", "1", "models:/odd/1")
 
 
+def test_an_unreadable_registry_is_a_backend_error() -> None:
+    def tag_of(model: str) -> str:
+        raise MlflowException("connection refused")
+
+    router = BackendRouter("local", lambda kind: StubBackend(kind, 9000), tag_of)
+    with pytest.raises(BackendError, match="could not read m's tags: connection refused"):
+        router.start_replica("m", "1", "models:/m/1")
+
+
 def test_adoption_skips_a_backend_whose_runtime_is_gone() -> None:
     router, made = _router({}, docker_works=False)
     left = Replica("m", "1", "http://127.0.0.1:9001", "local")

@@ -12,6 +12,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from mlflow.exceptions import MlflowException
+
 from serving.backends.base import Backend, BackendError, Replica
 from serving.backends.factory import BACKENDS
 
@@ -45,7 +47,10 @@ class BackendRouter:
 
     def kind_for(self, model: str) -> str:
         """The backend ``model`` runs on: its tag, else the platform's default."""
-        kind = (self._tag_of(model) or self.default).strip()
+        try:
+            kind = (self._tag_of(model) or self.default).strip()
+        except MlflowException as exc:  # the registry is down: a failed start, retried later
+            raise BackendError(f"could not read {model}'s tags: {exc.message}") from None
         if kind not in BACKENDS:
             raise BackendError(
                 f"tag {BACKEND_MODEL_TAG}={kind!r} is invalid: choose one of {', '.join(BACKENDS)}"

@@ -149,12 +149,8 @@ class Platform:
         try:
             tracking = self._launch("tracking")
             self.processes.append(("tracking", tracking))
-            tracking.wait_healthy(f"{self.tracking.url}/health", START_TIMEOUT_SECONDS)
-            if self.auth:
-                Auth(self.home).ensure_service_user(self.tracking.url)
-            # The monitor before the gateway, so captures flow from the first request.
-            self._spawn(
-                "monitor",
+            gateway = f"http://{self.host}:{self.ports.gateway}"
+            self._roles["monitor"] = (
                 [
                     python,
                     "-m",
@@ -166,9 +162,7 @@ class Platform:
                 ],
                 f"http://{self.host}:{self.ports.monitor}/health",
             )
-            gateway = f"http://{self.host}:{self.ports.gateway}"
-            self._spawn(
-                "gateway",
+            self._roles["gateway"] = (
                 [
                     python,
                     "-m",
@@ -180,6 +174,22 @@ class Platform:
                 ],
                 f"{gateway}/ping",
             )
+            # Without auth the monitor and the gateway need nothing from the tracking server
+            # to start, so they boot while it migrates its database (a third of the wait);
+            # with auth they need the service user, which needs the server up.
+            early = [] if self.auth else ["monitor", "gateway"]
+            for name in early:
+                self.processes.append((name, self._launch(name)))
+            tracking.wait_healthy(f"{self.tracking.url}/health", START_TIMEOUT_SECONDS)
+            if self.auth:
+                Auth(self.home).ensure_service_user(self.tracking.url)
+            # The monitor before the gateway, so captures flow from the first request: the
+            # controller pushes routes only once both answer.
+            for name in ("monitor", "gateway"):
+                if name not in early:
+                    self.processes.append((name, self._launch(name)))
+                process = next(p for role, p in self.processes if role == name)
+                process.wait_healthy(self._roles[name][1], START_TIMEOUT_SECONDS)
             self.start_controller()
         except BaseException:
             self.stop()

@@ -30,7 +30,6 @@ from tests.test_platform_hardening import (
     Up,
     _text,
     flowline_up,
-    promote,
     served_version,
 )
 
@@ -292,6 +291,8 @@ def test_flowline_image_build_reuses_the_promoted_image(
 def test_keras_family_serves_from_a_container(up: Up, daemon: docker.DockerClient) -> None:
     name = f"keras-{uuid.uuid4().hex[:6]}"
     version = _train(name, family="keras")
+    # One replica: two TensorFlow servers starting at once on 2 cores only cost time.
+    MlflowClient().set_registered_model_tag(name, "flowline.replicas", "1")
     _promote(up, name, version, BUILD_DEADLINE)
     body = _example(name, version)
     url = f"{up.url('gateway')}/models/{name}/invocations"
@@ -301,24 +302,7 @@ def test_keras_family_serves_from_a_container(up: Up, daemon: docker.DockerClien
     body["params"] = {"predict_method": "predict_proba"}
     probabilities = requests.post(url, json=body, timeout=30).json()["predictions"]
     assert all(abs(row["yes"] + row["no"] - 1) < 1e-4 for row in probabilities)
-    assert len(_containers(daemon, up, name)) == 2
-
-
-def test_ctrl_c_of_flowline_up_leaves_no_container(
-    tmp_path: Path, daemon: docker.DockerClient
-) -> None:
-    with docker_up(tmp_path, daemon) as running:
-        name = f"brief-{uuid.uuid4().hex[:6]}"
-        mlflow.set_tracking_uri(running.url("tracking"))
-        try:
-            promote(running, name, _train(name))
-        finally:
-            mlflow.set_tracking_uri(None)
-        assert len(containers_of(daemon, running.home)) == 1
-        os.killpg(running.service.pid, signal.SIGINT)
-        wait_for(lambda: not running.service.alive(), "flowline up to stop", DEADLINE)
-        assert "stopped" in _text(running.log)
-        assert containers_of(daemon, running.home) == []
+    assert len(_containers(daemon, up, name)) == 1
 
 
 def test_the_deployments_plugin_chooses_the_backend_per_model(
@@ -352,3 +336,14 @@ def test_the_deployments_plugin_chooses_the_backend_per_model(
     assert answer.status_code == 200
     MlflowClient().delete_registered_model_alias(name, "production")
     wait_for(lambda: served_version(up.url("gateway"), name) is None, "the undeploy", DEADLINE)
+
+
+# Last in the module: it stops the module's platform.
+def test_ctrl_c_of_flowline_up_leaves_no_container(
+    up: Up, daemon: docker.DockerClient, churn: tuple[str, str, dict]
+) -> None:
+    assert len(containers_of(daemon, up.home)) >= 2
+    os.killpg(up.service.pid, signal.SIGINT)
+    wait_for(lambda: not up.service.alive(), "flowline up to stop", DEADLINE)
+    assert "stopped" in _text(up.log)
+    assert containers_of(daemon, up.home) == []

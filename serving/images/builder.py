@@ -249,9 +249,9 @@ class ImageBuilder:
                 "set -e",
                 f"python3 -m venv {ENV_ROOT}",
                 f"if [ -s {build_deps} ]; then {pip} -r {build_deps}; fi",
+                # pip writes the byte-code as it installs: replicas run as nobody and could
+                # not write it, so every start would compile the whole environment again.
                 f"{pip} -r /build/requirements.txt",
-                # Replicas run as nobody and compile nothing: byte-code is written now.
-                f"{ENV_ROOT}/bin/python -m compileall -q {ENV_ROOT} >/dev/null || true",
             ]
         )
         log.write(f"$ docker run --network none {self.base} sh -c '{script}'\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from monitoring import profile
+from monitoring.profile import baseline as profile
 
 WHYLOGS_KIB_AT_1M = 518.0
 FEATURES = 25

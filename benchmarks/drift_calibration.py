@@ -44,8 +44,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitoring.drift import DriftConfig, evaluate_window, prepare_baseline  # noqa: E402
-from monitoring.profile import build_profile  # noqa: E402
+from monitoring.drift.evaluate import DriftConfig, evaluate_window, prepare_baseline  # noqa: E402
+from monitoring.profile.baseline import build_profile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_ROWS = 50_000

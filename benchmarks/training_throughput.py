@@ -14,9 +14,9 @@ from pathlib import Path
 
 import mlflow
 
+from common.processes import free_port
 from flowline.tracking import TrackingServer
 from pipelines.train import TrainConfig, train
-from serving.processes import free_port
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import requests
 
+from common.processes import port_in_use
+from common.registry import DEMO_MODEL, PRODUCTION_ALIAS
 from flowline.auth import ADMIN_USER, Auth, is_loopback
 from flowline.config import Ports, home, make_private
 from flowline.platform import Platform
@@ -25,7 +27,6 @@ from flowline.supervisor import Supervisor
 from flowline.tracking import TrackingServer
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS
-from serving.processes import port_in_use
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -336,7 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         run = _mlflow_run_argv(
-            {"family": args.family, "max_evals": str(args.max_evals)}, "flowline-demo"
+            {"family": args.family, "max_evals": str(args.max_evals)}, DEMO_MODEL
         )
         _say("1/5 tune and register: $ " + " ".join(run[1:]))
         if subprocess.run(run, env=env, cwd=PROJECT_DIR).returncode != 0:
@@ -347,13 +348,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         latest = max(
             client.search_model_versions("name='flowline-demo'"), key=lambda v: int(v.version)
         )
-        show_version(tracking, "flowline-demo")
+        show_version(tracking, DEMO_MODEL)
         _say(
             f"2/5 promote: alias 'production' -> version {latest.version} "
             "(what 'Add alias' in the registry UI does)"
         )
-        client.set_registered_model_alias("flowline-demo", "production", latest.version)
-        seconds = _wait_until_served(gateway, "flowline-demo", latest.version)
+        client.set_registered_model_alias(DEMO_MODEL, PRODUCTION_ALIAS, latest.version)
+        seconds = _wait_until_served(gateway, DEMO_MODEL, latest.version)
         _say(f"version {latest.version} is serving on the gateway {seconds:.1f}s after promotion")
         example = Path(
             mlflow_artifacts_download(
@@ -364,10 +365,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _curl(f"{gateway}/invocations", example)
         _say("4/5 the deployment:")
         print(json.dumps(requests.get(f"{gateway}/models", timeout=5).json(), indent=2), flush=True)
-        tags = client.get_model_version("flowline-demo", latest.version).tags
+        tags = client.get_model_version(DEMO_MODEL, latest.version).tags
         _say(f"flowline.deployment.status = {tags.get('flowline.deployment.status')}")
         _say("5/5 monitor: training-like traffic, then shifted traffic, through the gateway")
-        demo_drift(platform, "flowline-demo")
+        demo_drift(platform, DEMO_MODEL)
         for name, url in platform.urls().items():
             _say(f"{name:<28} {url}")
         if args.exit:

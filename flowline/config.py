@@ -7,7 +7,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.processes import PRIVATE_UMASK
+from common.processes import PRIVATE_UMASK
 
 
 def home() -> Path:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import requests
 
+from common.processes import PRIVATE_UMASK, ManagedProcess, port_in_use
 from flowline.auth import Auth
 from flowline.config import Ports, make_private
 from flowline.tracking import TrackingServer
 from serving.controller.app import persistent_secret
 from serving.gateway.config import ROUTES_FILE
-from serving.processes import PRIVATE_UMASK, ManagedProcess, port_in_use
 
 START_TIMEOUT_SECONDS = 120.0
 

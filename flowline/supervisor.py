@@ -20,7 +20,7 @@ from typing import Protocol
 
 import requests
 
-from serving.processes import ManagedProcess
+from common.processes import ManagedProcess
 
 POLL_SECONDS = 0.2
 START_TIMEOUT_SECONDS = 120.0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from common.processes import PRIVATE_UMASK, ManagedProcess
 from flowline.auth import Auth
-from serving.processes import PRIVATE_UMASK, ManagedProcess
 
 HEALTH_TIMEOUT_SECONDS = 120.0
 

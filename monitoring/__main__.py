@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from monitoring.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
+from monitoring.service.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from monitoring.server import serve_monitor  # after logging is set up
+    from monitoring.service.server import serve_monitor  # after logging is set up
 
     try:
         serve_monitor(settings, args.host, args.port, args.port_file, args.log_level)

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 
+from common import registry
 from pipelines.data import SUPPORTED_SUFFIXES
 from pipelines.errors import UserError
 from pipelines.pyfunc_model import PREDICT_METHODS
@@ -244,7 +245,7 @@ def _plain(values: list[Any]) -> list[Any]:
 
 
 def _capture_client(name: str, version: str) -> Any:
-    from monitoring.capture import client_from_env
+    from monitoring.capture.client import client_from_env
 
     if not name:
         raise UserError("capture=true needs a registered model: use a models:/ URI")
@@ -271,9 +272,9 @@ def _score_with_pandas(
         )
     rows = 0
     metadata = {
-        "flowline.model": name,
-        "flowline.version": version,
-        "flowline.model_uri": config.model,
+        registry.BATCH_MODEL_TAG: name,
+        registry.BATCH_VERSION_TAG: version,
+        registry.BATCH_MODEL_URI_TAG: config.model,
     }
     try:
         for number, chunk in enumerate(_chunks(files, config.chunk_rows)):

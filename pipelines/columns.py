@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from monitoring import column_types
+from monitoring.profile import column_types
 
 DATE_SHARE = 0.95
 ID_DISTINCT_SHARE = 0.5

@@ -21,8 +21,8 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 from sklearn.model_selection import train_test_split
 
-from monitoring import column_types
-from monitoring import profile as baseline
+from common import registry
+from monitoring.profile import baseline, column_types
 from pipelines import keras_family, sklearn_family
 from pipelines.columns import ColumnPlan
 from pipelines.data import DEMO_DATA, TrainingData, load_training_data
@@ -36,7 +36,6 @@ from pipelines.tune import SearchResult, SparkSettings, search
 FAMILIES = ("sklearn", "keras")
 VALIDATION_FRACTION = 0.25
 INPUT_EXAMPLE_ROWS = 5
-TAG_PREFIX = "flowline."
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def default_model_name(config: TrainConfig, data: TrainingData) -> str:
     if config.registered_model:
         return config.registered_model
     if data.source == DEMO_DATA:
-        return "flowline-demo"
+        return registry.DEMO_MODEL
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in data.source.stem)
 
 
@@ -185,9 +184,11 @@ def model_code_paths(staging: Path) -> list[str]:
     The rest of ``monitoring/`` stays out: it needs packages the model does not.
     """
     package = staging / "monitoring"
-    package.mkdir(parents=True, exist_ok=True)
+    profile = package / "profile"
+    profile.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text('"""What a logged model needs of monitoring/."""\n')
-    shutil.copy2(column_types.__file__, package / "column_types.py")
+    (profile / "__init__.py").write_text('"""The column-type contract, alone."""\n')
+    shutil.copy2(column_types.__file__, profile / "column_types.py")
     return [str(Path(__file__).resolve().parent), str(package)]
 
 
@@ -236,11 +237,11 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
         _log_project_params(config)
         mlflow.set_tags(
             {
-                f"{TAG_PREFIX}task": data.task,
-                f"{TAG_PREFIX}family": config.family,
-                f"{TAG_PREFIX}metric": metric,
-                f"{TAG_PREFIX}data_fingerprint": data.fingerprint,
-                f"{TAG_PREFIX}dropped_columns": _dropped_tag(plan),
+                registry.TASK_TAG: data.task,
+                registry.FAMILY_TAG: config.family,
+                registry.METRIC_TAG: metric,
+                registry.DATA_FINGERPRINT_TAG: data.fingerprint,
+                registry.DROPPED_COLUMNS_TAG: _dropped_tag(plan),
             }
         )
         mlflow.log_metrics(
@@ -282,7 +283,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 artifacts={"baseline": profile_path},
                 signature=_signature(plan, train_predictions),
                 input_example=_input_example(X_train, plan),
-                metadata={baseline.INPUT_TYPES_METADATA: plan.types},
+                metadata={registry.INPUT_TYPES_METADATA: plan.types},
                 pip_requirements=_requirements(config.family),
                 code_paths=model_code_paths(Path(tmp)),
             )
@@ -290,18 +291,18 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
             info.model_uri,
             name,
             tags={
-                f"{TAG_PREFIX}family": config.family,
-                f"{TAG_PREFIX}task": data.task,
-                f"{TAG_PREFIX}metric": metric,
-                f"{TAG_PREFIX}metric_value": f"{test_scores[metric]:.6g}",
-                f"{TAG_PREFIX}data_fingerprint": data.fingerprint,
-                f"{TAG_PREFIX}training_rows": str(len(X_train)),
-                f"{TAG_PREFIX}parent_run_id": parent.info.run_id,
-                f"{TAG_PREFIX}baseline": f"artifacts/{baseline.FILE_NAME}",
-                f"{TAG_PREFIX}dropped_columns": _dropped_tag(plan),
+                registry.FAMILY_TAG: config.family,
+                registry.TASK_TAG: data.task,
+                registry.METRIC_TAG: metric,
+                registry.METRIC_VALUE_TAG: f"{test_scores[metric]:.6g}",
+                registry.DATA_FINGERPRINT_TAG: data.fingerprint,
+                registry.TRAINING_ROWS_TAG: str(len(X_train)),
+                registry.PARENT_RUN_TAG: parent.info.run_id,
+                registry.BASELINE_TAG: f"artifacts/{baseline.FILE_NAME}",
+                registry.DROPPED_COLUMNS_TAG: _dropped_tag(plan),
             },
         )
-        mlflow.set_tag(f"{TAG_PREFIX}registered_version", f"{name}/{version_.version}")
+        mlflow.set_tag(registry.REGISTERED_VERSION_TAG, f"{name}/{version_.version}")
     scores = ", ".join(f"{k}={test_scores[k]:.4f}" for k in TASK_METRICS[data.task])
     report(f"registered {name} version {version_.version} (test {scores})")
     return version_

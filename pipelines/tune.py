@@ -16,6 +16,7 @@ from hyperopt.exceptions import AllTrialsFailed
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
+from common import registry
 from pipelines.metrics import GREATER_IS_BETTER
 
 
@@ -105,7 +106,7 @@ def run_trial(
                 raise ValueError(f"validation {context.metric} is not finite")
         except Exception as exc:  # a failed trial must not end the search
             error = f"{type(exc).__name__}: {exc}"[:500]
-            mlflow.set_tag("flowline.error", error)
+            mlflow.set_tag(registry.ERROR_TAG, error)
             mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
             return {
                 "status": STATUS_FAIL,
@@ -162,7 +163,7 @@ class _Progress:
         self.records[trial["tid"]] = record
         # The number is known only here (executors do not know their trial id).
         self.client.set_tag(record.run_id, "mlflow.runName", f"trial-{number:03d}")
-        self.client.set_tag(record.run_id, "flowline.trial", str(number))
+        self.client.set_tag(record.run_id, registry.TRIAL_TAG, str(number))
         if not ok:
             self.report(f"trial {number}/{self.max_evals} failed: {record.error}")
             return

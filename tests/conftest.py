@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from common.processes import ManagedProcess, free_port
 from flowline.tracking import TrackingServer
-from serving.processes import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

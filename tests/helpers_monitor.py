@@ -5,7 +5,7 @@ Run as a module it is the gateway wrapper the tests start as a subprocess:
 
     python -m tests.helpers_monitor gateway --deployments deployments.json --port-file f
 
-which serves `serving.gateway` with `monitoring.capture.capture_hook_from_env()`
+which serves `serving.gateway` with `monitoring.capture.client.capture_hook_from_env()`
 as its `on_scored` hook (FLOWLINE_MONITOR_URL, FLOWLINE_CAPTURE_SPOOL_DIR ...).
 """
 
@@ -171,7 +171,7 @@ def send_rows(
 def _gateway_main(argv: list[str]) -> None:
     import logging
 
-    from monitoring.capture import capture_hook_from_env
+    from monitoring.capture.client import capture_hook_from_env
     from serving.gateway.server import load_deployments, serve_gateway
 
     parser = argparse.ArgumentParser(prog="python -m tests.helpers_monitor gateway")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from serving.processes import free_port
+from common.processes import free_port
 from tests.conftest import Service, spawn_service, start_service, subprocess_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def save_categorical_model(path: str | Path) -> Path:
 
 def model_metadata(model_dir: str | Path) -> dict[str, Any]:
     """Signature dict and serving input example of a saved model, as the gateway expects them."""
-    from serving.gateway.model_metadata import read_model_metadata
+    from serving.model_metadata import read_model_metadata
 
     return read_model_metadata(model_dir)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.processes import free_port
 from projects.train import main as train_main
-from serving.processes import free_port
 from tests.conftest import BIN, REPO, mlflow_run, subprocess_env
 
 

@@ -13,19 +13,18 @@ from typing import Any
 import httpx
 import pytest
 
-from monitoring.capture import (
+from common.processes import free_port
+from monitoring.capture.client import (
     CaptureClient,
-    CaptureRecord,
-    MalformedRecord,
     SamplingPolicy,
     capture_hook_from_env,
     client_from_env,
-    rows_from_body,
 )
-from monitoring.store import MonitorStore
-from serving.gateway import Deployment, RouteTable, create_app
+from monitoring.capture.record import CaptureRecord, MalformedRecord, rows_from_body
+from monitoring.service.store import MonitorStore
+from serving.deployment import Deployment
+from serving.gateway import RouteTable, create_app
 from serving.gateway.capture import CapturedRequest
-from serving.processes import free_port
 from tests.conftest import wait_for
 from tests.helpers_monitor import LoopbackServer
 from tests.helpers_serving import HeldScorer
@@ -276,7 +275,7 @@ def test_the_gateway_calls_the_async_hook_with_the_raw_request(
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as gateway:
             answer = await gateway.post("/models/m/invocations", json=body)
             await app.state.gateway.capture.drain()
-        await app.state.gateway.backend.aclose()
+        await app.state.gateway.replicas.aclose()
         return answer.status_code
 
     try:
@@ -398,7 +397,7 @@ def test_binary_bodies_travel_as_base64(monitor: FakeMonitor, tmp_path: Path) ->
 
 
 def test_a_senders_row_count_is_checked_never_trusted() -> None:
-    from monitoring.ingest_checks import prepare_record
+    from monitoring.service.ingest_checks import prepare_record
 
     envelope = {"id": "r1", "model": "m", "version": "1", "time": 1.0}
     body = json.dumps({"inputs": [[1], [2]]})

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring import drift, profile
+from monitoring.drift import evaluate as drift
+from monitoring.profile import baseline as profile
 from pipelines.columns import ColumnTypeError, coerce, plan_columns
 from pipelines.data import load_training_data
 from pipelines.errors import UserError

@@ -20,11 +20,11 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from common.processes import free_port, free_port_block
 from flowline.config import Ports
 from flowline.platform import Platform
 from pipelines.train import TrainConfig, train
 from serving.controller.webhooks import signature
-from serving.processes import free_port, free_port_block
 from tests.conftest import BIN, subprocess_env, wait_for
 from tests.model_fixtures import log_broken_version
 

@@ -12,9 +12,9 @@ from datasketches import kll_floats_sketch
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from monitoring import drift_stats as ds
-from monitoring.drift import DriftConfig, evaluate_window, prepare_baseline
-from monitoring.profile import build_profile, numeric_baseline
+from monitoring.drift import stats as ds
+from monitoring.drift.evaluate import DriftConfig, evaluate_window, prepare_baseline
+from monitoring.profile.baseline import build_profile, numeric_baseline
 
 
 def _exact_sketch(values: np.ndarray) -> kll_floats_sketch:

@@ -22,9 +22,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.gateway import BatchingSettings, GatewayConfig, RouteTable, create_app
-from serving.gateway.model_metadata import deployment_from_model_dir
-from serving.processes import free_port
+from common.processes import free_port
+from serving.deployment import BatchingSettings
+from serving.gateway import GatewayConfig, RouteTable, create_app
+from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import Service, wait_for
 from tests.helpers_serving import (
     FEW_COLUMNS,
@@ -552,7 +553,7 @@ def test_capture_hook_runs_off_the_hot_path(bc_on_bc1: Service, model_dirs) -> N
             deadline = time.monotonic() + 10
             while not captured and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-        await app.state.gateway.backend.aclose()
+        await app.state.gateway.replicas.aclose()
         assert len(captured) == 1
         model, version, request, predictions = captured[0]
         assert (model, version) == ("bc", "1")

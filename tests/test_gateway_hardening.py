@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.deployment import Deployment
 from serving.gateway import GatewayConfig, RouteTable
-from serving.gateway.model_metadata import deployment_from_model_dir
 from serving.gateway.route_store import RouteStore
-from serving.gateway.routes import Deployment
+from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import BIN, Service, wait_for
 from tests.helpers_serving import (
     FEW_COLUMNS,

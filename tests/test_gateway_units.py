@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.gateway import BatchingSettings, Deployment, GatewayConfig, RouteTable, create_app
+from serving.deployment import BatchingSettings, Deployment
+from serving.gateway import GatewayConfig, RouteTable, create_app
 from serving.gateway.batching import AdaptiveBatcher, Outcome
 from serving.gateway.openapi import build_openapi
 from serving.gateway.wire import (
@@ -364,7 +365,7 @@ def test_health_and_errors_without_a_reachable_replica() -> None:
             assert answer.headers["x-flowline-model-version"] == "m/1"
             health = await client.get("/health")
             assert health.status_code == 503 and health.json()["models"] == {"m": "unavailable"}
-        await app.state.gateway.backend.aclose()
+        await app.state.gateway.replicas.aclose()
 
     asyncio.run(scenario())
 
@@ -479,6 +480,6 @@ def test_admin_api_is_off_without_a_token() -> None:
             answer = await client.get("/admin/deployments", headers={"Authorization": "Bearer x"})
             assert answer.status_code == 403
             assert answer.json()["error_code"] == "PERMISSION_DENIED"
-        await app.state.gateway.backend.aclose()
+        await app.state.gateway.replicas.aclose()
 
     asyncio.run(scenario())

@@ -115,9 +115,11 @@ def test_the_mirror_is_the_hosts_own(tmp_path: Path) -> None:
 def test_a_logged_model_carries_every_module_its_pipeline_imports(tmp_path: Path) -> None:
     paths = [Path(p) for p in model_code_paths(tmp_path)]
     assert [p.name for p in paths] == ["pipelines", "monitoring"]
-    assert sorted(f.name for f in paths[1].iterdir()) == ["__init__.py", "column_types.py"]
+    assert sorted(f.name for f in paths[1].iterdir()) == ["__init__.py", "profile"]
+    shipped = paths[1] / "profile"
+    assert sorted(f.name for f in shipped.iterdir()) == ["__init__.py", "column_types.py"]
     # The shipped column-type contract must import nothing of flowline's own beyond itself.
-    source = (paths[1] / "column_types.py").read_text()
+    source = (shipped / "column_types.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert all(
         line.split()[1].split(".")[0] in {"__future__", "typing", "numpy", "pandas"}
@@ -130,7 +132,7 @@ def test_a_logged_model_carries_every_module_its_pipeline_imports(tmp_path: Path
     ):
         for line in module.read_text().splitlines():
             if line.startswith("from monitoring"):
-                assert line == "from monitoring import column_types", (module, line)
+                assert line == "from monitoring.profile import column_types", (module, line)
 
 
 def test_the_model_code_imports_with_only_the_models_requirements() -> None:
@@ -139,8 +141,8 @@ def test_the_model_code_imports_with_only_the_models_requirements() -> None:
     # flowline's training and monitoring dependencies made unimportable, as in an image.
     script = (
         "import sys\n"
-        "for name in ('hyperopt', 'datasketches', 'pyspark', 'monitoring.profile', "
-        "'monitoring.capture', 'serving', 'flowline'):\n"
+        "for name in ('hyperopt', 'datasketches', 'pyspark', 'monitoring.profile.baseline', "
+        "'monitoring.capture', 'monitoring.service', 'serving', 'common', 'flowline'):\n"
         "    sys.modules[name] = None\n"
         "import pipelines.pyfunc_model, pipelines.preprocess, pipelines.columns\n"
         "import pipelines.keras_family\n"

@@ -17,15 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
-from monitoring.capture import CaptureClient, client_from_env
-from monitoring.ingest_token import TOKEN_FILE
-from monitoring.monitor import Monitor
-from monitoring.server import create_app
-from monitoring.settings import MonitorSettings
-from monitoring.store import MonitorStore
-from monitoring.stream_gate import registry_lookup
+from common.processes import free_port
+from monitoring.capture.client import CaptureClient, client_from_env
+from monitoring.capture.token import TOKEN_FILE
+from monitoring.service.monitor import Monitor
+from monitoring.service.server import create_app
+from monitoring.service.settings import MonitorSettings
+from monitoring.service.store import MonitorStore
+from monitoring.service.stream_gate import registry_lookup
 from serving.gateway.capture import CapturedRequest
-from serving.processes import free_port
 from tests.conftest import Service, wait_for
 from tests.helpers_monitor import INGEST_TOKEN, start_monitor
 
@@ -465,8 +465,8 @@ def test_a_lone_surrogate_inside_the_data_cannot_wedge_its_window(tmp_path: Path
     # HTML cannot encode it. It becomes U+FFFD when the window parses the body.
     import pandas as pd
 
-    from monitoring.baselines import BaselineCache
-    from monitoring.profile import build_profile
+    from monitoring.profile.baseline import build_profile
+    from monitoring.service.baselines import BaselineCache
     from tests.helpers_monitor import CHURN, FEATURES
 
     train = pd.read_csv(CHURN).iloc[:600]
@@ -491,7 +491,7 @@ def test_a_lone_surrogate_inside_the_data_cannot_wedge_its_window(tmp_path: Path
 
 
 def test_store_and_spool_files_left_readable_by_an_older_run_are_tightened(tmp_path: Path) -> None:
-    from monitoring.capture_spool import SPOOL_FILE, Spool
+    from monitoring.capture.spool import SPOOL_FILE, Spool
 
     for name in ("monitor.db", "monitor.db-wal", SPOOL_FILE):
         (tmp_path / name).touch(mode=0o644)

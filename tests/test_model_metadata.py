@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from serving.gateway.model_metadata import deployment_from_model_dir, read_model_metadata
 from serving.gateway.openapi import type_schema
+from serving.model_metadata import deployment_from_model_dir, read_model_metadata
 
 
 def _model_dir(tmp_path: Path) -> Path:

@@ -22,11 +22,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from common.processes import free_port
 from flowline.tracking import TrackingServer
-from monitoring.mlflow_runs import MODEL_TAG, VERSION_TAG
+from monitoring.service.mlflow_runs import MODEL_TAG, VERSION_TAG
 from pipelines.train import TrainConfig, train
-from serving.gateway.model_metadata import deployment_from_model_dir
-from serving.processes import free_port
+from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import Service, wait_for
 from tests.helpers_monitor import (
     AUTH,
@@ -298,7 +298,7 @@ def test_monitor_and_gateway_restarts_under_load_lose_no_row_and_do_not_realert(
 def test_monitor_process_on_postgresql_survives_a_crash_without_duplicates(
     stack: Stack, postgres_database: str
 ) -> None:
-    from monitoring.capture import CaptureClient
+    from monitoring.capture.client import CaptureClient
     from serving.gateway.capture import CapturedRequest
     from tests.helpers_monitor import split_body
 

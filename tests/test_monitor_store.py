@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from monitoring.store import MonitorStore, NewWindow
+from monitoring.service.store import MonitorStore, NewWindow
 
 NOW = 1_800_000_000.0  # every test's data is recent relative to the retention test's cutoff
 

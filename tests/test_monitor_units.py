@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.baselines import BaselineCache
-from monitoring.monitor import Monitor
-from monitoring.profile import ProfileError, build_profile
-from monitoring.server import create_app
-from monitoring.settings import MonitorSettings
+from monitoring.profile.baseline import ProfileError, build_profile
+from monitoring.service.baselines import BaselineCache
+from monitoring.service.monitor import Monitor
+from monitoring.service.server import create_app
+from monitoring.service.settings import MonitorSettings
 from tests.helpers_monitor import CHURN, FEATURES, LoopbackServer, shifted
 
 WINDOW = 200

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from flowline.platform import Platform
 from flowline.supervisor import Backoff
-from monitoring.capture import DEFAULT_FLUSH_INTERVAL_S
+from monitoring.capture.client import DEFAULT_FLUSH_INTERVAL_S
 from serving.controller.webhooks import signature
 from tests.conftest import BIN, REPO, Service, spawn_service, subprocess_env, wait_for
 from tests.helpers_serving import FEW_COLUMNS, breast_cancer_frame

@@ -2,8 +2,8 @@
 
 import socket
 
+from common.processes import free_port_block, port_bindable
 from serving.backends.ports import PortPool
-from serving.processes import free_port_block, port_bindable
 
 
 def test_a_bound_port_is_not_bindable_even_when_nothing_listens() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring import profile
+from monitoring.profile import baseline as profile
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 
 from flowline.tracking import TrackingServer
-from serving.gateway.model_metadata import deployment_from_model_dir
+from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import BIN, Service, mlflow_run, subprocess_env
 from tests.helpers_serving import running, start_gateway, start_scoring_server
 from tests.test_columns import real_table

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.types.schema import AnyType
 from sklearn.datasets import load_diabetes
 
-from monitoring import profile
+from monitoring.profile import baseline as profile
 from pipelines.data import DEMO_DATA, fingerprint
 from tests.conftest import mlflow_run
 

@@ -15,7 +15,7 @@ gateway with the capture hook (`tests.helpers_monitor gateway`). Each trial:
    request rate measured over the load.
 
 Two settings, interleaved trial by trial: the old flush interval (0.2 s, the anchor)
-and the current default (monitoring.capture.DEFAULT_FLUSH_INTERVAL_S).
+and the current default (monitoring.capture.client.DEFAULT_FLUSH_INTERVAL_S).
 
     .venv/bin/python benchmarks/monitoring/capture_kill.py [--trials 4] [--rate 200]
 
@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from monitoring.capture import DEFAULT_FLUSH_INTERVAL_S  # noqa: E402
-from serving.gateway.model_metadata import deployment_from_model_dir  # noqa: E402
+from monitoring.capture.client import DEFAULT_FLUSH_INTERVAL_S  # noqa: E402
+from serving.model_metadata import deployment_from_model_dir  # noqa: E402
 from tests.conftest import Service, wait_for  # noqa: E402
 from tests.helpers_monitor import split_body, start_capture_gateway, start_monitor  # noqa: E402
 from tests.helpers_serving import (  # noqa: E402

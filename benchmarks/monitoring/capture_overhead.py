@@ -4,7 +4,7 @@ Same run, same replica (`mlflow models serve`, LogisticRegression on breast_canc
 30 float columns, as in benchmarks/serving), two gateways in front of it:
 
 * capture off: `serving.gateway` with no hook;
-* capture on: the same gateway with `monitoring.capture.capture_hook_from_env()`,
+* capture on: the same gateway with `monitoring.capture.client.capture_hook_from_env()`,
   delivering to a real monitor process (`python -m monitoring`, SQLite store).
 
 Load: wrk at 64 and 1 connections, single-row JSON, interleaved rounds (off, on, off,
@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from monitoring.capture import CaptureClient  # noqa: E402
+from monitoring.capture.client import CaptureClient  # noqa: E402
 from serving.gateway.capture import CapturedRequest  # noqa: E402
-from serving.gateway.model_metadata import deployment_from_model_dir  # noqa: E402
+from serving.model_metadata import deployment_from_model_dir  # noqa: E402
 from tests.conftest import Service, wait_for  # noqa: E402
 from tests.helpers_monitor import start_capture_gateway, start_monitor  # noqa: E402
 from tests.helpers_serving import (  # noqa: E402

@@ -45,8 +45,8 @@ from drift_calibration import (  # noqa: E402
     synthetic_model,
 )
 
-from monitoring.drift import DriftConfig, evaluate_window, prepare_baseline  # noqa: E402
-from monitoring.profile import build_profile  # noqa: E402
+from monitoring.drift.evaluate import DriftConfig, evaluate_window, prepare_baseline  # noqa: E402
+from monitoring.profile.baseline import build_profile  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 VENV = REPO / "benchmarks" / ".evidently-venv"

@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from monitoring.capture import record_id  # noqa: E402
-from monitoring.store import MonitorStore  # noqa: E402
+from monitoring.capture.client import record_id  # noqa: E402
+from monitoring.service.store import MonitorStore  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 from tests.helpers_monitor import AUTH, churn_features, start_monitor  # noqa: E402
 

@@ -46,12 +46,12 @@ from docker.errors import ImageNotFound  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from benchmarks.serving.run import LUA, register, run_wrk, wait_quiet  # noqa: E402
+from common.processes import free_port, free_port_block  # noqa: E402
 from flowline.config import Ports  # noqa: E402
 from flowline.platform import Platform  # noqa: E402
 from pipelines.train import TrainConfig, train  # noqa: E402
 from serving.backends.docker import RESOURCES_MODEL_TAG  # noqa: E402
 from serving.images.builder import ImageBuilder  # noqa: E402
-from serving.processes import free_port, free_port_block  # noqa: E402
 from tests.helpers_serving import spawn_scoring_server, start_gateway, wait_ready  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

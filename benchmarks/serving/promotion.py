@@ -28,10 +28,10 @@ import mlflow
 import requests
 from mlflow import MlflowClient
 
+from common.processes import free_port, free_port_block
 from flowline.config import Ports
 from flowline.platform import Platform
 from pipelines.train import TrainConfig, train
-from serving.processes import free_port, free_port_block
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 MODEL = "bench-promotion"

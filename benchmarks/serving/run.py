@@ -89,7 +89,7 @@ def register(gateway: Service, replicas: list[str], model_dir: Path) -> None:
     """PUT the deployment through the admin API, verified against the replicas."""
     import httpx
 
-    from serving.gateway.model_metadata import deployment_from_model_dir
+    from serving.model_metadata import deployment_from_model_dir
 
     deployment = deployment_from_model_dir("breast_cancer", "1", replicas, model_dir)
     answer = httpx.put(

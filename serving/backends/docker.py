@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
+from common.registry import RESOURCES_MODEL_TAG
 from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
 from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 180.0
 STOP_GRACE_SECONDS = 10
-RESOURCES_MODEL_TAG = "flowline.resources"
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY = "2g"
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)

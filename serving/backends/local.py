@@ -15,10 +15,10 @@ from urllib.parse import quote
 
 import requests
 
+from common.processes import ManagedProcess
 from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
 from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
-from serving.processes import ManagedProcess
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 # What a replica inherits: enough to run `mlflow models serve` and nothing else. Model

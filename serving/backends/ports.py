@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from serving.processes import port_bindable
+from common.processes import port_bindable
 
 # A replica that loses its port to another process between our check and its own bind
 # is retried on the next free port this many times.

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 from mlflow.exceptions import MlflowException
 
+from common.registry import BACKEND_MODEL_TAG
 from serving.backends.base import Backend, BackendError, Replica
 from serving.backends.factory import BACKENDS
 
 log = logging.getLogger(__name__)
-BACKEND_MODEL_TAG = "flowline.backend"
 
 
 class BackendRouter:

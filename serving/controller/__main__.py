@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 from mlflow import MlflowClient
 
+from common.processes import PRIVATE_UMASK
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS, create_backend
 from serving.backends.ports import PortPool
@@ -24,7 +25,6 @@ from serving.controller.app import (
 from serving.controller.gateway_client import GatewayClient
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import WebhookVerifier
-from serving.processes import PRIVATE_UMASK
 
 
 def main() -> None:

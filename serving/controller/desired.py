@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-PRODUCTION_ALIAS = "production"
-PRODUCTION_STAGE = "Production"
+from common.registry import PRODUCTION_ALIAS, PRODUCTION_STAGE
 
 
 def desired_versions(client: MlflowClient) -> dict[str, str]:

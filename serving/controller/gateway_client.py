@@ -7,7 +7,7 @@ from typing import Any
 
 import requests
 
-from serving.gateway.routes import Deployment
+from serving.deployment import Deployment
 
 
 class GatewayError(RuntimeError):

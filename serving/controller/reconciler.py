@@ -23,18 +23,15 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from common.registry import BATCHING_MODEL_TAG, REASON_TAG, REPLICAS_MODEL_TAG, STATUS_TAG
 from serving.backends.base import Backend, BackendError, Replica
 from serving.controller.desired import desired_versions
 from serving.controller.gateway_client import GatewayClient, GatewayError
-from serving.gateway.model_metadata import read_model_metadata
-from serving.gateway.routes import BatchingSettings, Deployment
+from serving.deployment import BatchingSettings, Deployment
+from serving.model_metadata import read_model_metadata
 
 log = logging.getLogger("flowline.controller")
 
-STATUS_TAG = "flowline.deployment.status"
-REASON_TAG = "flowline.deployment.reason"
-REPLICAS_MODEL_TAG = "flowline.replicas"
-BATCHING_MODEL_TAG = "flowline.batching"
 SMOKE_TIMEOUT_SECONDS = 30.0
 MAX_REPLICAS = 32
 

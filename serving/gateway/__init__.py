@@ -5,10 +5,11 @@ wire format, blue/green switching driven by the controller, adaptive batching,
 API keys, limits, Prometheus metrics and a capture hook for drift monitoring.
 """
 
+from serving.deployment import BatchingSettings, Deployment
 from serving.gateway.app import Gateway, create_app
 from serving.gateway.capture import CapturedRequest, OnScored
 from serving.gateway.config import GatewayConfig
-from serving.gateway.routes import BatchingSettings, Deployment, RouteTable
+from serving.gateway.routes import RouteTable
 from serving.gateway.server import serve_gateway
 
 __all__ = [

@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import replace
 
-from monitoring.capture import capture_hook_from_env
+from monitoring.capture.client import capture_hook_from_env
 from serving.gateway.config import GatewayConfig
 from serving.gateway.server import DEFAULT_HOST, DEFAULT_PORT, load_deployments, serve_gateway
 

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route as HttpRoute
+from starlette.routing import Route
 
+from serving.deployment import Deployment
 from serving.gateway import errors
-from serving.gateway.routes import Deployment, Route
+from serving.gateway.routes import ModelRoute
 
 if TYPE_CHECKING:
     from serving.gateway.app import Gateway
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 VERIFY_TIMEOUT_S = 10.0
 
 
-def admin_routes(gateway: Gateway) -> list[HttpRoute]:
+def admin_routes(gateway: Gateway) -> list[Route]:
     """Starlette routes of the admin API bound to `gateway`."""
     table = gateway.table
 
@@ -138,16 +139,16 @@ def admin_routes(gateway: Gateway) -> list[HttpRoute]:
         return JSONResponse({"url": url, "healthy": state.healthy})
 
     return [
-        HttpRoute("/admin/deployments", list_deployments, methods=["GET"]),
-        HttpRoute("/admin/deployments/{model}", put_deployment, methods=["PUT"]),
-        HttpRoute("/admin/deployments/{model}", get_deployment, methods=["GET"]),
-        HttpRoute("/admin/deployments/{model}", delete_deployment, methods=["DELETE"]),
-        HttpRoute("/admin/inflight", inflight, methods=["GET"]),
-        HttpRoute("/admin/replicas/health", replica_health, methods=["POST"]),
+        Route("/admin/deployments", list_deployments, methods=["GET"]),
+        Route("/admin/deployments/{model}", put_deployment, methods=["PUT"]),
+        Route("/admin/deployments/{model}", get_deployment, methods=["GET"]),
+        Route("/admin/deployments/{model}", delete_deployment, methods=["DELETE"]),
+        Route("/admin/inflight", inflight, methods=["GET"]),
+        Route("/admin/replicas/health", replica_health, methods=["POST"]),
     ]
 
 
-def _describe(gateway: Gateway, route: Route) -> dict[str, Any]:
+def _describe(gateway: Gateway, route: ModelRoute) -> dict[str, Any]:
     data = route.deployment.to_dict()
     data["admitted"] = route.admitted
     data["replica_states"] = [
@@ -161,7 +162,7 @@ def _describe(gateway: Gateway, route: Route) -> dict[str, Any]:
 
 async def verify(gateway: Gateway, deployment: Deployment) -> list[str]:
     """Ping every replica and score the input example on each; return the problems found."""
-    client = gateway.backend.client
+    client = gateway.replicas.client
 
     async def one(url: str) -> str | None:
         try:

@@ -16,11 +16,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route as HttpRoute
+from starlette.routing import Route
 
 from serving.gateway import errors
 from serving.gateway.admin import admin_routes
-from serving.gateway.backend import Backend
 from serving.gateway.batching import AdaptiveBatcher, Outcome
 from serving.gateway.capture import CaptureDispatcher, CapturedRequest, OnScored
 from serving.gateway.config import GatewayConfig
@@ -34,7 +33,8 @@ from serving.gateway.csv_bodies import (
 )
 from serving.gateway.metrics import GatewayMetrics, RouteMetrics
 from serving.gateway.openapi import build_openapi, render_docs
-from serving.gateway.routes import ErrorNote, Route, RouteTable
+from serving.gateway.replicas import ReplicaPool
+from serving.gateway.routes import ErrorNote, ModelRoute, RouteTable
 from serving.gateway.wire import BatchSchema, is_json_content_type, parse_tabular, scrub_error_body
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.watch(self.table)
         self.metrics.inflight.set_function(lambda: self._inflight)
-        self.backend = Backend(
+        self.replicas = ReplicaPool(
             self.table,
             self.config.backend_timeout_s,
             self.config.max_connections,
@@ -218,7 +218,7 @@ class Gateway:
             )
         return self.reject("not_deployed", 404, errors.RESOURCE_DOES_NOT_EXIST, reason)
 
-    async def dispatch(self, route: Route, body: bytes, content_type: str | None) -> Outcome:
+    async def dispatch(self, route: ModelRoute, body: bytes, content_type: str | None) -> Outcome:
         """Send through the route's batcher when the request may be merged, else directly."""
         batcher = self._batcher(route)
         if (
@@ -242,22 +242,22 @@ class Gateway:
         return await self._send(route, body, content_type, "single")
 
     async def _send(
-        self, route: Route, body: bytes, content_type: str | None, kind: str
+        self, route: ModelRoute, body: bytes, content_type: str | None, kind: str
     ) -> Outcome:
-        result = await self.backend.invoke(route, body, content_type)
+        result = await self.replicas.invoke(route, body, content_type)
         _route_metrics(self, route).backend_call(kind)
         answer = result.body
         if result.status >= 400 and not result.gateway_error:
             answer = scrub_error_body(answer)
         return Outcome(result.status, answer, result.content_type, result.gateway_error)
 
-    def _batcher(self, route: Route) -> AdaptiveBatcher | None:
+    def _batcher(self, route: ModelRoute) -> AdaptiveBatcher | None:
         # False marks "decided: no batching" so the signature is examined once per route.
         if route.batcher is None:
             route.batcher = self._make_batcher(route) or False
         return route.batcher or None
 
-    def _make_batcher(self, route: Route) -> AdaptiveBatcher | None:
+    def _make_batcher(self, route: ModelRoute) -> AdaptiveBatcher | None:
         deployment = route.deployment
         if not deployment.batching.enabled:
             return None
@@ -281,7 +281,7 @@ class Gateway:
 
     def _answer(
         self,
-        route: Route,
+        route: ModelRoute,
         body: bytes,
         content_type: str | None,
         outcome: Outcome,
@@ -349,7 +349,7 @@ class Gateway:
         return out
 
 
-def _route_metrics(gateway: Gateway, route: Route) -> RouteMetrics:
+def _route_metrics(gateway: Gateway, route: ModelRoute) -> RouteMetrics:
     d = route.deployment
     return gateway.metrics.for_route(d.model, d.version)
 
@@ -417,7 +417,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         prober = asyncio.create_task(
-            gateway.backend.probe_down_replicas(gateway.config.health_interval_s)
+            gateway.replicas.probe_down_replicas(gateway.config.health_interval_s)
         )
         try:
             yield
@@ -426,17 +426,17 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
             await gateway.capture.drain()
-            await gateway.backend.aclose()
+            await gateway.replicas.aclose()
 
     routes = [
-        HttpRoute("/invocations", invocations, methods=["POST"]),
-        HttpRoute("/models/{name}/invocations", model_invocations, methods=["POST"]),
-        HttpRoute("/models", models, methods=["GET"]),
-        HttpRoute("/ping", ping, methods=["GET"]),
-        HttpRoute("/health", health, methods=["GET"]),
-        HttpRoute("/metrics", metrics, methods=["GET"]),
-        HttpRoute("/openapi.json", openapi, methods=["GET"]),
-        HttpRoute("/docs", docs, methods=["GET"]),
+        Route("/invocations", invocations, methods=["POST"]),
+        Route("/models/{name}/invocations", model_invocations, methods=["POST"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/ping", ping, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
         *admin_routes(gateway),
     ]
 

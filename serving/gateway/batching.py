@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serving.gateway.routes import BatchingSettings
+from serving.deployment import BatchingSettings
 from serving.gateway.wire import (
     JSON_MIME,
     BatchSchema,

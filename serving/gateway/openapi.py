@@ -6,7 +6,7 @@ import html
 import json
 from typing import Any
 
-from serving.gateway.routes import Deployment
+from serving.deployment import Deployment
 
 _SCALARS: dict[str, dict[str, Any]] = {
     "double": {"type": "number", "format": "double"},

@@ -1,4 +1,4 @@
-"""The routing contract between the controller and the gateway.
+"""The gateway's route table: which replicas serve each model, and their health.
 
 The controller decides which model version is deployed on which replicas and
 tells the gateway through `RouteTable` (in-process) or the admin HTTP API
@@ -6,7 +6,7 @@ tells the gateway through `RouteTable` (in-process) or the admin HTTP API
 
 Blue/green: `set_active` swaps a model's route in one step, so every request
 admitted afterwards uses the new replicas, while requests admitted before keep
-the `Route` object they were admitted with and finish on the old replicas.
+the `ModelRoute` object they were admitted with and finish on the old replicas.
 The controller polls `inflight(old_replica_url)` until it reaches 0 and only
 then stops the old replicas.
 
@@ -17,162 +17,13 @@ gateway's event loop only takes the lock for a few dictionary operations.
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_WAIT_MS = 50.0
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    """Adaptive batching settings of one deployment.
-
-    enabled: coalesce concurrent tabular JSON requests (still only where safe,
-        see `serving.gateway.wire`).
-    max_batch_size: most rows in one merged backend call.
-    max_wait_ms: longest a request waits in the gateway for a free backend
-        slot; after that it is sent on its own even though replicas are busy.
-        An idle deployment never delays a request.
-    calls_per_replica: backend calls in flight per healthy replica before
-        requests start to queue (and so to coalesce).
-    """
-
-    enabled: bool = True
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
-    calls_per_replica: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must be >= 0")
-        if self.calls_per_replica < 1:
-            raise ValueError("calls_per_replica must be >= 1")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> BatchingSettings:
-        """Build from the admin API's JSON (missing keys keep their defaults)."""
-        if data is None:
-            return cls()
-        unknown = set(data) - {"enabled", "max_batch_size", "max_wait_ms", "calls_per_replica"}
-        if unknown:
-            raise ValueError(f"unknown batching settings: {sorted(unknown)}")
-        return cls(
-            enabled=bool(data.get("enabled", True)),
-            max_batch_size=int(data.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
-            max_wait_ms=float(data.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)),
-            calls_per_replica=int(data.get("calls_per_replica", 1)),
-        )
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One model version deployed on a set of replicas.
-
-    model: registered model name; version: registry version ("3").
-    replicas: base URLs of `mlflow models serve` processes ("http://127.0.0.1:9000").
-    input_example: the version's serving input example, i.e. a request body
-        the stock scorer accepts (MLflow's serving_input_example.json), or None.
-    signature: the MLflow signature dict as stored in MLmodel:
-        {"inputs": "<json>", "outputs": "<json>", "params": "<json>" | None}
-        (the values may also be given already decoded), or None.
-    batching: adaptive batching settings.
-    since: when this deployment became active (Unix seconds).
-    """
-
-    model: str
-    version: str
-    replicas: tuple[str, ...]
-    input_example: dict[str, Any] | None = None
-    signature: dict[str, Any] | None = None
-    batching: BatchingSettings = field(default_factory=BatchingSettings)
-    since: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        if not self.model or "/" in self.model:
-            raise ValueError("model name must be non-empty and contain no '/'")
-        if not self.replicas:
-            raise ValueError("a deployment needs at least one replica URL")
-        object.__setattr__(self, "version", str(self.version))
-        object.__setattr__(self, "replicas", tuple(u.rstrip("/") for u in self.replicas))
-        for url in self.replicas:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"replica URL must be http(s): {url!r}")
-
-    @property
-    def label(self) -> str:
-        """'name/version', the value of the X-Flowline-Model-Version header."""
-        return f"{self.model}/{self.version}"
-
-    def input_columns(self) -> list[dict[str, Any]] | None:
-        """The signature's input column specs (decoded), or None."""
-        return _decoded_spec(self.signature, "inputs")
-
-    def output_spec(self) -> list[dict[str, Any]] | None:
-        """The signature's output specs (decoded), or None."""
-        return _decoded_spec(self.signature, "outputs")
-
-    def params_spec(self) -> list[dict[str, Any]] | None:
-        """The signature's params specs (decoded), or None."""
-        return _decoded_spec(self.signature, "params")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form used by the admin API."""
-        data = asdict(self)
-        data["replicas"] = list(self.replicas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], model: str | None = None) -> Deployment:
-        """Parse the admin API's JSON; `model` (from the URL path) wins when given."""
-        if not isinstance(data, dict):
-            raise ValueError("deployment must be a JSON object")
-        known = {"model", "version", "replicas", "input_example", "signature", "batching", "since"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown deployment fields: {sorted(unknown)}")
-        name = model if model is not None else data.get("model")
-        if data.get("model") not in (None, name):
-            raise ValueError("'model' in the body differs from the model in the path")
-        if "version" not in data or "replicas" not in data:
-            raise ValueError("'version' and 'replicas' are required")
-        replicas = data["replicas"]
-        if not isinstance(replicas, list) or not all(isinstance(u, str) for u in replicas):
-            raise ValueError("'replicas' must be a list of URLs")
-        example = data.get("input_example")
-        if example is not None and not isinstance(example, dict):
-            raise ValueError("'input_example' must be a JSON object (a serving request body)")
-        signature = data.get("signature")
-        if signature is not None and not isinstance(signature, dict):
-            raise ValueError("'signature' must be an object with inputs/outputs/params")
-        since = data.get("since")
-        return cls(
-            model=str(name),
-            version=str(data["version"]),
-            replicas=tuple(replicas),
-            input_example=example,
-            signature=signature,
-            batching=BatchingSettings.from_dict(data.get("batching")),
-            since=float(since) if since is not None else time.time(),
-        )
-
-
-def _decoded_spec(signature: dict[str, Any] | None, key: str) -> list[dict[str, Any]] | None:
-    # MLmodel stores each part of the signature as a JSON string; accept both forms.
-    if not signature:
-        return None
-    value = signature.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = json.loads(value)
-    return value if isinstance(value, list) else None
+from serving.deployment import Deployment
 
 
 @dataclass
@@ -197,7 +48,7 @@ class ErrorNote:
     message: str
 
 
-class Route:
+class ModelRoute:
     """Runtime state of one admitted deployment (one object per `set_active`)."""
 
     def __init__(self, deployment: Deployment) -> None:
@@ -262,8 +113,8 @@ class RouteTable:
         self.loaded = True
         self._lock = threading.Lock()
         # Copy-on-write: readers take the current dict without locking.
-        self._active: dict[str, Route] = {}
-        self._retired: list[Route] = []
+        self._active: dict[str, ModelRoute] = {}
+        self._retired: list[ModelRoute] = []
         self._replicas: dict[str, ReplicaState] = {}
         # Models in the order they were first deployed: the first is the sticky default.
         self._order: list[str] = []
@@ -276,7 +127,7 @@ class RouteTable:
         Idempotent: setting the active deployment again (whatever its `since`)
         changes nothing and returns None, so a reconcile loop can repeat itself.
         """
-        route = Route(deployment)
+        route = ModelRoute(deployment)
         with self._lock:
             previous = self._active.get(deployment.model)
             if previous is not None and replace(deployment, since=0) == replace(
@@ -332,7 +183,7 @@ class RouteTable:
                 for url in deployment.replicas:
                     self._replicas.setdefault(url, ReplicaState(url))
             self._order = [d.model for d in ordered]
-            self._active = {d.model: Route(d) for d in ordered}
+            self._active = {d.model: ModelRoute(d) for d in ordered}
             self.loaded = True
 
     def inflight(self, replica_url: str) -> int:
@@ -388,11 +239,11 @@ class RouteTable:
 
     # --- gateway side ----------------------------------------------------------------------
 
-    def get(self, model: str) -> Route | None:
+    def get(self, model: str) -> ModelRoute | None:
         """The active route of `model`, or None."""
         return self._active.get(model)
 
-    def resolve_default(self) -> tuple[Route | None, str]:
+    def resolve_default(self) -> tuple[ModelRoute | None, str]:
         """The route for `/invocations`, or None and the reason."""
         active = self._active
         if self.default_model is not None:
@@ -407,7 +258,7 @@ class RouteTable:
                 return route, ""
         return None, "No model is deployed."
 
-    def admit(self, model: str | None) -> tuple[Route | None, str]:
+    def admit(self, model: str | None) -> tuple[ModelRoute | None, str]:
         """Look up and admit a request in one step, so a switch cannot slip between them."""
         with self._lock:
             if model is None:
@@ -419,16 +270,16 @@ class RouteTable:
                 route.admitted += 1
         return route, reason
 
-    def release(self, route: Route) -> None:
+    def release(self, route: ModelRoute) -> None:
         """Mark one admitted request of `route` finished."""
         with self._lock:
             route.admitted -= 1
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[ModelRoute]:
         """Active routes, sorted by model name."""
         return [self._active[k] for k in sorted(self._active)]
 
-    def draining(self) -> list[Route]:
+    def draining(self) -> list[ModelRoute]:
         """Replaced or removed routes that still have requests in flight."""
         with self._lock:
             self._prune_retired()
@@ -438,7 +289,7 @@ class RouteTable:
         """Health/load record of a replica URL."""
         return self._state(url)
 
-    def choose_replica(self, route: Route, exclude: tuple[str, ...] = ()) -> str | None:
+    def choose_replica(self, route: ModelRoute, exclude: tuple[str, ...] = ()) -> str | None:
         """Pick the least busy healthy replica of `route`, not in `exclude`.
 
         When every candidate is marked down we still return one: a stale mark
@@ -457,7 +308,7 @@ class RouteTable:
         ordered = [healthy[(offset + i) % n] for i in range(n)]
         return min(ordered, key=lambda u: self._state_fast(states, u).active)
 
-    def healthy_count(self, route: Route) -> int:
+    def healthy_count(self, route: ModelRoute) -> int:
         """How many of the route's replicas are marked healthy."""
         states = self._replicas
         return sum(1 for u in route.deployment.replicas if self._state_fast(states, u).healthy)
@@ -480,7 +331,7 @@ class RouteTable:
                 state = self._replicas.setdefault(url, ReplicaState(url))
         return state
 
-    def _retire(self, route: Route) -> None:
+    def _retire(self, route: ModelRoute) -> None:
         route.retired = True
         self._retired.append(route)
         self._prune_retired()

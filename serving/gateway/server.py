@@ -13,11 +13,12 @@ from typing import Any
 import prometheus_client
 import uvicorn
 
+from serving.deployment import Deployment
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
 from serving.gateway.config import GatewayConfig
 from serving.gateway.route_store import RouteStore
-from serving.gateway.routes import Deployment, RouteTable
+from serving.gateway.routes import RouteTable
 
 logger = logging.getLogger(__name__)
 

@@ -42,13 +42,13 @@ import numpy as np
 import pandas as pd
 from datasketches import kll_floats_sketch
 
-from monitoring.column_types import (  # noqa: F401 - re-exported: the baseline's vocabulary
+from common.registry import INPUT_TYPES_METADATA  # noqa: F401 - re-exported
+from monitoring.profile.column_types import (  # noqa: F401 - re-exported: the baseline's vocabulary
     BOOLEAN,
     BOOLEAN_WORDS,
     CATEGORICAL,
     DATETIME,
     FLOAT,
-    INPUT_TYPES_METADATA,
     INTEGER,
     KIND_OF_TYPE,
     NUMERIC,

@@ -15,12 +15,13 @@ import re
 import threading
 from typing import Any
 
-from monitoring.drift import PREDICTION
-from monitoring.metrics import feature_score
-from monitoring.store import WindowSummary
+from common import registry
+from monitoring.drift.evaluate import PREDICTION
+from monitoring.service.metrics import feature_score
+from monitoring.service.store import WindowSummary
 
-MODEL_TAG = "flowline.monitor.model"
-VERSION_TAG = "flowline.monitor.version"
+MODEL_TAG = registry.MONITOR_MODEL_TAG
+VERSION_TAG = registry.MONITOR_VERSION_TAG
 _UNSAFE = re.compile(r"[^\w.\- /]")
 
 
@@ -126,7 +127,7 @@ class MonitoringRuns:
                     tags={
                         MODEL_TAG: model,
                         VERSION_TAG: version,
-                        "flowline.monitor": "drift",
+                        registry.MONITOR_KIND_TAG: "drift",
                         "mlflow.note.content": (
                             f"Drift monitoring of {model} version {version}: one step per "
                             "window; HTML reports under reports/."

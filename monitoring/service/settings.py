@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monitoring.store import default_url
-from monitoring.stream_gate import DEFAULT_MAX_STREAMS
+from monitoring.service.store import default_url
+from monitoring.service.stream_gate import DEFAULT_MAX_STREAMS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
@@ -35,7 +35,7 @@ class MonitorSettings:
         flowline JSON or a Slack-compatible {"text": ...} body.
     public_url: base URL used in report links (defaults to http://host:port).
     max_streams: FLOWLINE_MONITOR_MAX_STREAMS, the most (model, version) streams
-        the monitor takes on (see monitoring.stream_gate).
+        the monitor takes on (see monitoring.service.stream_gate).
     experiment: MLflow experiment holding the monitoring runs.
     """
 

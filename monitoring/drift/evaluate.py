@@ -4,7 +4,7 @@ Per feature (and for the model's predictions, when both sides have them):
 
 * numeric: two-sample KS and Mann-Whitney of the live values against the
   baseline KLL sketch, with an effective reference size that accounts for the
-  sketch's own error (see :mod:`monitoring.drift_stats`). The feature's p-value
+  sketch's own error (see :mod:`monitoring.drift.stats`). The feature's p-value
   is ``min(1, 2 * min(p_ks, p_rank))`` (Bonferroni over the two); KS catches
   changes of shape, the rank test gives power against shifts of location.
   Effect sizes: Wasserstein distance / baseline std, and PSI on the baseline
@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monitoring import drift_stats as ds
-from monitoring.drift_report import (
+from monitoring.drift import stats as ds
+from monitoring.drift.report import (
     DistributionResult,
     DriftConfig,
     FeatureReport,
@@ -61,7 +61,7 @@ from monitoring.drift_report import (
     SchemaReport,
     WindowReport,
 )
-from monitoring.profile import (
+from monitoring.profile.baseline import (
     CATEGORICAL,
     NUMERIC,
     NumericBaseline,

@@ -15,7 +15,7 @@ accepted only when
 
 The bound is on the monitor as a whole, not per ``client.id``: that id is
 chosen by the sender, so a per-id bound would bound nothing; the credential
-(:mod:`monitoring.ingest_token`) is what identifies a client.
+(:mod:`monitoring.capture.token`) is what identifies a client.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from monitoring.ingest_checks import IngestRefused, StreamKey
+from monitoring.service.ingest_checks import IngestRefused, StreamKey
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from monitoring.metrics import MonitorMetrics
-from monitoring.settings import MonitorSettings
-from monitoring.store import MonitorStore, NewWindow
+from monitoring.service.metrics import MonitorMetrics
+from monitoring.service.settings import MonitorSettings
+from monitoring.service.store import MonitorStore, NewWindow
 
 logger = logging.getLogger(__name__)
 

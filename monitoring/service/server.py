@@ -1,8 +1,8 @@
 """The monitor's HTTP API (Starlette) and how to serve it (uvicorn).
 
 POST /ingest                      captured records from the gateway's capture client
-                                  (bearer token: monitoring.ingest_token; checks:
-                                  monitoring.ingest_checks, monitoring.stream_gate)
+                                  (bearer token: monitoring.capture.token; checks:
+                                  monitoring.service.ingest_checks, monitoring.service.stream_gate)
 GET  /drift                       every monitored model and its versions' states
 GET  /drift/{model}               latest state per version and the window history
 GET  /drift/{model}/windows/{id}  one window's full report (JSON)
@@ -32,11 +32,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from monitoring.capture import MAX_MODEL_CHARS
-from monitoring.ingest_checks import IngestRefused
-from monitoring.ingest_token import bearer_matches, monitor_token
-from monitoring.monitor import BadIngest, Monitor
-from monitoring.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
+from monitoring.capture.record import MAX_MODEL_CHARS
+from monitoring.capture.token import bearer_matches, monitor_token
+from monitoring.service.ingest_checks import IngestRefused
+from monitoring.service.monitor import BadIngest, Monitor
+from monitoring.service.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monitoring import drift_stats as ds
-from monitoring.capture import MalformedRecord
-from monitoring.drift import PREDICTION, CategoricalRef, NumericRef, PreparedBaseline
-from monitoring.store import StoredRecord
+from monitoring.capture.record import MalformedRecord
+from monitoring.drift import stats as ds
+from monitoring.drift.evaluate import PREDICTION, CategoricalRef, NumericRef, PreparedBaseline
+from monitoring.service.store import StoredRecord
 
 MAX_CATEGORY_BARS = 12
 VIOLATION_KINDS = ("malformed_row", "missing_value", "extra_value", "invalid_value")

@@ -12,7 +12,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from monitoring.drift import PREDICTION
+from monitoring.drift.evaluate import PREDICTION
 
 BASELINE_COLOUR = "#9aa5b1"
 LIVE_COLOUR = "#2f6fde"

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monitoring.drift import DriftConfig, PreparedBaseline, prepare_baseline
-from monitoring.profile import FILE_NAME, ProfileError, loads
+from common.registry import BASELINE_TAG
+from monitoring.drift.evaluate import DriftConfig, PreparedBaseline, prepare_baseline
+from monitoring.profile.baseline import FILE_NAME, ProfileError, loads
 
 logger = logging.getLogger(__name__)
 
-BASELINE_TAG = "flowline.baseline"
 DEFAULT_PATH = f"artifacts/{FILE_NAME}"
 MISSING_RETRY_S = 60.0  # a version without a baseline: ask again this often
 ERROR_RETRY_S = 5.0  # registry unreachable: ask again this often

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from monitoring.profile import INPUT_TYPES_METADATA
-from serving.gateway.routes import BatchingSettings, Deployment
+from common.registry import INPUT_TYPES_METADATA
+from serving.deployment import BatchingSettings, Deployment
 
 SERVING_EXAMPLE_FILE = "serving_input_example.json"
 

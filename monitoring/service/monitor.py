@@ -23,28 +23,28 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from monitoring.alerts import AlertSender, alert_body
-from monitoring.baselines import BaselineCache, BaselineUnavailable, fetch_from_registry
-from monitoring.drift import DriftConfig, PreparedBaseline, evaluate_window
-from monitoring.ingest_checks import (
+from monitoring.drift.evaluate import DriftConfig, PreparedBaseline, evaluate_window
+from monitoring.drift.report_html import render_report
+from monitoring.service.alerts import AlertSender, alert_body
+from monitoring.service.baselines import BaselineCache, BaselineUnavailable, fetch_from_registry
+from monitoring.service.ingest_checks import (
     MAX_RECORDS_PER_BATCH,
     IngestRefused,
     prepare_batch,
     refuse_invalid,
 )
-from monitoring.metrics import MonitorMetrics
-from monitoring.mlflow_runs import MonitoringRuns
-from monitoring.report_html import render_report
-from monitoring.settings import MonitorSettings
-from monitoring.store import (
+from monitoring.service.metrics import MonitorMetrics
+from monitoring.service.mlflow_runs import MonitoringRuns
+from monitoring.service.settings import MonitorSettings
+from monitoring.service.store import (
     IngestResult,
     MonitorStore,
     NewWindow,
     PendingRecord,
     WindowSummary,
 )
-from monitoring.stream_gate import StreamGate, registry_lookup
-from monitoring.window_frame import VIOLATION_KINDS, build_window, plot_data
+from monitoring.service.stream_gate import StreamGate, registry_lookup
+from monitoring.service.window_frame import VIOLATION_KINDS, build_window, plot_data
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Monitor:
 
         Raises BadIngest for a body that is not a batch, and IngestRefused when
         any record, the drop report or a new stream is refused
-        (:mod:`monitoring.ingest_checks`, :mod:`monitoring.stream_gate`).
+        (:mod:`monitoring.service.ingest_checks`, :mod:`monitoring.service.stream_gate`).
         """
         started = time.perf_counter()
         records, dropped = parse_ingest(body)

@@ -18,7 +18,7 @@ Checked here:
   most :data:`MAX_DROP_ENTRIES` entries.
 
 Which (model, version) streams may be created is decided by
-:mod:`monitoring.stream_gate`.
+:mod:`monitoring.service.stream_gate`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitoring.capture import CaptureRecord, MalformedRecord, check_stream
+from monitoring.capture.record import CaptureRecord, MalformedRecord, check_stream
 
 MAX_RECORDS_PER_BATCH = 20_000  # the capture client sends 500
 MAX_DROPPED_PER_ENTRY = 10**9

@@ -18,9 +18,6 @@ NUMERIC = "numeric"
 CATEGORICAL = "categorical"
 INTEGER, FLOAT, BOOLEAN, DATETIME, STRING = "integer", "float", "boolean", "datetime", "string"
 TYPES = (INTEGER, FLOAT, BOOLEAN, DATETIME, STRING)
-# The model-metadata key under which a logged model names each input column's type (one
-# of TYPES): written by training, read by the gateway for its OpenAPI page.
-INPUT_TYPES_METADATA = "flowline.input_types"
 KIND_OF_TYPE = {
     INTEGER: NUMERIC,
     FLOAT: NUMERIC,

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from monitoring.drift import PREDICTION
+from monitoring.drift.evaluate import PREDICTION
 
 STREAM = ("model", "version")
 

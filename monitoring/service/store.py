@@ -57,8 +57,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from monitoring.capture import CaptureRecord, loads_text
-from monitoring.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
+from monitoring.capture.record import CaptureRecord, loads_text
+from monitoring.service.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
 
 PREFIX = "flowline_mon_"
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
@@ -362,7 +362,7 @@ class MonitorStore:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            from monitoring.capture_spool import sqlite_engine
+            from monitoring.capture.spool import sqlite_engine
 
             # NORMAL in WAL mode survives a process crash; only power loss can lose
             # the last commits, and the capture clients redeliver unacknowledged ones.
@@ -401,7 +401,7 @@ class MonitorStore:
 
         A record whose inputs cannot be read is stored as one row with ``error``
         set (counted as a schema violation later); an invalid record (see
-        :mod:`monitoring.ingest_checks`) is only counted as rejected, and invalid
+        :mod:`monitoring.service.ingest_checks`) is only counted as rejected, and invalid
         drop report entries are skipped. ``POST /ingest`` is stricter: it refuses
         such a batch whole (:meth:`Monitor.ingest_body`).
         """

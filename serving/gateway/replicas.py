@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import httpx
 
 from serving.gateway import errors
-from serving.gateway.routes import Route, RouteTable
+from serving.gateway.routes import ModelRoute, RouteTable
 from serving.gateway.upstream import (
     AiohttpUpstream,
     HttpxUpstream,
@@ -28,7 +28,7 @@ PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True)
-class BackendResult:
+class ReplicaResult:
     """What a replica (or the gateway on its behalf) answered."""
 
     status: int
@@ -38,7 +38,7 @@ class BackendResult:
     gateway_error: bool = False  # True when the gateway generated this answer
 
 
-class Backend:
+class ReplicaPool:
     """Sends scoring calls to a route's replicas; pings replicas marked down."""
 
     def __init__(
@@ -68,7 +68,9 @@ class Backend:
         else:
             raise ValueError(f"unknown upstream client {upstream!r} (aiohttp or httpx)")
 
-    async def invoke(self, route: Route, body: bytes, content_type: str | None) -> BackendResult:
+    async def invoke(
+        self, route: ModelRoute, body: bytes, content_type: str | None
+    ) -> ReplicaResult:
         """POST `body` to /invocations of one of the route's replicas and relay the answer.
 
         On a connection-level failure the call is retried once (scoring is
@@ -108,7 +110,7 @@ class Backend:
                 continue
             finally:
                 state.active -= 1
-            return BackendResult(answer.status, answer.body, answer.content_type, url)
+            return ReplicaResult(answer.status, answer.body, answer.content_type, url)
         return _gateway_error(
             503,
             errors.TEMPORARILY_UNAVAILABLE,
@@ -145,7 +147,7 @@ class Backend:
         await self.client.aclose()
 
 
-def _gateway_error(status: int, code: str, message: str, replica: str | None) -> BackendResult:
-    return BackendResult(
+def _gateway_error(status: int, code: str, message: str, replica: str | None) -> ReplicaResult:
+    return ReplicaResult(
         status, errors.error_body(code, message), errors.JSON_TYPE, replica, gateway_error=True
     )

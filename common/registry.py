@@ -1,0 +1,57 @@
+"""The registry contract: every name flowline reads or writes in the MLflow registry.
+
+Training writes run and version tags, the user promotes in the registry UI, the
+controller reads the promotion and the per-model settings and writes the rollout
+status back, the monitor reads the baseline tag and tags its own runs. Each of
+those names is spelled here once, so that a writer and its readers cannot drift
+apart. Tags are documented in docs/serving.md and docs/monitoring.md.
+
+This module imports nothing: every package may import it.
+"""
+
+from __future__ import annotations
+
+TAG_PREFIX = "flowline."
+
+# --- the promotion: what the controller serves ----------------------------------------
+PRODUCTION_ALIAS = "production"
+PRODUCTION_STAGE = "Production"  # the legacy stage, still honoured
+DEMO_MODEL = "flowline-demo"
+
+# --- written by training, on the parent run and on the registered version --------------
+TASK_TAG = "flowline.task"
+FAMILY_TAG = "flowline.family"
+METRIC_TAG = "flowline.metric"
+METRIC_VALUE_TAG = "flowline.metric_value"
+DATA_FINGERPRINT_TAG = "flowline.data_fingerprint"
+DROPPED_COLUMNS_TAG = "flowline.dropped_columns"
+TRAINING_ROWS_TAG = "flowline.training_rows"
+PARENT_RUN_TAG = "flowline.parent_run_id"
+REGISTERED_VERSION_TAG = "flowline.registered_version"
+# The baseline profile's path inside the version's run artifacts (see docs/baseline-format.md).
+BASELINE_TAG = "flowline.baseline"
+# On each hyperopt trial's nested run.
+TRIAL_TAG = "flowline.trial"
+ERROR_TAG = "flowline.error"
+
+# --- on a registered model: how the controller serves it (set by the user) -------------
+REPLICAS_MODEL_TAG = "flowline.replicas"
+BATCHING_MODEL_TAG = "flowline.batching"
+BACKEND_MODEL_TAG = "flowline.backend"
+RESOURCES_MODEL_TAG = "flowline.resources"
+
+# --- on a model version: the rollout's outcome (written by the controller) -------------
+STATUS_TAG = "flowline.deployment.status"
+REASON_TAG = "flowline.deployment.reason"
+
+# --- on runs of other jobs ---------------------------------------------------------------
+BATCH_MODEL_TAG = "flowline.model"
+BATCH_VERSION_TAG = "flowline.version"
+BATCH_MODEL_URI_TAG = "flowline.model_uri"
+MONITOR_KIND_TAG = "flowline.monitor"
+MONITOR_MODEL_TAG = "flowline.monitor.model"
+MONITOR_VERSION_TAG = "flowline.monitor.version"
+
+# --- model metadata (MLmodel), beside the signature: each input column's type (one of
+# monitoring.profile.column_types.TYPES), written by training, read for the OpenAPI page.
+INPUT_TYPES_METADATA = "flowline.input_types"

@@ -1,0 +1,1 @@
+"""Captured requests: the record contract, the gateway-side client and its spool."""

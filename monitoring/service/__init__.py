@@ -1,0 +1,1 @@
+"""The monitor service: ingest, store, windows, drift runs, metrics, alerts, HTTP API."""

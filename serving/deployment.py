@@ -1,0 +1,164 @@
+"""The deployment contract between the controller and the gateway.
+
+A `Deployment` is one model version on its replicas, with the signature and the
+input example the gateway needs for its docs, batching and smoke checks. The
+controller builds it (`serving.model_metadata`) and sends it to the gateway, in
+process or as JSON over the admin API (`serving.gateway.admin`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_WAIT_MS = 50.0
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Adaptive batching settings of one deployment.
+
+    enabled: coalesce concurrent tabular JSON requests (still only where safe,
+        see `serving.gateway.wire`).
+    max_batch_size: most rows in one merged backend call.
+    max_wait_ms: longest a request waits in the gateway for a free backend
+        slot; after that it is sent on its own even though replicas are busy.
+        An idle deployment never delays a request.
+    calls_per_replica: backend calls in flight per healthy replica before
+        requests start to queue (and so to coalesce).
+    """
+
+    enabled: bool = True
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    calls_per_replica: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.calls_per_replica < 1:
+            raise ValueError("calls_per_replica must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> BatchingSettings:
+        """Build from the admin API's JSON (missing keys keep their defaults)."""
+        if data is None:
+            return cls()
+        unknown = set(data) - {"enabled", "max_batch_size", "max_wait_ms", "calls_per_replica"}
+        if unknown:
+            raise ValueError(f"unknown batching settings: {sorted(unknown)}")
+        return cls(
+            enabled=bool(data.get("enabled", True)),
+            max_batch_size=int(data.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
+            max_wait_ms=float(data.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)),
+            calls_per_replica=int(data.get("calls_per_replica", 1)),
+        )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One model version deployed on a set of replicas.
+
+    model: registered model name; version: registry version ("3").
+    replicas: base URLs of `mlflow models serve` processes ("http://127.0.0.1:9000").
+    input_example: the version's serving input example, i.e. a request body
+        the stock scorer accepts (MLflow's serving_input_example.json), or None.
+    signature: the MLflow signature dict as stored in MLmodel:
+        {"inputs": "<json>", "outputs": "<json>", "params": "<json>" | None}
+        (the values may also be given already decoded), or None.
+    batching: adaptive batching settings.
+    since: when this deployment became active (Unix seconds).
+    """
+
+    model: str
+    version: str
+    replicas: tuple[str, ...]
+    input_example: dict[str, Any] | None = None
+    signature: dict[str, Any] | None = None
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    since: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not self.model or "/" in self.model:
+            raise ValueError("model name must be non-empty and contain no '/'")
+        if not self.replicas:
+            raise ValueError("a deployment needs at least one replica URL")
+        object.__setattr__(self, "version", str(self.version))
+        object.__setattr__(self, "replicas", tuple(u.rstrip("/") for u in self.replicas))
+        for url in self.replicas:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"replica URL must be http(s): {url!r}")
+
+    @property
+    def label(self) -> str:
+        """'name/version', the value of the X-Flowline-Model-Version header."""
+        return f"{self.model}/{self.version}"
+
+    def input_columns(self) -> list[dict[str, Any]] | None:
+        """The signature's input column specs (decoded), or None."""
+        return _decoded_spec(self.signature, "inputs")
+
+    def output_spec(self) -> list[dict[str, Any]] | None:
+        """The signature's output specs (decoded), or None."""
+        return _decoded_spec(self.signature, "outputs")
+
+    def params_spec(self) -> list[dict[str, Any]] | None:
+        """The signature's params specs (decoded), or None."""
+        return _decoded_spec(self.signature, "params")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form used by the admin API."""
+        data = asdict(self)
+        data["replicas"] = list(self.replicas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], model: str | None = None) -> Deployment:
+        """Parse the admin API's JSON; `model` (from the URL path) wins when given."""
+        if not isinstance(data, dict):
+            raise ValueError("deployment must be a JSON object")
+        known = {"model", "version", "replicas", "input_example", "signature", "batching", "since"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown deployment fields: {sorted(unknown)}")
+        name = model if model is not None else data.get("model")
+        if data.get("model") not in (None, name):
+            raise ValueError("'model' in the body differs from the model in the path")
+        if "version" not in data or "replicas" not in data:
+            raise ValueError("'version' and 'replicas' are required")
+        replicas = data["replicas"]
+        if not isinstance(replicas, list) or not all(isinstance(u, str) for u in replicas):
+            raise ValueError("'replicas' must be a list of URLs")
+        example = data.get("input_example")
+        if example is not None and not isinstance(example, dict):
+            raise ValueError("'input_example' must be a JSON object (a serving request body)")
+        signature = data.get("signature")
+        if signature is not None and not isinstance(signature, dict):
+            raise ValueError("'signature' must be an object with inputs/outputs/params")
+        since = data.get("since")
+        return cls(
+            model=str(name),
+            version=str(data["version"]),
+            replicas=tuple(replicas),
+            input_example=example,
+            signature=signature,
+            batching=BatchingSettings.from_dict(data.get("batching")),
+            since=float(since) if since is not None else time.time(),
+        )
+
+
+def _decoded_spec(signature: dict[str, Any] | None, key: str) -> list[dict[str, Any]] | None:
+    # MLmodel stores each part of the signature as a JSON string; accept both forms.
+    if not signature:
+        return None
+    value = signature.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    return value if isinstance(value, list) else None

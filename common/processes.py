@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,21 @@ STOP_GRACE_SECONDS = 10.0
 # Files flowline (and every child it starts) creates: 0600 files in 0700 folders. The
 # home holds captured request bodies, the registry database and secrets.
 PRIVATE_UMASK = 0o077
+
+
+def venv_bin() -> str:
+    """The bin folder of the Python running flowline (its venv's ``mlflow``, ``uvicorn``)."""
+    return os.path.dirname(sys.executable)
+
+
+def venv_first_path(path: str | None = None) -> str:
+    """A PATH with this venv's bin first, before ``path`` (default: this process's PATH).
+
+    ``mlflow models serve --env-manager local`` and ``mlflow run`` start ``uvicorn`` and
+    ``python`` from PATH: they must be this install's, not whatever the shell found.
+    """
+    rest = os.environ.get("PATH", os.defpath) if path is None else path
+    return venv_bin() + os.pathsep + rest
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -14,7 +14,6 @@ user cannot set ``production``). Everything lives in ``FLOWLINE_HOME``, 0600:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -22,21 +21,14 @@ from pathlib import Path
 
 import requests
 
+from common.secrets import created_secret, persistent_secret
+
 ADMIN_USER = "admin"
 SERVICE_USER = "flowline-service"
 
 
-def _private_secret(path: Path) -> tuple[str, bool]:
-    """The secret in ``path``, created 0600 when absent; and whether it was just created."""
-    created = False
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(24))
-            created = True
-    return path.read_text().strip(), created
+def _password() -> str:
+    return secrets.token_urlsafe(24)
 
 
 @dataclass(frozen=True)
@@ -47,11 +39,11 @@ class Auth:
 
     def admin_password(self) -> tuple[str, bool]:
         """The admin password, and whether it was generated just now (print it once)."""
-        return _private_secret(self.home / "auth-admin-password")
+        return created_secret(self.home / "auth-admin-password", _password)
 
     def service_env(self) -> dict[str, str]:
         """What flowline's own services need to call the registry as ``flowline-service``."""
-        password, _ = _private_secret(self.home / "auth-service-password")
+        password, _ = created_secret(self.home / "auth-service-password", _password)
         return {"MLFLOW_TRACKING_USERNAME": SERVICE_USER, "MLFLOW_TRACKING_PASSWORD": password}
 
     def server_env(self) -> dict[str, str]:
@@ -70,7 +62,9 @@ class Auth:
         return {
             "MLFLOW_AUTH_CONFIG_PATH": str(config),
             "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password()[0],
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": _private_secret(self.home / "auth-flask-secret")[0],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": persistent_secret(
+                self.home / "auth-flask-secret", _password
+            ),
         }
 
     def ensure_service_user(self, tracking_url: str) -> None:

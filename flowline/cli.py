@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import requests
 
-from common.processes import port_in_use
+from common.processes import port_in_use, venv_bin, venv_first_path
 from common.registry import DEMO_MODEL, PRODUCTION_ALIAS
 from flowline.auth import ADMIN_USER, Auth, is_loopback
 from flowline.config import Ports, home, make_private
@@ -335,7 +335,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tracking = platform.tracking.url
         gateway = platform.urls()["gateway (POST /invocations)"]
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env["PATH"] = venv_first_path(env.get("PATH", ""))
         run = _mlflow_run_argv(
             {"family": args.family, "max_evals": str(args.max_evals)}, DEMO_MODEL
         )
@@ -391,7 +391,7 @@ def mlflow_artifacts_download(tracking: str, uri: str) -> str:
 def _mlflow_run_argv(
     params: dict[str, str], experiment: str | None = None, entry: str = "main"
 ) -> list[str]:
-    argv = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "run", str(PROJECT_DIR)]
+    argv = [os.path.join(venv_bin(), "mlflow"), "run", str(PROJECT_DIR)]
     argv += ["-e", entry, "--env-manager", "local"]
     if experiment:
         argv += ["--experiment-name", experiment]
@@ -433,9 +433,7 @@ def _checked_mlflow_run(args: argparse.Namespace, entry: str) -> int:
     except UserError as exc:
         print(f"flowline: error: {exc}", file=sys.stderr)
         return 2
-    env = dict(
-        os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    )
+    env = dict(os.environ, PATH=venv_first_path(os.environ.get("PATH", "")))
     return subprocess.run(_mlflow_run_argv(params, args.experiment_name, entry), env=env).returncode
 
 

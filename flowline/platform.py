@@ -9,11 +9,11 @@ from pathlib import Path
 
 import requests
 
-from common.processes import PRIVATE_UMASK, ManagedProcess, port_in_use
+from common.processes import PRIVATE_UMASK, ManagedProcess, port_in_use, venv_first_path
+from common.secrets import persistent_secret
 from flowline.auth import Auth
 from flowline.config import Ports, make_private
 from flowline.tracking import TrackingServer
-from serving.controller.app import persistent_secret
 from serving.gateway.config import ROUTES_FILE
 
 START_TIMEOUT_SECONDS = 120.0
@@ -55,7 +55,6 @@ class Platform:
         }
 
     def _env(self) -> dict[str, str]:
-        bin_dir = os.path.dirname(sys.executable)
         return dict(
             os.environ,
             MLFLOW_TRACKING_URI=self.tracking.url,
@@ -63,7 +62,7 @@ class Platform:
             FLOWLINE_ADMIN_TOKEN=persistent_secret(self.home / "admin-token"),
             FLOWLINE_GATEWAY_URL=f"http://{self.host}:{self.ports.gateway}",
             FLOWLINE_MONITOR_URL=f"http://{self.host}:{self.ports.monitor}",
-            PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            PATH=venv_first_path(os.environ.get("PATH", "")),
             PYTHONUNBUFFERED="1",
             **(dict(Auth(self.home).service_env(), FLOWLINE_AUTH="1") if self.auth else {}),
         )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from common.processes import PRIVATE_UMASK, ManagedProcess
+from common.db import sqlalchemy_url
+from common.processes import PRIVATE_UMASK, ManagedProcess, venv_bin, venv_first_path
+from common.secrets import persistent_secret
 from flowline.auth import Auth
 
 HEALTH_TIMEOUT_SECONDS = 120.0
@@ -22,13 +23,9 @@ def webhook_encryption_key(home: Path) -> str:
     It is created once and kept in the home folder, because a new key on every start
     would make every stored webhook secret unreadable.
     """
-    path = home / "webhook-encryption.key"
-    if not path.exists():
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(Fernet.generate_key())
-    return path.read_text().strip()
+    return persistent_secret(
+        home / "webhook-encryption.key", lambda: Fernet.generate_key().decode()
+    )
 
 
 @dataclass(frozen=True)
@@ -55,10 +52,7 @@ class TrackingServer:
         A bare ``postgresql://`` URI is pointed at psycopg 3, the driver flowline
         installs; SQLAlchemy would otherwise look for psycopg2.
         """
-        uri = self.backend_store_uri or f"sqlite:///{self.home / 'mlflow.db'}"
-        if uri.startswith(("postgresql://", "postgres://")):
-            uri = "postgresql+psycopg://" + uri.split("://", 1)[1]
-        return uri
+        return sqlalchemy_url(self.backend_store_uri or f"sqlite:///{self.home / 'mlflow.db'}")
 
     def artifacts_root(self) -> str:
         """Where the server stores artifacts it proxies."""
@@ -66,7 +60,7 @@ class TrackingServer:
 
     def argv(self) -> list[str]:
         """The ``mlflow server`` command line."""
-        mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+        mlflow_bin = shutil.which("mlflow", path=venv_bin()) or "mlflow"
         return [
             mlflow_bin,
             "server",
@@ -95,7 +89,7 @@ class TrackingServer:
                 # webhook should take effect within seconds, not a minute.
                 "MLFLOW_WEBHOOK_CACHE_TTL": os.environ.get("MLFLOW_WEBHOOK_CACHE_TTL", "5"),
                 # The venv's bin first, so the server's helpers are this install's.
-                "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+                "PATH": venv_first_path(env.get("PATH", "")),
             }
         )
         if self.auth:

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from common.secrets import persistent_secret
+
 TOKEN_ENV = "FLOWLINE_INGEST_TOKEN"
 TOKEN_FILE = "ingest-token"
 
@@ -27,9 +29,6 @@ def monitor_token(home: Path, environ: Mapping[str, str] | None = None) -> str:
     configured = _env(environ).get(TOKEN_ENV, "").strip()
     if configured:
         return configured
-    # The one persistent-secret helper of the platform (0600, created on first use).
-    from serving.controller.app import persistent_secret
-
     return persistent_secret(home / TOKEN_FILE)
 
 

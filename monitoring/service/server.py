@@ -16,14 +16,11 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import prometheus_client
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.applications import Starlette
@@ -32,11 +29,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from common.servers import listening_socket, run_on_socket, url_host, write_port_file
 from monitoring.capture.record import MAX_MODEL_CHARS
 from monitoring.capture.token import bearer_matches, monitor_token
 from monitoring.service.ingest_checks import IngestRefused
 from monitoring.service.monitor import BadIngest, Monitor
 from monitoring.service.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
+
+LISTEN_BACKLOG = 512
 
 logger = logging.getLogger(__name__)
 
@@ -190,28 +190,15 @@ def serve_monitor(
     """Serve the monitor until SIGINT/SIGTERM; port 0 binds a free port (written to port_file)."""
     # Process-wide: the *_created series only double the scrape size.
     prometheus_client.disable_created_metrics()
-    # Bind here so port 0 works and the port is known before serving.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(512)
-    sock.set_inheritable(True)
+    sock = listening_socket(host, port, LISTEN_BACKLOG)
     bound = sock.getsockname()[1]
-    shown_host = f"[{host}]" if ":" in host else host
-    monitor = Monitor(settings, public_url=f"http://{shown_host}:{bound}")
+    monitor = Monitor(settings, public_url=f"http://{url_host(host)}:{bound}")
     app = create_app(monitor, ingest_token=monitor_token(settings.home))
-    logger.warning("flowline monitor on http://%s:%d (store %s)", shown_host, bound,
-                   monitor.store.engine.url.render_as_string(hide_password=True))  # fmt: skip
+    store_url = monitor.store.engine.url.render_as_string(hide_password=True)
+    logger.warning("flowline monitor on http://%s:%d (store %s)", url_host(host), bound, store_url)
     if port_file is not None:
-        tmp = Path(f"{port_file}.tmp")
-        tmp.write_text(str(bound))
-        os.replace(tmp, port_file)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30)
-    )
+        write_port_file(port_file, bound)
     try:
-        server.run(sockets=[sock])
+        run_on_socket(app, sock, log_level=log_level, timeout_keep_alive=30)
     finally:
-        sock.close()
         monitor.store.close()

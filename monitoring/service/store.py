@@ -57,6 +57,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from common.db import sqlalchemy_url, sqlite_engine
 from monitoring.capture.record import CaptureRecord, loads_text
 from monitoring.service.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
 
@@ -158,8 +159,7 @@ alerts = Table(
 def database_url(url: str) -> str:
     """Check the store URL's scheme and point bare PostgreSQL URIs at psycopg 3
     (SQLAlchemy would look for psycopg2); ValueError for any other database."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    url = sqlalchemy_url(url)
     if not url.startswith(("sqlite:///", "postgresql+psycopg://")):
         scheme = url.split(":", 1)[0] if ":" in url else url
         raise ValueError(
@@ -362,8 +362,6 @@ class MonitorStore:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            from monitoring.capture.spool import sqlite_engine
-
             # NORMAL in WAL mode survives a process crash; only power loss can lose
             # the last commits, and the capture clients redeliver unacknowledged ones.
             path = Path(url.split("sqlite:///", 1)[1])

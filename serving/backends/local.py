@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from urllib.parse import quote
 
 import requests
 
-from common.processes import ManagedProcess
+from common.processes import ManagedProcess, venv_bin, venv_first_path
 from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
 from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
@@ -44,8 +43,7 @@ def replica_environment(
     env = {k: source[k] for k in names if k in source}
     env.update({k: v for k, v in source.items() if k.startswith("LC_")})
     # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: use this venv's.
-    bin_dir = os.path.dirname(sys.executable)
-    env["PATH"] = bin_dir + os.pathsep + source.get("PATH", os.defpath)
+    env["PATH"] = venv_first_path(source.get("PATH", os.defpath))
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -129,9 +127,8 @@ class LocalProcessBackend:
 
     def _start_on_free_port(self, model: str, version: str, model_uri: str) -> Replica:
         port = self.ports.take()
-        bin_dir = os.path.dirname(sys.executable)
         argv = [
-            os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri,
+            os.path.join(venv_bin(), "mlflow"), "models", "serve", "-m", model_uri,
             "--env-manager", self.env_manager, "-h", self.host, "-p", str(port),
             "-w", str(self.workers),
         ]  # fmt: skip

@@ -11,6 +11,7 @@ import uvicorn
 from mlflow import MlflowClient
 
 from common.processes import PRIVATE_UMASK
+from common.secrets import persistent_secret
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS, create_backend
 from serving.backends.ports import PortPool
@@ -19,7 +20,6 @@ from serving.controller.app import (
     WEBHOOK_PATH,
     build_app,
     env_float,
-    persistent_secret,
     register_webhook_safely,
 )
 from serving.controller.gateway_client import GatewayClient

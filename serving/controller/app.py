@@ -10,12 +10,10 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -32,18 +30,6 @@ log = logging.getLogger("flowline.controller")
 WEBHOOK_NAME = "flowline-controller"
 WEBHOOK_PATH = "/webhooks/mlflow"
 STALE_INTERVALS = 3
-
-
-def persistent_secret(path: Path) -> str:
-    """A random secret kept in ``path``: stable across restarts, created on first use."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Created 0600, never readable by others even for an instant.
-        with contextlib.suppress(FileExistsError):  # another process made it first
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
 
 
 def ensure_webhook(client: MlflowClient, url: str, secret: str) -> str:

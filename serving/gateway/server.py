@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
-import uvicorn
 
+from common.servers import listening_socket, run_on_socket, url_host, write_port_file
 from serving.deployment import Deployment
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
@@ -81,33 +79,17 @@ def serve_gateway(
         table.set_active(deployment)
     app = create_app(config, table, on_scored)
 
-    # Bind here rather than in uvicorn so port 0 works and the port is known before serving.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on accepted sockets whose
-    # proto says TCP, and without it Nagle + delayed ACK add ~40 ms per response.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(LISTEN_BACKLOG)
-    sock.set_inheritable(True)
+    sock = listening_socket(host, port, LISTEN_BACKLOG)
     bound = sock.getsockname()[1]
     runtime = fast_runtime()
-    logger.warning("flowline gateway on http://%s:%d (%s)", host, bound, runtime)
+    logger.warning("flowline gateway on http://%s:%d (%s)", url_host(host), bound, runtime)
     if port_file is not None:
-        tmp = Path(f"{port_file}.tmp")
-        tmp.write_text(str(bound))
-        os.replace(tmp, port_file)  # atomic: readers never see a partial number
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level=log_level,
-            access_log=False,
-            backlog=LISTEN_BACKLOG,
-            timeout_keep_alive=30,
-            **{**runtime, **bounded_http(config, runtime["http"])},
-        )
+        write_port_file(port_file, bound)
+    run_on_socket(
+        app,
+        sock,
+        log_level=log_level,
+        backlog=LISTEN_BACKLOG,
+        timeout_keep_alive=30,
+        **{**runtime, **bounded_http(config, runtime["http"])},
     )
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()

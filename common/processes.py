@@ -40,6 +40,11 @@ def venv_first_path(path: str | None = None) -> str:
     return venv_bin() + os.pathsep + rest
 
 
+def option_args(options: Mapping[str, object]) -> list[str]:
+    """Command-line options as argv words: ``{"--port": 80}`` gives ``["--port", "80"]``."""
+    return [word for name, value in options.items() for word in (name, str(value))]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host``."""
     with socket.socket() as sock:

@@ -90,9 +90,11 @@ class Auth:
             call("POST", "create", "create the flowline-service user", json=user)
         # Admin: it tags versions, registers the webhook and logs monitoring runs anywhere.
         call(
-            "PATCH", "update-admin", "make flowline-service an admin",
+            "PATCH",
+            "update-admin",
+            "make flowline-service an admin",
             json={"username": SERVICE_USER, "is_admin": True},
-        )  # fmt: skip
+        )
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

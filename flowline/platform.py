@@ -9,7 +9,13 @@ from pathlib import Path
 
 import requests
 
-from common.processes import PRIVATE_UMASK, ManagedProcess, port_in_use, venv_first_path
+from common.processes import (
+    PRIVATE_UMASK,
+    ManagedProcess,
+    option_args,
+    port_in_use,
+    venv_first_path,
+)
 from common.secrets import persistent_secret
 from flowline.auth import Auth
 from flowline.config import Ports, make_private
@@ -41,9 +47,12 @@ class Platform:
     def tracking(self) -> TrackingServer:
         """The tracking server's settings."""
         return TrackingServer(
-            home=self.home, host=self.host, port=self.ports.tracking,
-            backend_store_uri=self.backend_store_uri, auth=self.auth,
-        )  # fmt: skip
+            home=self.home,
+            host=self.host,
+            port=self.ports.tracking,
+            backend_store_uri=self.backend_store_uri,
+            auth=self.auth,
+        )
 
     def urls(self) -> dict[str, str]:
         """Every URL a user needs."""
@@ -196,17 +205,20 @@ class Platform:
 
     def start_controller(self) -> None:
         """Start the controller (also after it died: it adopts the replicas it left)."""
+        options = {
+            "--host": self.host,
+            "--port": self.ports.controller,
+            "--home": self.home,
+            "--replicas": self.replicas,
+            "--backend": self.backend,
+            "--replica-port-from": self.ports.replicas_from,
+            "--interval": self.reconcile_interval,
+        }
         self._spawn(
             "controller",
-            [
-                sys.executable, "-m", "serving.controller", "--host", self.host,
-                "--port", str(self.ports.controller), "--home", str(self.home),
-                "--replicas", str(self.replicas), "--backend", self.backend,
-                "--replica-port-from", str(self.ports.replicas_from),
-                "--interval", str(self.reconcile_interval),
-            ],
+            [sys.executable, "-m", "serving.controller", *option_args(options)],
             f"http://{self.host}:{self.ports.controller}/health",
-        )  # fmt: skip
+        )
 
     def stop(self) -> None:
         """Stop in reverse order: the controller first, so it can stop its replicas."""

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import requests
 
-from common.processes import ManagedProcess, venv_bin, venv_first_path
+from common.processes import ManagedProcess, option_args, venv_bin, venv_first_path
 from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
 from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
@@ -25,12 +25,11 @@ STARTUP_TIMEOUT_SECONDS = 120.0
 # webhook secrets, API keys) may be in its environment: an allowlist, not a denylist.
 REPLICA_ENV_NAMES = ("HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME")
 # Building an environment (virtualenv, uv, conda) also needs the package index settings.
-ENV_BUILDER_NAMES = (
-    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT", "UV_INDEX_URL", "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-    "https_proxy", "no_proxy", "MLFLOW_ENV_ROOT", "MLFLOW_CONDA_HOME", "CONDA_EXE",
-    "PYENV_ROOT",
-)  # fmt: skip
+ENV_BUILDER_NAMES = tuple(
+    """PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CERT UV_INDEX_URL SSL_CERT_FILE REQUESTS_CA_BUNDLE
+    HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy
+    MLFLOW_ENV_ROOT MLFLOW_CONDA_HOME CONDA_EXE PYENV_ROOT""".split()
+)
 
 
 def replica_environment(
@@ -127,11 +126,14 @@ class LocalProcessBackend:
 
     def _start_on_free_port(self, model: str, version: str, model_uri: str) -> Replica:
         port = self.ports.take()
-        argv = [
-            os.path.join(venv_bin(), "mlflow"), "models", "serve", "-m", model_uri,
-            "--env-manager", self.env_manager, "-h", self.host, "-p", str(port),
-            "-w", str(self.workers),
-        ]  # fmt: skip
+        options = {
+            "-m": model_uri,
+            "--env-manager": self.env_manager,
+            "-h": self.host,
+            "-p": port,
+            "-w": self.workers,
+        }
+        argv = [os.path.join(venv_bin(), "mlflow"), "models", "serve", *option_args(options)]
         env = replica_environment(self.tracking_uri, self.env_manager)
         log = self.state_dir / "logs" / f"replica-{model}-{version}-{port}.log"
         process = ManagedProcess(argv, env=env, log_path=log).start()

@@ -134,7 +134,7 @@ class DockerBackend:
         build's own error line when it cannot be built."""
         key = (model, version)
         with self._image_lock:
-            if key in self._images and not self._image_exists(self._images[key]):
+            if key in self._images and not self.builder.exists(self._images[key]):
                 del self._images[key]  # removed from the daemon since: build it again
             if key not in self._images:
                 built = build_version_image(
@@ -142,13 +142,6 @@ class DockerBackend:
                 )
                 self._images[key] = built.tag
             return self._images[key]
-
-    def _image_exists(self, tag: str) -> bool:
-        try:
-            self.client.images.get(tag)
-        except NotFound:
-            return False
-        return True
 
     def _resources(self, model: str) -> Resources:
         try:

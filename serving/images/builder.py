@@ -156,7 +156,7 @@ class ImageBuilder:
         digest = tree_digest(model_dir, salt=(RECIPE, base_id))
         tag = model_image_tag(model, version, digest)
         with self._lock(tag):
-            if self._exists(tag):
+            if self.exists(tag):
                 return BuiltImage(tag, digest, False, time.monotonic() - started)
             log_path = self.logs / f"{slug(model)}-v{slug(version)}-{digest[:12]}.log"
             with log_path.open("w") as log:
@@ -169,7 +169,8 @@ class ImageBuilder:
                 log.write(f"\nflowline: built {tag} in {time.monotonic() - started:.1f} s\n")
         return BuiltImage(tag, digest, True, time.monotonic() - started)
 
-    def _exists(self, tag: str) -> bool:
+    def exists(self, tag: str) -> bool:
+        """Whether the daemon holds an image tagged ``tag``."""
         try:
             self.client.images.get(tag)
         except ImageNotFound:
@@ -189,7 +190,7 @@ class ImageBuilder:
         requirements, build_deps = requirements_of(model_dir)
         env_tag = self.environment_tag(model_dir)
         with self._lock(env_tag):
-            if self._exists(env_tag):
+            if self.exists(env_tag):
                 log.write(f"flowline: environment {env_tag} is cached\n")
                 return env_tag
             workdir = self.root / "work" / env_tag.split(":")[1]

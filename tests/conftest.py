@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from common.processes import ManagedProcess, free_port
+from common.processes import ManagedProcess, free_port, venv_first_path
 from flowline.tracking import TrackingServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ POSTGRES_ADMIN = os.environ.get(
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for child processes: this venv first on PATH, quiet Python."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=venv_first_path(os.environ.get("PATH", "")))
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
     return env

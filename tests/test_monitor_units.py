@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine
+from starlette.requests import Request
 
 from monitoring.profile.baseline import ProfileError, build_profile
 from monitoring.service.baselines import BaselineCache
 from monitoring.service.monitor import Monitor
-from monitoring.service.server import create_app
+from monitoring.service.server import MAX_INGEST_BYTES, MonitorEndpoints, create_app
 from monitoring.service.settings import MonitorSettings
 from tests.helpers_monitor import CHURN, FEATURES, LoopbackServer, shifted
 
@@ -392,3 +394,99 @@ def test_a_window_of_only_unreadable_records_is_still_closed_and_reported(
     assert stored["violations"]["malformed_row"] == 5
     assert stored["error_examples"][0] == "body is not valid JSON"
     assert monitor.report_html("churn", w.id) is not None
+
+
+# --- the endpoint handlers alone (no app, no transport) -----------------------------------
+
+
+def bare_request(
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    path_params: dict[str, Any] | None = None,
+    query: bytes = b"",
+) -> Request:
+    """A Starlette request for calling one MonitorEndpoints method directly."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/",
+        "query_string": query,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "path_params": path_params or {},
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)
+
+
+def test_the_ingest_handler_checks_the_token_and_the_size_before_the_body(
+    tmp_path: Path, churn: tuple[pd.DataFrame, dict]
+) -> None:
+    data, profile = churn
+    monitor = make_monitor(tmp_path, profile)
+    frame, labels = sample(data, 40, seed=14)
+    batch = json.dumps({"records": records(frame, labels)}).encode()
+    api = MonitorEndpoints(monitor, ingest_token="t0ken")
+    auth = {"authorization": "Bearer t0ken"}
+
+    async def scenario() -> None:
+        for headers in ({}, {"authorization": "Bearer nope"}):
+            refused = await api.ingest(bare_request("POST", headers, batch))
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == 'Bearer realm="flowline-monitor"'
+        too_big = {**auth, "content-length": str(MAX_INGEST_BYTES + 1)}
+        assert (await api.ingest(bare_request("POST", too_big, b"{}"))).status_code == 413
+        bad = await api.ingest(bare_request("POST", auth, b"nope"))
+        assert bad.status_code == 400
+        assert json.loads(bad.body) == {"error": "body is not valid JSON"}
+        stored = await api.ingest(bare_request("POST", auth, batch))
+        assert stored.status_code == 200 and json.loads(stored.body)["rows"] == 40
+        # Without a token the monitor accepts nothing, not even an empty bearer.
+        closed = MonitorEndpoints(monitor)
+        empty = {"authorization": "Bearer "}
+        assert (await closed.ingest(bare_request("POST", empty, batch))).status_code == 401
+
+    asyncio.run(scenario())
+    assert monitor.store.row_count("churn") == 40
+
+
+def test_the_read_handlers_alone(tmp_path: Path, churn: tuple[pd.DataFrame, dict]) -> None:
+    data, profile = churn
+    monitor = make_monitor(tmp_path, profile)
+    api = MonitorEndpoints(monitor)
+    odd = 'a<b>"&'
+
+    async def scenario() -> None:
+        empty = await api.index(bare_request())
+        assert "<li>no traffic yet</li>" in empty.body.decode()
+        frame, labels = sample(data, WINDOW, seed=15)
+        monitor.ingest(records(frame, labels) + records(frame.iloc[:20], labels, model=odd))
+        [w] = await asyncio.to_thread(monitor.close_windows)
+        page = (await api.index(bare_request())).body.decode()
+        verdict = "<b>drift</b>" if w.drifted else "no drift"
+        assert f'<li><a href="http://mon/drift/churn">churn</a>: {verdict} (v1)</li>' in page
+        assert "a&lt;b&gt;&#34;&amp;</a>" in page and odd not in page  # escaped
+        churn_only = {"model": "churn"}
+        limit = await api.drift_model(bare_request(path_params=churn_only, query=b"limit=x"))
+        assert limit.status_code == 400
+        view = await api.drift_model(bare_request(path_params=churn_only, query=b"limit=1"))
+        assert [v["window_id"] for v in json.loads(view.body)["windows"]] == [w.id]
+        params = {"model": "churn", "window_id": w.id}
+        report = await api.report(bare_request(path_params=params))
+        assert report.status_code == 200 and report.body.startswith(b"<!DOCTYPE html>")
+        missing = await api.report(bare_request(path_params={"model": odd, "window_id": w.id}))
+        assert missing.status_code == 404
+        assert missing.body.decode() == f"<p>No window {w.id} for model a&lt;b&gt;&#34;&amp;.</p>"
+        window = await api.window_json(bare_request(path_params=params))
+        doc = json.loads(window.body)
+        assert doc["window_id"] == w.id and doc["report"]["drift"]["drifted"] == w.drifted
+        assert (await api.health(bare_request())).status_code == 200
+        monitor.store.engine = create_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+        down = await api.health(bare_request())
+        assert down.status_code == 503
+        assert json.loads(down.body) == {"status": "unavailable", "store": "OperationalError"}
+
+    asyncio.run(scenario())

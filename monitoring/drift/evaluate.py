@@ -185,7 +185,12 @@ def _numeric_values(series: pd.Series) -> tuple[np.ndarray, int, int]:
     return values[np.isfinite(values)], int(missing.sum()), int(bad.sum())
 
 
-def _category_strings(series: pd.Series) -> pd.Series:
+def category_strings(series: pd.Series) -> pd.Series:
+    """A categorical column's present values as the category strings the baseline counts.
+
+    Shared with the report's bar plots (monitoring.service.window_frame), so a
+    plot's bins always match what the drift test compared.
+    """
     present = series.dropna()
     if pd.api.types.is_float_dtype(present) and present.size and (present % 1 == 0).all():
         # Nulls turn integer category codes into floats on the way; "3.0" is category "3".
@@ -296,7 +301,7 @@ def _evaluate_column(
         null_rate = _null_rate(ref, nulls, rows, config)
         dist = _numeric_distribution(ref, values, config)
         return FeatureReport(name, NUMERIC, rows, nulls, invalid, null_rate, dist)
-    strings = _category_strings(series)
+    strings = category_strings(series)
     nulls = rows - len(strings)
     dist, unseen = _categorical_distribution(ref, strings, config)
     return FeatureReport(

@@ -20,7 +20,7 @@ import httpx
 
 from monitoring.service.metrics import MonitorMetrics
 from monitoring.service.settings import MonitorSettings
-from monitoring.service.store import MonitorStore, NewWindow
+from monitoring.service.store import AlertDelivery, MonitorStore, NewWindow
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +107,34 @@ class AlertSender:
                 self.store.alert_delivered(alert.id, done)
                 self.metrics.alerts.labels("delivered").inc()
                 delivered += 1
-                logger.info("alert %s %s/%s delivered to %s", alert.event, alert.model,
-                            alert.version, alert.url)  # fmt: skip
+                logger.info("alert %s delivered to %s", _subject(alert), alert.url)
                 continue
             attempts = alert.attempts + 1
             if attempts >= self.settings.alert_max_attempts:
                 self.store.alert_failed(alert.id, error, None, done)
                 self.metrics.alerts.labels("failed").inc()
-                logger.error("alert %s %s/%s to %s failed %d times, giving up: %s", alert.event,
-                             alert.model, alert.version, alert.url, attempts, error)  # fmt: skip
+                logger.error(
+                    "alert %s to %s failed %d times, giving up: %s",
+                    _subject(alert),
+                    alert.url,
+                    attempts,
+                    error,
+                )
             else:
                 retry = done + self.backoff(attempts)
                 self.store.alert_failed(alert.id, error, retry, done)
                 self.metrics.alerts.labels("retried").inc()
-                logger.warning("alert %s %s/%s to %s failed (%s); retry %d in %.1fs", alert.event,
-                               alert.model, alert.version, alert.url, error, attempts,
-                               retry - done)  # fmt: skip
+                logger.warning(
+                    "alert %s to %s failed (%s); retry %d in %.1fs",
+                    _subject(alert),
+                    alert.url,
+                    error,
+                    attempts,
+                    retry - done,
+                )
         return delivered
+
+
+def _subject(alert: AlertDelivery) -> str:
+    """How the log names a delivery: its event and stream ("drift_started churn/3")."""
+    return f"{alert.event} {alert.model}/{alert.version}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -33,87 +34,87 @@ class MonitorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.rows_captured = Counter(
-            "flowline_monitor_rows_captured", "Captured rows stored (new, not duplicates).",
-            STREAM, registry=r,
-        )  # fmt: skip
-        self.rows_dropped = Counter(
+
+        # Most series are per stream: these keep each definition to its name and help text.
+        def counter(name: str, doc: str, labels: Sequence[str] = STREAM) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = STREAM) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        self.rows_captured = counter(
+            "flowline_monitor_rows_captured", "Captured rows stored (new, not duplicates)."
+        )
+        self.rows_dropped = counter(
             "flowline_monitor_rows_dropped",
             "Captured requests lost before storage, as reported by capture clients (0 by design).",
-            STREAM, registry=r,
-        )  # fmt: skip
-        self.duplicates = Counter(
+        )
+        self.duplicates = counter(
             "flowline_monitor_duplicate_records",
-            "Redelivered records that were already stored (ignored).", STREAM, registry=r,
-        )  # fmt: skip
-        self.schema_violations = Counter(
+            "Redelivered records that were already stored (ignored).",
+        )
+        self.schema_violations = counter(
             "flowline_monitor_schema_violations",
             "Rows or values that do not fit the baseline schema, by kind.",
-            (*STREAM, "kind"), registry=r,
-        )  # fmt: skip
-        self.rejected = Counter(
+            (*STREAM, "kind"),
+        )
+        self.rejected = counter(
             "flowline_monitor_rejected_records",
-            "Records without a usable id, model or version (cannot be attributed).", registry=r,
-        )  # fmt: skip
-        self.windows = Counter(
-            "flowline_monitor_windows", "Closed windows, by verdict.", (*STREAM, "drifted"),
-            registry=r,
-        )  # fmt: skip
-        self.window_rows = Gauge(
-            "flowline_monitor_window_rows", "Rows in the latest window.", STREAM, registry=r
+            "Records without a usable id, model or version (cannot be attributed).",
+            (),
         )
-        self.window_index = Gauge(
-            "flowline_monitor_window_index", "Index of the latest window.", STREAM, registry=r
+        self.windows = counter(
+            "flowline_monitor_windows", "Closed windows, by verdict.", (*STREAM, "drifted")
         )
-        self.window_closed = Gauge(
-            "flowline_monitor_window_closed_timestamp_seconds",
-            "When the latest window closed.", STREAM, registry=r,
-        )  # fmt: skip
-        self.dataset_drift = Gauge(
-            "flowline_monitor_dataset_drift",
-            "1 when the latest window drifted (any rule), else 0.", STREAM, registry=r,
-        )  # fmt: skip
-        self.drifted_features = Gauge(
+        self.window_rows = gauge("flowline_monitor_window_rows", "Rows in the latest window.")
+        self.window_index = gauge("flowline_monitor_window_index", "Index of the latest window.")
+        self.window_closed = gauge(
+            "flowline_monitor_window_closed_timestamp_seconds", "When the latest window closed."
+        )
+        self.dataset_drift = gauge(
+            "flowline_monitor_dataset_drift", "1 when the latest window drifted (any rule), else 0."
+        )
+        self.drifted_features = gauge(
             "flowline_monitor_drifted_features",
             "Features (prediction included) whose distribution drifted in the latest window.",
-            STREAM, registry=r,
-        )  # fmt: skip
-        self.feature_score = Gauge(
+        )
+        self.feature_score = gauge(
             "flowline_monitor_feature_drift_score",
             "Effect size of the latest window per feature (Wasserstein/std or JS distance).",
-            (*STREAM, "feature"), registry=r,
-        )  # fmt: skip
-        self.feature_p = Gauge(
+            (*STREAM, "feature"),
+        )
+        self.feature_p = gauge(
             "flowline_monitor_feature_p_value",
             "Adjusted p-value of the feature's distribution test in the latest window.",
-            (*STREAM, "feature"), registry=r,
-        )  # fmt: skip
-        self.feature_drifted = Gauge(
+            (*STREAM, "feature"),
+        )
+        self.feature_drifted = gauge(
             "flowline_monitor_feature_drifted",
             "1 when the feature drifted (distribution or null rate) in the latest window.",
-            (*STREAM, "feature"), registry=r,
-        )  # fmt: skip
-        self.pending_rows = Gauge(
-            "flowline_monitor_pending_rows", "Captured rows waiting for the next window.",
-            STREAM, registry=r,
-        )  # fmt: skip
-        self.baseline_missing = Gauge(
+            (*STREAM, "feature"),
+        )
+        self.pending_rows = gauge(
+            "flowline_monitor_pending_rows", "Captured rows waiting for the next window."
+        )
+        self.baseline_missing = gauge(
             "flowline_monitor_baseline_missing",
-            "1 while the version's baseline cannot be fetched (its rows wait).", STREAM,
-            registry=r,
-        )  # fmt: skip
+            "1 while the version's baseline cannot be fetched (its rows wait).",
+        )
         self.evaluation_seconds = Histogram(
-            "flowline_monitor_window_evaluation_seconds", "Time to evaluate one window.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r,
-        )  # fmt: skip
+            "flowline_monitor_window_evaluation_seconds",
+            "Time to evaluate one window.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
         self.ingest_seconds = Histogram(
-            "flowline_monitor_ingest_seconds", "Time to store one ingest batch.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
-        )  # fmt: skip
-        self.alerts = Counter(
-            "flowline_monitor_alert_deliveries", "Webhook deliveries by outcome.",
-            ("outcome",), registry=r,
-        )  # fmt: skip
+            "flowline_monitor_ingest_seconds",
+            "Time to store one ingest batch.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.alerts = counter(
+            "flowline_monitor_alert_deliveries", "Webhook deliveries by outcome.", ("outcome",)
+        )
 
     def touch(self, model: str, version: str) -> None:
         """Make a stream's counters visible at 0 (so rows_dropped shows an explicit 0)."""
@@ -123,9 +124,14 @@ class MonitorMetrics:
             self.schema_violations.labels(model, version, kind)
 
     def observe_window(
-        self, model: str, version: str, index: int, rows: int, closed_at: float,
+        self,
+        model: str,
+        version: str,
+        index: int,
+        rows: int,
+        closed_at: float,
         drift: dict[str, Any],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Set the gauges from a window's drift report."""
         self.window_rows.labels(model, version).set(rows)
         self.window_index.labels(model, version).set(index)

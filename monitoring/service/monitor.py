@@ -207,9 +207,14 @@ class Monitor:
                 take, _ = _take_window(pending, rows_per_window)
                 self.metrics.baseline_missing.labels(stream.model, stream.version).set(0)
                 summary = self._close(
-                    stream.model, stream.version, pending[0].id, pending[take - 1].id,
-                    baseline, at, "rows" if by_rows else "time",
-                )  # fmt: skip
+                    stream.model,
+                    stream.version,
+                    pending[0].id,
+                    pending[take - 1].id,
+                    baseline,
+                    at,
+                    "rows" if by_rows else "time",
+                )
                 closed.append(summary)
                 cursor = summary.last_record_id
                 if not by_rows:
@@ -269,16 +274,27 @@ class Monitor:
         m.windows.labels(model, version, str(report.drifted).lower()).inc()
         m.observe_window(model, version, summary.window_index, window.rows, now, drift)
         if event:
-            logger.warning("%s: %s v%s at window %d (%s)", event, model, version,
-                           summary.window_index, ", ".join(report.reasons))  # fmt: skip
+            logger.warning(
+                "%s: %s v%s at window %d (%s)",
+                event,
+                model,
+                version,
+                summary.window_index,
+                ", ".join(report.reasons),
+            )
         return summary
 
     def _alert_builder(self, new: NewWindow) -> Callable[[str, int, int], list[tuple[str, str]]]:
         def build(event: str, window_id: int, index: int) -> list[tuple[str, str]]:
             body = alert_body(
-                self.settings.alert_format, event, new, window_id, index,
-                self.report_url(new.model, window_id), self.drift_url(new.model),
-            )  # fmt: skip
+                self.settings.alert_format,
+                event,
+                new,
+                window_id,
+                index,
+                self.report_url(new.model, window_id),
+                self.drift_url(new.model),
+            )
             return [(url, body) for url in self.settings.alert_webhooks]
 
         return build
@@ -370,17 +386,19 @@ class Monitor:
         for s in sorted(streams, key=lambda s: (len(s.version), s.version)):
             state = self.store.drift_state(s.model, s.version)
             latest = self.store.windows(model, s.version, limit=1)
-            versions.append({
-                "version": s.version,
-                "drifted": bool(state and state["drifted"]),
-                "drifted_since": state["since"] if state and state["drifted"] else None,
-                "rows_captured": s.rows_total,
-                "duplicate_records": s.duplicates_total,
-                "rows_dropped": s.dropped_total,
-                "windows": s.next_window,
-                "latest_window": self._window_view(latest[0]) if latest else None,
-                "baseline_problem": missing.get((s.model, s.version)),
-            })  # fmt: skip
+            versions.append(
+                {
+                    "version": s.version,
+                    "drifted": bool(state and state["drifted"]),
+                    "drifted_since": state["since"] if state and state["drifted"] else None,
+                    "rows_captured": s.rows_total,
+                    "duplicate_records": s.duplicates_total,
+                    "rows_dropped": s.dropped_total,
+                    "windows": s.next_window,
+                    "latest_window": self._window_view(latest[0]) if latest else None,
+                    "baseline_problem": missing.get((s.model, s.version)),
+                }
+            )
         history = self.store.windows(model, version, limit=limit)
         return {
             "model": model,
@@ -400,9 +418,13 @@ class Monitor:
             drifted = bool(state and state["drifted"])
             entry["drifted"] = entry["drifted"] or drifted
             entry["versions"].append(
-                {"version": s.version, "drifted": drifted, "rows_captured": s.rows_total,
-                 "windows": s.next_window}
-            )  # fmt: skip
+                {
+                    "version": s.version,
+                    "drifted": drifted,
+                    "rows_captured": s.rows_total,
+                    "windows": s.next_window,
+                }
+            )
         for entry in out.values():
             entry["drift_url"] = self.drift_url(entry["model"])
         return sorted(out.values(), key=lambda e: e["model"])
@@ -411,9 +433,13 @@ class Monitor:
         for summary, stored in self.store.latest_windows():
             self.metrics.touch(summary.model, summary.version)
             self.metrics.observe_window(
-                summary.model, summary.version, summary.window_index, summary.rows,
-                summary.closed_at, stored.get("drift") or {},
-            )  # fmt: skip
+                summary.model,
+                summary.version,
+                summary.window_index,
+                summary.rows,
+                summary.closed_at,
+                stored.get("drift") or {},
+            )
 
     # --- background threads ---------------------------------------------------------------
 
@@ -430,9 +456,11 @@ class Monitor:
             loops.append(("publisher", self._publish_once, self._wake_publisher, 2.0))
         for name, step, wake, interval in loops:
             thread = threading.Thread(
-                target=self._loop, args=(name, step, wake, interval),
-                name=f"flowline-monitor-{name}", daemon=True,
-            )  # fmt: skip
+                target=self._loop,
+                args=(name, step, wake, interval),
+                name=f"flowline-monitor-{name}",
+                daemon=True,
+            )
             thread.start()
             self._threads.append(thread)
         return self

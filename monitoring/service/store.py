@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -268,8 +268,8 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
-class NewWindow:
-    """A window the monitor evaluated, ready to be stored."""
+class WindowFields:
+    """What a closed window holds, both before it is stored and after (column names)."""
 
     model: str
     version: str
@@ -284,28 +284,21 @@ class NewWindow:
     drifted_features: list[str]
     reasons: list[str]
     schema_violations: int
+
+
+@dataclass(frozen=True)
+class NewWindow(WindowFields):
+    """A window the monitor evaluated, ready to be stored."""
+
     report: dict[str, Any]
 
 
 @dataclass(frozen=True)
-class WindowSummary:
+class WindowSummary(WindowFields):
     """A stored window without its report."""
 
     id: int
-    model: str
-    version: str
     window_index: int
-    first_record_id: int
-    last_record_id: int
-    rows: int
-    started_at: float | None
-    ended_at: float | None
-    closed_at: float
-    closed_by: str
-    drifted: bool
-    drifted_features: list[str]
-    reasons: list[str]
-    schema_violations: int
     mlflow_logged: bool
 
 
@@ -326,29 +319,24 @@ class AlertDelivery:
 # Builds (url, body) pairs for a state change: (event, window id, window index) -> deliveries.
 AlertBuilder = Callable[[str, int, int], list[tuple[str, str]]]
 
-_SUMMARY_COLUMNS = [c for c in windows.c if c.name != "report"]
+_STORED_RECORD_COLUMNS = [captured_records.c[f.name] for f in fields(StoredRecord)]
+_SUMMARY_COLUMNS = [windows.c[f.name] for f in fields(WindowSummary)]
+# The outbox as the API shows it: without the webhook body and the retry schedule.
+_ALERT_LOG_COLUMNS = [c for c in alerts.c if c.name not in ("body", "next_attempt_at")]
+_WINDOW_FIELDS = [f.name for f in fields(WindowFields)]
+# Stored as JSON text; every other window field is stored as it is.
+_JSON_LIST_COLUMNS = ("drifted_features", "reasons")
 
 
 def _summary(row: Any) -> WindowSummary:
     m = row._mapping
-    return WindowSummary(
-        id=m["id"],
-        model=m["model"],
-        version=m["version"],
-        window_index=m["window_index"],
-        first_record_id=m["first_record_id"],
-        last_record_id=m["last_record_id"],
-        rows=m["rows"],
-        started_at=m["started_at"],
-        ended_at=m["ended_at"],
-        closed_at=m["closed_at"],
-        closed_by=m["closed_by"],
-        drifted=bool(m["drifted"]),
-        drifted_features=json.loads(m["drifted_features"]),
-        reasons=json.loads(m["reasons"]),
-        schema_violations=m["schema_violations"],
-        mlflow_logged=bool(m["mlflow_logged"]),
-    )
+    values = {f.name: m[f.name] for f in fields(WindowSummary)}
+    for name in _JSON_LIST_COLUMNS:
+        values[name] = json.loads(values[name])
+    # SQLite answers booleans as 0/1.
+    values["drifted"] = bool(values["drifted"])
+    values["mlflow_logged"] = bool(values["mlflow_logged"])
+    return WindowSummary(**values)
 
 
 # --- the store --------------------------------------------------------------------------
@@ -557,13 +545,10 @@ class MonitorStore:
         """A stream's records with ids in [first_id, last_id], oldest first."""
         c = captured_records.c
         query = (
-            select(
-                c.id, c.captured_at, c.ingested_at, c.rows, c.content_type, c.body,
-                c.body_encoding, c.inputs, c.predictions, c.error,
-            )
+            select(*_STORED_RECORD_COLUMNS)
             .where(and_(c.model == model, c.version == version, c.id.between(first_id, last_id)))
             .order_by(c.id)
-        )  # fmt: skip
+        )
         with self.engine.connect() as conn:
             return [StoredRecord(*row) for row in conn.execute(query)]
 
@@ -593,25 +578,15 @@ class MonitorStore:
                 )
             ).one()
             index = int(stream.next_window)
-            values = {
-                "model": new.model,
-                "version": new.version,
+            window = {name: getattr(new, name) for name in _WINDOW_FIELDS}
+            row = {
+                **window,
+                **{name: json.dumps(window[name]) for name in _JSON_LIST_COLUMNS},
                 "window_index": index,
-                "first_record_id": new.first_record_id,
-                "last_record_id": new.last_record_id,
-                "rows": new.rows,
-                "started_at": new.started_at,
-                "ended_at": new.ended_at,
-                "closed_at": new.closed_at,
-                "closed_by": new.closed_by,
-                "drifted": new.drifted,
-                "drifted_features": json.dumps(new.drifted_features),
-                "reasons": json.dumps(new.reasons),
-                "schema_violations": new.schema_violations,
                 "report": json.dumps(new.report, separators=(",", ":"), allow_nan=False),
                 "mlflow_logged": False,
             }
-            window_id = int(conn.execute(insert(windows).values(**values)).inserted_primary_key[0])
+            window_id = int(conn.execute(insert(windows).values(**row)).inserted_primary_key[0])
             conn.execute(
                 update(streams)
                 .where(and_(streams.c.model == new.model, streams.c.version == new.version))
@@ -641,11 +616,8 @@ class MonitorStore:
                             for url, body in deliveries
                         ],
                     )
-        values["id"] = window_id
-        values["drifted_features"] = new.drifted_features
-        values["reasons"] = new.reasons
-        values.pop("report")
-        return WindowSummary(**values), event
+        summary = WindowSummary(**window, id=window_id, window_index=index, mlflow_logged=False)
+        return summary, event
 
     def _update_state(self, conn: Connection, new: NewWindow, window_id: int) -> str | None:
         key = and_(alert_state.c.model == new.model, alert_state.c.version == new.version)
@@ -654,10 +626,13 @@ class MonitorStore:
         if row is None:
             conn.execute(
                 insert(alert_state).values(
-                    model=new.model, version=new.version, drifted=new.drifted,
-                    since=new.closed_at, window_id=window_id,
+                    model=new.model,
+                    version=new.version,
+                    drifted=new.drifted,
+                    since=new.closed_at,
+                    window_id=window_id,
                 )
-            )  # fmt: skip
+            )
         elif was != new.drifted:
             conn.execute(
                 update(alert_state)
@@ -768,10 +743,7 @@ class MonitorStore:
     def alert_log(self, model: str | None = None) -> list[dict[str, Any]]:
         """Every outbox entry (newest first), for the API and tests."""
         c = alerts.c
-        query = select(
-            c.id, c.model, c.version, c.event, c.window_id, c.url, c.created_at,
-            c.attempts, c.delivered_at, c.failed_at, c.last_error,
-        ).order_by(c.id.desc())  # fmt: skip
+        query = select(*_ALERT_LOG_COLUMNS).order_by(c.id.desc())
         if model is not None:
             query = query.where(c.model == model)
         with self.engine.connect() as conn:
@@ -813,10 +785,8 @@ def _compiled_insert(conn: Connection) -> tuple[str, list[str] | None]:
     return str(compiled), list(positions) if positions else None
 
 
-_RECORD_COLUMNS = (
-    "model", "version", "record_id", "request_id", "captured_at", "ingested_at", "rows",
-    "content_type", "body", "body_encoding", "inputs", "predictions", "error",
-)  # fmt: skip
+# What an ingest inserts: every column but the row id (the keys of _record_row).
+_RECORD_COLUMNS = tuple(c.name for c in captured_records.c if c.name != "id")
 # One encoder for every record: json.dumps with options builds a new encoder per call,
 # and so does JSONEncoder.encode (its C encoder): 2 us of the ~40 us a record costs.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)

@@ -29,7 +29,13 @@ import pandas as pd
 
 from monitoring.capture.record import MalformedRecord
 from monitoring.drift import stats as ds
-from monitoring.drift.evaluate import PREDICTION, CategoricalRef, NumericRef, PreparedBaseline
+from monitoring.drift.evaluate import (
+    PREDICTION,
+    CategoricalRef,
+    NumericRef,
+    PreparedBaseline,
+    category_strings,
+)
 from monitoring.service.store import StoredRecord
 
 MAX_CATEGORY_BARS = 12
@@ -132,14 +138,6 @@ def _numeric_plot(ref: NumericRef, series: pd.Series) -> dict[str, Any]:
     }
 
 
-def _category_strings(series: pd.Series) -> pd.Series:
-    # Same conversion as the drift test: whole floats are integer category codes.
-    present = series.dropna()
-    if pd.api.types.is_float_dtype(present) and present.size and (present % 1 == 0).all():
-        present = present.astype(np.int64)
-    return present.astype(str)
-
-
 def _categorical_plot(ref: CategoricalRef, series: pd.Series) -> dict[str, Any]:
     names = list(ref.index)
     base = ref.counts[:-1]
@@ -147,7 +145,7 @@ def _categorical_plot(ref: CategoricalRef, series: pd.Series) -> dict[str, Any]:
     shown = [names[i] for i in order]
     base_total = float(ref.counts.sum()) or 1.0
     baseline = [float(base[i]) / base_total for i in order]
-    counts = _category_strings(series).value_counts()
+    counts = category_strings(series).value_counts()
     live_total = float(counts.sum())
     live = [float(counts.get(name, 0)) / live_total if live_total else 0.0 for name in shown]
     bins = list(shown)

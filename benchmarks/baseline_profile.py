@@ -6,20 +6,21 @@ Anchor: whylogs' published profile size of 518 KiB at 1M rows. Run:
 
 from __future__ import annotations
 
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from monitoring.profile import baseline as profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from monitoring.profile import baseline as profile  # noqa: E402
 
 WHYLOGS_KIB_AT_1M = 518.0
 FEATURES = 25
 NUMERIC = 20  # and 5 categorical columns, as in a typical tabular model
-RESULTS = Path(__file__).parent / "results"
 
 
 def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -33,8 +34,9 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measure and write the results file."""
+    harness.command_line(__doc__).parse_args(argv)
     rows_out = []
     for rows in (10_000, 100_000, 1_000_000):
         frame = make_frame(rows)
@@ -55,16 +57,14 @@ def main() -> None:
     at_1m = rows_out[-1]["size_kib"]
     result = {
         "benchmark": "baseline_profile",
-        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "machine": harness.machine(cores=False, python_label=False),
         "anchor": {"whylogs_kib_at_1m_rows": WHYLOGS_KIB_AT_1M},
         "results": rows_out,
         "size_ratio_vs_whylogs_at_1m": round(at_1m / WHYLOGS_KIB_AT_1M, 3),
         "target": "<= 200 KiB at 1M rows x 25 features, sublinear growth",
         "met": at_1m <= 200 and rows_out[2]["size_kib"] < 2 * rows_out[0]["size_kib"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "baseline_profile.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    harness.write_results(result, harness.RESULTS / "baseline_profile.json")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,8 @@ move by a window or two between runs.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import json
-import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -44,10 +40,10 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import harness  # noqa: E402
 from monitoring.drift.evaluate import DriftConfig, evaluate_window, prepare_baseline  # noqa: E402
 from monitoring.profile.baseline import build_profile  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_ROWS = 50_000
 WINDOW_ROWS = 1_000
 BASELINES_PER_CASE = 10  # synthetic: windows are spread over this many training draws
@@ -449,11 +445,10 @@ def time_large_window(config: DriftConfig, repeats: int = 30) -> dict[str, Any]:
     prepare_baseline(profile, config)
     prepare_ms = 1000 * (time.perf_counter() - start)
     evaluate_window(profile, live, predictions, config)  # warm the per-profile cache
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        evaluate_window(profile, live, predictions, config)
-        times.append(1000 * (time.perf_counter() - start))
+    seconds = harness.repeat_timed(
+        lambda: evaluate_window(profile, live, predictions, config), repeats
+    )
+    times = [1000 * s for s in seconds]
     return {
         "rows": len(live),
         "features": live.shape[1],
@@ -489,6 +484,11 @@ How to read this:
   that artefact; resampled covariate shift is shown because it is what the
   brief asked for, and it overstates power for the same reason.
 """
+
+
+def case_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The Markdown list of the cases a page shows, each with its description."""
+    return ["Cases:", "", *[f"- `{r['case']}`: {r['description']}" for r in rows], ""]
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -527,26 +527,20 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"({t['prepare_baseline_ms']:.0f} ms).",
         "",
         NOTES,
-        "Cases:",
-        "",
-        *[f"- `{r['case']}`: {r['description']}" for r in doc["cases"]],
-        "",
+        *case_lines(doc["cases"]),
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run all cases, print a table, and (unless --quick) write the results files."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.command_line(__doc__)
     parser.add_argument("--quick", action="store_true", help="30 windows per case, no files")
     parser.add_argument("--case", action="append", help="run only these cases")
-    parser.add_argument(
-        "--markdown-only", action="store_true", help="rewrite the .md from the saved .json"
-    )
+    harness.add_markdown_only(parser)
     args = parser.parse_args(argv)
     if args.markdown_only:
-        doc = json.loads((RESULTS / "drift_calibration.json").read_text())
-        (RESULTS / "drift_calibration.md").write_text(_markdown(doc))
+        harness.rewrite_markdown(harness.RESULTS / "drift_calibration.json", _markdown)
         return 0
     config = DriftConfig()
     started = time.perf_counter()
@@ -568,21 +562,17 @@ def main(argv: list[str] | None = None) -> int:
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - started,
         "cpu_s": time.process_time() - cpu_started,  # the machine may be shared
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "scipy": scipy.__version__,
-            "pandas": pd.__version__,
-        },
+        "machine": harness.machine_info(
+            numpy=np.__version__, scipy=scipy.__version__, pandas=pd.__version__
+        ),
         "config": asdict(config),
         "cases": results,
         "timing": timing,
     }
     if not args.quick and not args.case:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "drift_calibration.json").write_text(json.dumps(doc, indent=2) + "\n")
-        (RESULTS / "drift_calibration.md").write_text(_markdown(doc))
+        harness.write_results(
+            doc, harness.RESULTS / "drift_calibration.json", _markdown, echo=False
+        )
     return 0
 
 

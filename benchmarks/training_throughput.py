@@ -6,19 +6,14 @@ as in ``mlflow run``. Run: ``.venv/bin/python benchmarks/training_throughput.py`
 
 from __future__ import annotations
 
-import json
-import platform
-import tempfile
+import sys
 import time
 from pathlib import Path
 
-import mlflow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.processes import free_port
-from flowline.tracking import TrackingServer
-from pipelines.train import TrainConfig, train
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks import harness  # noqa: E402
+from pipelines.train import TrainConfig, train  # noqa: E402
 
 
 def measure(family: str, max_evals: int) -> dict:
@@ -42,25 +37,18 @@ def measure(family: str, max_evals: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measure both families against a fresh tracking server and write the results file."""
-    with tempfile.TemporaryDirectory() as home:
-        server = TrackingServer(home=Path(home), port=free_port(), workers=1)
-        process = server.start()
-        try:
-            mlflow.set_tracking_uri(server.url)
-            results = [measure("sklearn", TrainConfig().max_evals), measure("keras", 10)]
-        finally:
-            process.stop()
+    harness.command_line(__doc__).parse_args(argv)
+    with harness.tracking_server():
+        results = [measure("sklearn", TrainConfig().max_evals), measure("keras", 10)]
     out = {
         "benchmark": "training_throughput",
         "data": "demo churn.csv, 3000 rows x 8 features",
-        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "machine": harness.machine(cores=False, python_label=False),
         "results": results,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "training_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    harness.write_results(out, harness.RESULTS / "training_throughput.json")
 
 
 if __name__ == "__main__":

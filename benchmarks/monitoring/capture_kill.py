@@ -25,9 +25,6 @@ Writes benchmarks/results/monitoring_capture_kill.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,22 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from monitoring.capture.client import DEFAULT_FLUSH_INTERVAL_S  # noqa: E402
 from serving.model_metadata import deployment_from_model_dir  # noqa: E402
 from tests.conftest import Service, wait_for  # noqa: E402
-from tests.helpers_monitor import split_body, start_capture_gateway, start_monitor  # noqa: E402
-from tests.helpers_serving import (  # noqa: E402
-    breast_cancer_frame,
-    save_breast_cancer_model,
-    start_scoring_servers,
-)
+from tests.helpers_monitor import split_body, start_capture_gateway  # noqa: E402
+from tests.helpers_serving import breast_cancer_frame  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 OLD_FLUSH_S = 0.2  # the default before issue 9, item 7
 TARGET_MS = 50.0
 
@@ -278,30 +270,22 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trials and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.command_line(__doc__)
     parser.add_argument("--trials", type=int, default=4, help="kills per setting")
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0, help="load before each kill")
-    parser.add_argument("--output", default=str(RESULTS / "monitoring_capture_kill.json"))
+    parser.add_argument("--output", default=str(harness.RESULTS / "monitoring_capture_kill.json"))
     args = parser.parse_args(argv)
     features, _ = breast_cancer_frame()
     body = split_body(features.head(1))
-    load_before = round(os.getloadavg()[0], 2)
+    load_before = harness.load_average()
     trials: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flowline-capture-kill-") as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = save_breast_cancer_model(tmp / "model")
         services: list[Service] = []
         try:
-            [replica] = start_scoring_servers([model_dir], tmp)
-            services.append(replica)
-            monitor = start_monitor(tmp, {
-                "FLOWLINE_HOME": str(tmp / "monitor-home"), "FLOWLINE_MONITOR_MLFLOW": "0",
-                "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # no registry: rows only stored
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            })  # fmt: skip
-            services.append(monitor)
+            model_dir, replica, monitor = harness.start_replica_and_monitor(tmp, services)
             for i in range(args.trials):
                 for label, flush_s in (("old", OLD_FLUSH_S), ("new", None)):
                     result = trial(
@@ -315,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 service.stop()
     doc = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": harness.machine(),
         "load_before": load_before,
         "rate_rps": args.rate,
         "clients": args.clients,
@@ -329,11 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "raw_trials": [{k: v for k, v in t.items() if k != "latencies_ms"} for t in trials],
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(doc, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    harness.write_results(doc, args.output, markdown)
     return 0
 
 

@@ -21,47 +21,26 @@ Writes benchmarks/results/monitoring_capture.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
-import os
-import platform
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from monitoring.capture.client import CaptureClient  # noqa: E402
 from serving.gateway.capture import CapturedRequest  # noqa: E402
 from serving.model_metadata import deployment_from_model_dir  # noqa: E402
 from tests.conftest import Service, wait_for  # noqa: E402
-from tests.helpers_monitor import start_capture_gateway, start_monitor  # noqa: E402
-from tests.helpers_serving import (  # noqa: E402
-    breast_cancer_frame,
-    save_breast_cancer_model,
-    start_scoring_servers,
-)
+from tests.helpers_monitor import start_capture_gateway  # noqa: E402
+from tests.helpers_serving import breast_cancer_frame  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 MODEL = "breast_cancer"
 TARGET_P99_MS = 1.0
-
-
-def _serving_bench() -> Any:
-    """benchmarks/serving/run.py as a module (wrk driver and its Lua script)."""
-    path = REPO / "benchmarks" / "serving" / "run.py"
-    spec = importlib.util.spec_from_file_location("serving_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def hook_cost_us(calls: int = 200_000) -> dict[str, float]:
@@ -155,44 +134,25 @@ def summarise(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per setting")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--output", default=str(RESULTS / "monitoring_capture.json"))
+    parser = harness.command_line(__doc__)
+    harness.add_wrk_options(parser)
+    parser.add_argument("--output", default=str(harness.RESULTS / "monitoring_capture.json"))
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+    if harness.wrk_missing():
         return 2
-    bench = _serving_bench()
     features, _ = breast_cancer_frame()
-    body = json.dumps(
-        {
-            "dataframe_split": {
-                "columns": list(features.columns),
-                "data": [features.iloc[0].tolist()],
-            }
-        }
-    )
-    load_before = round(os.getloadavg()[0], 2)
+    body = harness.single_row_body(features)
+    load_before = harness.load_average()
     hook = hook_cost_us()
     rounds: dict[str, list[dict[str, Any]]] = {}
     answered_on = 0
     with tempfile.TemporaryDirectory(prefix="flowline-capture-bench-") as tmp_name:
         tmp = Path(tmp_name)
         script = tmp / "post.lua"
-        script.write_text(bench.LUA)
-        model_dir = save_breast_cancer_model(tmp / "model")
+        script.write_text(harness.LUA)
         services: list[Any] = []
         try:
-            [replica] = start_scoring_servers([model_dir], tmp)
-            services.append(replica)
-            monitor = start_monitor(tmp, {
-                "FLOWLINE_HOME": str(tmp / "monitor-home"), "FLOWLINE_MONITOR_MLFLOW": "0",
-                "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # no registry: rows only stored
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            })  # fmt: skip
-            services.append(monitor)
+            model_dir, replica, monitor = harness.start_replica_and_monitor(tmp, services)
             deployment = deployment_from_model_dir(MODEL, "1", [replica.url], model_dir).to_dict()
             gateways: dict[str, Service] = {}
             for name, env in (
@@ -207,22 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             urls = {name: f"{g.url}/invocations" for name, g in gateways.items()}
             for connections in (64, 1):
                 for name, url in urls.items():
-                    warm = bench.run_wrk(url, body, connections, args.warmup, script)
+                    warm = harness.run_wrk(url, body, connections, args.warmup, script)
                     if name == "on":
                         answered_on += warm["requests"]
                 for i in range(args.rounds):
                     for name, url in urls.items():
                         # Leftovers of the previous run (the replica's queue, the
                         # monitor's ingest backlog) must not land in this one.
-                        quiet_s = bench.wait_quiet([s.pid for s in services])
+                        quiet_s = harness.wait_quiet([s.pid for s in services])
                         pid = gateways[name].pid
-                        cpu_before = bench.cpu_seconds(pid)
-                        result = bench.run_wrk(url, body, connections, args.duration, script)
-                        cpu_after = bench.cpu_seconds(pid)
-                        if cpu_before is not None and cpu_after is not None:
-                            result["cpu_us_per_request"] = round(
-                                (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6, 1
-                            )
+                        result = harness.run_wrk_cpu(
+                            url, body, connections, args.duration, script, pid
+                        )
                         result["quiet_wait_s"] = round(quiet_s, 2)
                         if name == "on":
                             answered_on += result["requests"]
@@ -238,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for service in reversed(services):
                 service.stop()
-    runs = {key: bench.median_run(value) for key, value in rounds.items()}
+    runs = {key: harness.median_run(value) for key, value in rounds.items()}
     off64 = [r["p99_ms"] for r in rounds["off_c64"]]
     on64 = [r["p99_ms"] for r in rounds["on_c64"]]
     deltas = {
@@ -251,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     doc = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": harness.machine(),
         "load_before": load_before,
         "duration_s": args.duration,
         "rounds": args.rounds,
@@ -268,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "target_p99_added_ms": TARGET_P99_MS,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(doc, indent=2) + "\n")
-    output.with_suffix(".md").write_text(summarise(doc))
-    print(summarise(doc))
+    harness.write_results(doc, args.output, summarise)
     return 0
 
 

@@ -17,10 +17,8 @@ Writes benchmarks/results/monitoring_evidently.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,23 +31,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from drift_calibration import (  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.drift_calibration import (  # noqa: E402
     CASES,
     TRAIN_ROWS,
+    case_lines,
     iter_windows,
     synthetic_frame,
     synthetic_model,
 )
-
 from monitoring.drift.evaluate import DriftConfig, evaluate_window, prepare_baseline  # noqa: E402
 from monitoring.profile.baseline import build_profile  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
-VENV = REPO / "benchmarks" / ".evidently-venv"
+VENV = harness.REPO / "benchmarks" / ".evidently-venv"
 WORKER = Path(__file__).resolve().parent / "evidently_worker.py"
 EVIDENTLY = "evidently==0.7.23"
 OUTPUT_COLUMN = "model_output"  # not "prediction": Evidently would give that name a role
@@ -99,16 +95,11 @@ def time_flowline(profile: dict[str, Any], live: pd.DataFrame, preds: np.ndarray
     config = DriftConfig()
     prepared = prepare_baseline(profile, config)
     evaluate_window(prepared, live, preds, config)  # warm caches and imports
-    warm = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        evaluate_window(prepared, live, preds, config)
-        warm.append(time.perf_counter() - started)
-    cold = []
-    for _ in range(max(3, repeats // 4)):
-        started = time.perf_counter()
-        evaluate_window(prepare_baseline(profile, config), live, preds, config)
-        cold.append(time.perf_counter() - started)
+    warm = harness.repeat_timed(lambda: evaluate_window(prepared, live, preds, config), repeats)
+    cold = harness.repeat_timed(
+        lambda: evaluate_window(prepare_baseline(profile, config), live, preds, config),
+        max(3, repeats // 4),
+    )
     return statistics.median(warm), statistics.median(cold), warm
 
 
@@ -275,30 +266,24 @@ def markdown(doc: dict[str, Any]) -> str:
         "windows, and it drops nulls before testing, so a window it flags in the null-rise "
         "case is flagged for other columns, not for the nulls.",
         "",
-        "Cases:",
-        "",
-        *[f"- `{r['case']}`: {r['description']}" for r in doc["rates"]],
-        "",
+        *case_lines(doc["rates"]),
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run both parts and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.command_line(__doc__)
     parser.add_argument("--windows", type=int, default=40, help="windows per case")
     parser.add_argument("--repeats", type=int, default=20, help="flowline timing repeats")
-    parser.add_argument("--output", default=str(RESULTS / "monitoring_evidently.json"))
-    parser.add_argument(
-        "--markdown-only", action="store_true", help="rewrite the .md from the saved .json"
-    )
+    parser.add_argument("--output", default=str(harness.RESULTS / "monitoring_evidently.json"))
+    harness.add_markdown_only(parser)
     args = parser.parse_args(argv)
     if args.markdown_only:
-        output = Path(args.output)
-        output.with_suffix(".md").write_text(markdown(json.loads(output.read_text())))
+        harness.rewrite_markdown(args.output, markdown)
         return 0
     python = ensure_venv()
-    load = round(os.getloadavg()[0], 2)
+    load = harness.load_average()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flowline-evidently-") as tmp:
         timing = speed(python, Path(tmp), args.repeats)
@@ -307,20 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - started,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_before": load,
-        },
+        "machine": harness.machine_info(load_before=load),
         "evidently": EVIDENTLY,
         "speed": timing,
         "rates": rate_rows,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(doc, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    harness.write_results(doc, args.output, markdown)
     return 0
 
 

@@ -17,10 +17,8 @@ Writes benchmarks/results/monitoring_ingest.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -30,17 +28,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from monitoring.capture.client import record_id  # noqa: E402
 from monitoring.service.store import MonitorStore  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 from tests.helpers_monitor import AUTH, churn_features, start_monitor  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 BATCH = 500
 TARGET = 20_000
 POSTGRES_ADMIN = os.environ.get(
@@ -114,15 +111,9 @@ def post_all(url: str, bodies: list[bytes], senders: int) -> float:
 
 def http_run(store_url: str, label: str, rows: int, tmp: Path) -> list[dict[str, Any]]:
     """Ingest through a real monitor process."""
-    env = {
-        "FLOWLINE_HOME": str(tmp / f"home-{label}"),
-        "FLOWLINE_MONITOR_DB": store_url,
-        "FLOWLINE_MONITOR_MLFLOW": "0",
-        # No registry: windows wait for a baseline, so this measures ingest (plus the
-        # detector's cheap polling), not drift evaluation.
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-    }
+    # No registry: windows wait for a baseline, so this measures ingest (plus the
+    # detector's cheap polling), not drift evaluation.
+    env = harness.store_only_monitor_env(tmp / f"home-{label}", FLOWLINE_MONITOR_DB=store_url)
     monitor = start_monitor(tmp, env, name=f"monitor-{label}")
     results = []
     try:
@@ -141,9 +132,10 @@ def http_run(store_url: str, label: str, rows: int, tmp: Path) -> list[dict[str,
                     "the detector's first pass",
                 )
                 warm_rows = min(len(bodies), 2) * BATCH * rows_per_record
-                cpu_before = cpu_seconds(monitor.pid)
+                cpu_before = harness.cpu_seconds(monitor.pid)
                 seconds = post_all(f"{monitor.url}/ingest", bodies[2:], senders)
-                cpu = cpu_seconds(monitor.pid) - cpu_before
+                cpu_after = harness.cpu_seconds(monitor.pid)
+                cpu = 0.0 if cpu_before is None or cpu_after is None else cpu_after - cpu_before
                 sent = (len(bodies) - 2) * BATCH * rows_per_record
                 # Redeliver everything once more: idempotent, nothing double counted.
                 post_all(f"{monitor.url}/ingest", bodies[:4], 1)
@@ -188,12 +180,6 @@ def direct_run(store_url: str, label: str, rows: int) -> list[dict[str, Any]]:
     finally:
         store.close()
     return results
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_database() -> tuple[str, Any] | None:
@@ -290,12 +276,10 @@ def _case(result: dict[str, Any]) -> tuple[Any, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every setting and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.command_line(__doc__)
     parser.add_argument("--rows", type=int, default=100_000, help="rows per setting")
-    parser.add_argument("--output", default=str(RESULTS / "monitoring_ingest.json"))
-    parser.add_argument(
-        "--markdown-only", action="store_true", help="rewrite the .md from the saved .json"
-    )
+    parser.add_argument("--output", default=str(harness.RESULTS / "monitoring_ingest.json"))
+    harness.add_markdown_only(parser)
     parser.add_argument(
         "--baseline",
         metavar="JSON[=LABEL]",
@@ -303,10 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.markdown_only:
-        output = Path(args.output)
-        output.with_suffix(".md").write_text(markdown(json.loads(output.read_text())))
+        harness.rewrite_markdown(args.output, markdown)
         return 0
-    load = round(os.getloadavg()[0], 2)
+    load = harness.load_average()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flowline-ingest-") as tmp_name:
         tmp = Path(tmp_name)
@@ -323,11 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 drop()
     doc = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_before": load,
-        },  # fmt: skip
+        "machine": harness.machine_info(load_before=load),
         "batch_records": BATCH,
         "target_rows_per_s": TARGET,
         "results": results,
@@ -338,11 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": label or path,
             "results": json.loads(Path(path).read_text())["results"],
         }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(doc, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    harness.write_results(doc, args.output, markdown)
     return 0
 
 

@@ -24,10 +24,8 @@ benchmarks/results/docker_backend.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform as host
 import statistics
 import sys
 import tempfile
@@ -35,8 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("FLOWLINE_BASE_IMAGE", "flowline-base:bookworm")
 
 import docker  # noqa: E402 - after the repo is on sys.path
@@ -45,7 +42,8 @@ import requests  # noqa: E402
 from docker.errors import ImageNotFound  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from benchmarks.serving.run import LUA, register, run_wrk, wait_quiet  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.serving.run import ADMIN_TOKEN, register  # noqa: E402
 from common.processes import free_port, free_port_block  # noqa: E402
 from flowline.config import Ports  # noqa: E402
 from flowline.platform import Platform  # noqa: E402
@@ -54,8 +52,6 @@ from serving.backends.docker import RESOURCES_MODEL_TAG  # noqa: E402
 from serving.images.builder import ImageBuilder  # noqa: E402
 from tests.helpers_serving import spawn_scoring_server, start_gateway, wait_ready  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
-ADMIN_TOKEN = "benchmark-admin-token"
 MODEL, KERAS = "bench-docker", "bench-docker-keras"
 
 
@@ -148,7 +144,7 @@ def _throughput(
             gateways.append(gateway)
             register(gateway, [replica], model_dir)
         script = tmp / "post.lua"
-        script.write_text(LUA)
+        script.write_text(harness.LUA)
         body = json.dumps(
             {
                 "dataframe_split": {
@@ -163,11 +159,11 @@ def _throughput(
         }
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         for url in targets.values():
-            run_wrk(url, body, 64, 2, script)
+            harness.run_wrk(url, body, 64, 2, script)
         for i in range(rounds):
             for name, url in targets.items():
-                wait_quiet([g.pid for g in gateways] + [local.pid])
-                result = run_wrk(url, body, 64, duration, script)
+                harness.wait_quiet([g.pid for g in gateways] + [local.pid])
+                result = harness.run_wrk(url, body, 64, duration, script)
                 runs[name].append(result)
                 print(f"round {i + 1} {name}: {result}", flush=True)
     finally:
@@ -263,12 +259,11 @@ def summarise(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every measurement and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = harness.command_line(__doc__)
+    harness.add_wrk_options(parser, warmup=False)
     args = parser.parse_args(argv)
     client = docker.from_env()
-    load_before = os.getloadavg()[0]
+    load_before = harness.load_average()
     ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port_block(10))
     with tempfile.TemporaryDirectory(prefix="flowline-bench-docker-") as tmp:
         home = Path(tmp) / "home"
@@ -292,17 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "docker_backend",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{host.machine()}, {os.cpu_count()} cores, Python {host.python_version()}, "
-        f"Docker {client.version()['Version']} ({client.info()['Driver']})",
-        "load_before": round(load_before, 2),
+        "machine": f"{harness.machine()}, Docker {client.version()['Version']} "
+        f"({client.info()['Driver']})",
+        "load_before": load_before,
         "promotion": promotion,
         "throughput": throughput,
         "images": images,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "docker_backend.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "docker_backend.md").write_text(summarise(results))
-    print(summarise(results))
+    harness.write_results(results, harness.RESULTS / "docker_backend.json", summarise)
     return 0
 
 

@@ -17,7 +17,7 @@ deployment at all (mlflow#12589), so the targets are absolute: <= 15 s and 0 fai
 from __future__ import annotations
 
 import json
-import platform as host
+import sys
 import tempfile
 import threading
 import time
@@ -28,12 +28,14 @@ import mlflow
 import requests
 from mlflow import MlflowClient
 
-from common.processes import free_port, free_port_block
-from flowline.config import Ports
-from flowline.platform import Platform
-from pipelines.train import TrainConfig, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from benchmarks import harness  # noqa: E402
+from common.processes import free_port, free_port_block  # noqa: E402
+from flowline.config import Ports  # noqa: E402
+from flowline.platform import Platform  # noqa: E402
+from pipelines.train import TrainConfig, train  # noqa: E402
+
 MODEL = "bench-promotion"
 CLIENTS = 8
 
@@ -43,8 +45,9 @@ def _served(gateway: str) -> dict[str, str]:
     return {m["name"]: str(m["version"]) for m in models}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measure both figures and write the results file."""
+    harness.command_line(__doc__).parse_args(argv)
     ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port_block(10))
     with tempfile.TemporaryDirectory() as home:
         running = Platform(home=Path(home), ports=ports, replicas=1, reconcile_interval=5.0)
@@ -113,7 +116,7 @@ def main() -> None:
     failed = sum(n for status, n in statuses.items() if status != 200)
     result = {
         "benchmark": "promotion",
-        "machine": f"{host.machine()}, {host.python_version()}",
+        "machine": harness.machine(cores=False, python_label=False),
         "promotion_to_first_answer_s": round(first_answer_s, 2),
         "switch_to_first_answer_from_new_version_s": round(switch_s, 2),
         "requests_during_switch": sum(statuses.values()),
@@ -122,9 +125,7 @@ def main() -> None:
         "targets": {"promotion_to_first_answer_s": "<= 15", "failed_requests_during_switch": 0},
         "met": first_answer_s <= 15 and failed == 0,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "promotion.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    harness.write_results(result, harness.RESULTS / "promotion.json")
 
 
 if __name__ == "__main__":

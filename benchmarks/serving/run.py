@@ -11,23 +11,17 @@ Needs `wrk` on PATH (apt-get install -y wrk).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import Service  # noqa: E402 - needs the repo on sys.path first
+from benchmarks import harness  # noqa: E402
+from tests.conftest import Service  # noqa: E402
 from tests.helpers_serving import (  # noqa: E402
     breast_cancer_frame,
     save_breast_cancer_model,
@@ -35,54 +29,7 @@ from tests.helpers_serving import (  # noqa: E402
     start_scoring_servers,
 )
 
-RESULTS = REPO / "benchmarks" / "results"
 ADMIN_TOKEN = "benchmark-admin-token"
-
-# wrk reports latency percentiles and status counts through this script as one JSON line.
-LUA = r"""
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = os.getenv("WRK_BODY")
-local non2xx = 0
-local versions = {}
-response = function(status, headers, body)
-  if status < 200 or status > 299 then non2xx = non2xx + 1 end
-end
-done = function(summary, latency, requests)
-  io.write(string.format(
-    'WRKJSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, '
-    .. '"max_us": %d, "errors_connect": %d, "errors_read": %d, "errors_write": %d, '
-    .. '"errors_timeout": %d, "errors_status": %d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency.max, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.timeout, summary.errors.status))
-end
-"""
-
-
-def run_wrk(url: str, body: str, connections: int, duration: int, script: Path) -> dict[str, Any]:
-    """One wrk run; returns rps, latency percentiles (ms) and error counts."""
-    cmd = [
-        "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
-        "-s", str(script), url,
-    ]  # fmt: skip
-    env = {**os.environ, "WRK_BODY": body}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration + 60)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-    raw = json.loads(line[len("WRKJSON ") :])
-    errors = sum(v for k, v in raw.items() if k.startswith("errors_"))
-    return {
-        "connections": connections,
-        "requests": raw["requests"],
-        "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
-        "p50_ms": raw["p50_us"] / 1000,
-        "p90_ms": raw["p90_us"] / 1000,
-        "p99_ms": raw["p99_us"] / 1000,
-        "max_ms": raw["max_us"] / 1000,
-        "errors": errors,
-    }
 
 
 def register(gateway: Service, replicas: list[str], model_dir: Path) -> None:
@@ -114,61 +61,6 @@ def backend_calls(gateway: Service) -> dict[str, float]:
                 if sample.name.endswith("_total"):
                     calls[sample.labels["kind"]] = sample.value
     return calls
-
-
-def _stat_fields(stat: Path) -> list[str] | None:
-    """The fields of a /proc/<pid>/stat file after the command name, or None if gone."""
-    try:
-        return stat.read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-
-
-def _cpu(fields: list[str]) -> float:
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
-    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
-    return None if fields is None else _cpu(fields)
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of every live process in a process group (Linux /proc)."""
-    groups = (_stat_fields(stat) for stat in Path("/proc").glob("[0-9]*/stat"))
-    return sum(_cpu(fields) for fields in groups if fields and int(fields[2]) == pgid)
-
-
-def wait_quiet(pgids: list[int], timeout: float = 30.0, interval: float = 0.25) -> float:
-    """Wait until the processes are idle (< 5% of a core each over `interval`); returns seconds.
-
-    A wrk run that stops leaves up to one request per connection queued in the
-    replica; at 64 connections the stock replica needs most of a second to work
-    through them. Without this wait, that backlog lands in the next run's tail.
-    """
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        before = [group_cpu_seconds(pgid) for pgid in pgids]
-        time.sleep(interval)  # the sampling window of the CPU reading, not a wait for an event
-        after = [group_cpu_seconds(pgid) for pgid in pgids]
-        if all(b - a < 0.05 * interval for a, b in zip(before, after, strict=True)):
-            return time.monotonic() - start
-    raise RuntimeError(f"process groups {pgids} still busy after {timeout:.0f} s")
-
-
-def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-metric median over rounds (the machine is shared, so single runs are noisy)."""
-    out: dict[str, Any] = {"connections": rounds[0]["connections"], "rounds": len(rounds)}
-    for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms"):
-        out[key] = round(statistics.median(r[key] for r in rounds), 3)
-    if all(r.get("cpu_us_per_request") is not None for r in rounds):
-        out["cpu_us_per_request"] = round(
-            statistics.median(r["cpu_us_per_request"] for r in rounds), 1
-        )
-    out["requests"] = sum(r["requests"] for r in rounds)
-    out["errors"] = sum(r["errors"] for r in rounds)
-    return out
 
 
 def summarise(results: dict[str, Any]) -> str:
@@ -233,10 +125,8 @@ def summarise(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per setting")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target")
+    parser = harness.command_line(__doc__)
+    harness.add_wrk_options(parser)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--upstream", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument(
@@ -246,24 +136,22 @@ def main(argv: list[str] | None = None) -> int:
         help="niceness increment for this run and every process it starts (stock and gateway "
         "alike); a negative value (root only) shields the measurement from other work",
     )
-    parser.add_argument("--output", default=str(RESULTS / "serving.json"))
+    parser.add_argument("--output", default=str(harness.RESULTS / "serving.json"))
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(args.nice)
-    if shutil.which("wrk") is None:
-        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+    if harness.wrk_missing():
         return 2
 
     features, _ = breast_cancer_frame()
-    row = features.iloc[0].tolist()
-    body = json.dumps({"dataframe_split": {"columns": list(features.columns), "data": [row]}})
-    load_before = os.getloadavg()[0]
+    body = harness.single_row_body(features)
+    load_before = harness.load_average()
 
     with tempfile.TemporaryDirectory(prefix="flowline-bench-") as tmp:
         tmp_path = Path(tmp)
         model_dir = save_breast_cancer_model(tmp_path / "model")
         script = tmp_path / "post.lua"
-        script.write_text(LUA)
+        script.write_text(harness.LUA)
         replicas = start_scoring_servers([model_dir] * args.replicas, tmp_path)
         gateway: Service | None = None
         try:
@@ -288,19 +176,16 @@ def main(argv: list[str] | None = None) -> int:
             calls: dict[str, float] = {}
             for connections in (1, 64):
                 for url in targets.values():
-                    run_wrk(url, body, connections, args.warmup, script)
+                    harness.run_wrk(url, body, connections, args.warmup, script)
                 for i in range(args.rounds):
                     for name, url in targets.items():
-                        quiet_s = wait_quiet(quiet_pids)
+                        quiet_s = harness.wait_quiet(quiet_pids)
                         before = backend_calls(gateway) if name == "gateway" else {}
-                        cpu_before = cpu_seconds(gateway.pid)
-                        result = run_wrk(url, body, connections, args.duration, script)
-                        cpu_after = cpu_seconds(gateway.pid)
-                        if name == "gateway" and cpu_before is not None and cpu_after is not None:
-                            # Load-independent overhead: gateway CPU per request.
-                            result["cpu_us_per_request"] = round(
-                                (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6, 1
-                            )
+                        # Load-independent overhead: gateway CPU per request.
+                        cpu_pid = gateway.pid if name == "gateway" else None
+                        result = harness.run_wrk_cpu(
+                            url, body, connections, args.duration, script, cpu_pid
+                        )
                         result["quiet_wait_s"] = round(quiet_s, 2)
                         rounds.setdefault(f"{name}_c{connections}", []).append(result)
                         print(f"round {i + 1} {name} c={connections}: {result}", flush=True)
@@ -314,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             for replica in replicas:
                 replica.stop()
 
-    runs = {key: median_run(value) for key, value in rounds.items()}
+    runs = {key: harness.median_run(value) for key, value in rounds.items()}
     ratios = {
         "rps_c64_x": runs["gateway_c64"]["rps"] / runs["stock_c64"]["rps"],
         "p99_c64_fraction": runs["gateway_c64"]["p99_ms"] / runs["stock_c64"]["p99_ms"],
@@ -322,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "load_before": round(load_before, 2),
+        "machine": harness.machine(),
+        "load_before": load_before,
         "nice": os.nice(0),
         "model": "LogisticRegression, breast_cancer, 30 float columns",
         "replicas": args.replicas,
@@ -338,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_backend_calls_c64": calls,
         "targets": {"rps_c64_x": ">= 10", "p99_c64_fraction": "<= 0.2", "p50_c1_added_ms": "<= 1"},
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    output.with_suffix(".md").write_text(summarise(results))
-    print(summarise(results))
+    harness.write_results(results, args.output, summarise)
     return 0
 
 

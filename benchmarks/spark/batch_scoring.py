@@ -10,9 +10,7 @@ sampled every 0.1 s. Run: ``.venv/bin/python benchmarks/spark/batch_scoring.py``
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -25,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import harness  # noqa: E402
+
 ROWS = 1_000_000
 FLOOR = """
 import sys, time, glob, mlflow, pandas as pd
@@ -39,30 +39,13 @@ print(f"predict {time.perf_counter() - started:.3f}")
 """
 
 
-def _group_rss(pgid: int) -> int:
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text()
-        except (OSError, IndexError, ValueError):
-            continue
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        total += int(match.group(1)) * 1024 if match else 0
-    return total
-
-
 def run_measured(argv: list[str], env: dict[str, str]) -> tuple[str, float, int]:
     """Run ``argv`` in its own process group: output, wall seconds, peak group RSS."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         argv,
         env=env,
-        cwd=REPO,
+        cwd=harness.REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -74,7 +57,7 @@ def run_measured(argv: list[str], env: dict[str, str]) -> tuple[str, float, int]
     def sample() -> None:
         nonlocal peak
         while not done.wait(0.1):
-            peak = max(peak, _group_rss(proc.pid))
+            peak = max(peak, harness.group_rss_bytes(proc.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -92,7 +75,7 @@ def run_measured(argv: list[str], env: dict[str, str]) -> tuple[str, float, int]
 
 def _rows(tmp: Path) -> Path:
     rng = np.random.default_rng(0)
-    base = pd.read_csv(REPO / "projects" / "data" / "churn.csv").drop(columns=["churned"])
+    base = pd.read_csv(harness.REPO / "projects" / "data" / "churn.csv").drop(columns=["churned"])
     frame = base.sample(ROWS, replace=True, random_state=0).reset_index(drop=True)
     frame["monthly_charges"] = (frame["monthly_charges"] + rng.normal(0, 1, ROWS)).round(2)
     folder = tmp / "input"
@@ -108,11 +91,12 @@ def _train(uri: str) -> None:
         "from pipelines.train import TrainConfig, train;"
         "train(TrainConfig(max_evals=1, registered_model='bench-batch'), report=lambda _: None)"
     )
-    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=harness.REPO, check=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measure the three engines on the same 1M rows and write the results file."""
+    harness.command_line(__doc__).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -152,7 +136,7 @@ def main() -> None:
         "benchmark": "batch_scoring",
         "rows": ROWS,
         "data": "demo churn columns (int, float with nulls, text), 4 Parquet files",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": harness.machine(python_label=False),
         "results": results,
         "note": (
             "floor: one in-memory pyfunc.predict on the whole frame (reading excluded); the "
@@ -160,9 +144,7 @@ def main() -> None:
             "(and, for Spark, starting the session); vs_floor = seconds / floor seconds."
         ),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch_scoring.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    harness.write_results(report, harness.RESULTS / "batch_scoring.json")
 
 
 if __name__ == "__main__":

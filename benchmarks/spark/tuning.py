@@ -8,20 +8,15 @@ local Spark session, as a user's run does. Run:
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import tempfile
+import sys
 import time
 from pathlib import Path
 
-import mlflow
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.processes import free_port
-from flowline.tracking import TrackingServer
-from pipelines.train import TrainConfig, train
+from benchmarks import harness  # noqa: E402
+from pipelines.train import TrainConfig, train  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
 TRIALS = {"sklearn": 24, "keras": 8}
 ROUNDS = 2
 
@@ -63,38 +58,32 @@ def measure(family: str, spark: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measure both modes for both families and write the results file."""
+    harness.command_line(__doc__).parse_args(argv)
     results = []
-    with tempfile.TemporaryDirectory() as home:
-        server = TrackingServer(home=Path(home), port=free_port(), workers=1)
-        process = server.start()
-        try:
-            mlflow.set_tracking_uri(server.url)
-            for family in TRIALS:
-                # Interleaved rounds, medians: the machine's speed drifts from minute to minute.
-                rounds = [(measure(family, ""), measure(family, "local[2]")) for _ in range(ROUNDS)]
-                seq = _median([r[0] for r in rounds])
-                par = _median([r[1] for r in rounds])
-                speedup = par["trials_per_minute"] / seq["trials_per_minute"]
-                results.append(
-                    {
-                        "family": family,
-                        "sequential": seq,
-                        "spark": par,
-                        "speedup": round(speedup, 2),
-                        "speedup_per_round": [
-                            round(b["trials_per_minute"] / a["trials_per_minute"], 2)
-                            for a, b in rounds
-                        ],
-                    }
-                )
-        finally:
-            process.stop()
+    with harness.tracking_server():
+        for family in TRIALS:
+            # Interleaved rounds, medians: the machine's speed drifts from minute to minute.
+            rounds = [(measure(family, ""), measure(family, "local[2]")) for _ in range(ROUNDS)]
+            seq = _median([r[0] for r in rounds])
+            par = _median([r[1] for r in rounds])
+            speedup = par["trials_per_minute"] / seq["trials_per_minute"]
+            results.append(
+                {
+                    "family": family,
+                    "sequential": seq,
+                    "spark": par,
+                    "speedup": round(speedup, 2),
+                    "speedup_per_round": [
+                        round(b["trials_per_minute"] / a["trials_per_minute"], 2) for a, b in rounds
+                    ],
+                }
+            )
     out = {
         "benchmark": "spark_tuning",
         "data": "demo churn.csv, 3000 rows x 8 features, default search space",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": harness.machine(python_label=False),
         "results": results,
         "note": (
             "speedup = Spark trials/min / sequential trials/min, same run. On N cores a trial "
@@ -103,9 +92,7 @@ def main() -> None:
             "speedup(N) ~ N * seq_trial / (spark_trial + driver overhead)."
         ),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "spark_tuning.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    harness.write_results(out, harness.RESULTS / "spark_tuning.json")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 
+from common import http_auth
 from serving.deployment import BatchingSettings, Deployment
-from serving.gateway import GatewayConfig, RouteTable, create_app
+from serving.gateway import Gateway, GatewayConfig, RouteTable, create_app
+from serving.gateway.admin import AdminEndpoints
 from serving.gateway.batching import AdaptiveBatcher, Outcome
+from serving.gateway.endpoints import ScoringEndpoints
 from serving.gateway.openapi import build_openapi
 from serving.gateway.wire import (
     BatchSchema,
@@ -481,5 +486,173 @@ def test_admin_api_is_off_without_a_token() -> None:
             assert answer.status_code == 403
             assert answer.json()["error_code"] == "PERMISSION_DENIED"
         await app.state.gateway.replicas.aclose()
+
+    asyncio.run(scenario())
+
+
+# --- endpoint classes, each handler alone ------------------------------------------------------
+
+
+def make_request(
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    body: bytes = b"",
+    path_params: dict[str, str] | None = None,
+    query: bytes = b"",
+    content_type: str | None = None,
+) -> Request:
+    """A Starlette request as the router would hand it to a handler (no app, no server)."""
+    headers = [(b"content-length", str(len(body)).encode())]
+    if token is not None:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    if content_type is not None:
+        headers.append((b"content-type", content_type.encode()))
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": headers,
+        "query_string": query,
+        "path_params": path_params or {},
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)
+
+
+def decoded(answer: Response) -> Any:
+    return json.loads(bytes(answer.body))
+
+
+def test_bearer_tokens_are_parsed_and_compared_in_one_place() -> None:
+    assert http_auth.bearer_token("Bearer  abc ") == "abc"
+    assert http_auth.bearer_token("bearer abc") == "abc"  # the scheme is case-insensitive
+    assert http_auth.bearer_token("Basic abc") is None
+    assert http_auth.bearer_token("Bearer ") is None
+    assert http_auth.bearer_token(None) is None
+    assert http_auth.bearer_matches("Bearer k2", ["k1", "k2"])
+    assert http_auth.bearer_matches("BEARER k1", "k1")
+    assert not http_auth.bearer_matches("Bearer k3", ["k1", "k2"])
+    assert not http_auth.bearer_matches("Bearer k1", [])
+    assert not http_auth.bearer_matches("Bearer  ", "")  # an empty token never matches
+    assert not http_auth.bearer_matches(None, "k1")
+    assert http_auth.challenge() == {"WWW-Authenticate": "Bearer"}
+    assert http_auth.challenge("m") == {"WWW-Authenticate": 'Bearer realm="m"'}
+
+
+def test_scoring_endpoints_alone() -> None:
+    async def scenario() -> None:
+        gateway = Gateway(GatewayConfig(api_keys=frozenset({"key"})), RouteTable())
+        scoring = ScoringEndpoints(gateway)
+        ping = await scoring.ping(make_request("GET", "/ping"))
+        assert (ping.status_code, ping.body, ping.media_type) == (200, b"\n", "application/json")
+        health = await scoring.health(make_request("GET", "/health"))
+        assert health.status_code == 503
+        assert decoded(health) == {"status": "unavailable", "models": {}}
+        for handler in (scoring.models, scoring.openapi, scoring.docs):
+            refused = await handler(make_request("GET", "/models", token="nope"))
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert decoded(refused)["error_code"] == "UNAUTHENTICATED"
+        refused = await scoring.invocations(make_request("POST", "/invocations"))
+        assert refused.status_code == 401
+        gateway.table.set_active(deployment("1", ("http://127.0.0.1:9",)))
+        models = await scoring.models(make_request("GET", "/models", token="key"))
+        [state] = decoded(models)["models"]
+        assert (state["name"], state["version"], state["state"]) == ("m", "1", "ready")
+        assert state["default"] and state["replicas"][0]["inflight"] == 0
+        assert state["last_error"] is None
+        health = await scoring.health(make_request("GET", "/health"))
+        assert health.status_code == 200 and decoded(health)["models"] == {"m": "ready"}
+        spec = await scoring.openapi(make_request("GET", "/openapi.json", token="key"))
+        assert "/invocations" in decoded(spec)["paths"]
+        docs = await scoring.docs(make_request("GET", "/docs", token="key"))
+        assert docs.media_type == "text/html" and b"<code>n</code>" in docs.body
+        unknown = await scoring.model_invocations(
+            make_request(
+                "POST",
+                "/models/other/invocations",
+                token="key",
+                body=b"{}",
+                path_params={"name": "other"},
+                content_type="application/json",
+            )
+        )
+        assert unknown.status_code == 404
+        assert decoded(unknown)["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+        metrics = await scoring.metrics(make_request("GET", "/metrics"))
+        assert b'flowline_gateway_rejected_total{reason="unauthorized"} 4.0' in metrics.body
+        await gateway.replicas.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_admin_endpoints_alone() -> None:
+    async def scenario() -> None:
+        gateway = Gateway(GatewayConfig(admin_token="adm"), RouteTable())
+        admin = AdminEndpoints(gateway)
+        wrong = admin.check(make_request("GET", "/admin/deployments", token="x"))
+        assert wrong is not None and wrong.status_code == 401
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        assert decoded(wrong) == {
+            "error_code": "UNAUTHENTICATED",
+            "message": "Missing or invalid admin token.",
+        }
+        assert admin.check(make_request("GET", "/admin/deployments", token="adm")) is None
+        off = AdminEndpoints(Gateway(GatewayConfig(admin_token=None), RouteTable()))
+        denied = await off.list_deployments(make_request("GET", "/admin/deployments", token=""))
+        assert denied.status_code == 403
+        await off.gateway.replicas.aclose()
+
+        body = json.dumps({"version": "2", "replicas": ["http://r:1"]}).encode()
+        put = await admin.put_deployment(
+            make_request(
+                "PUT", "/admin/deployments/m", token="adm", body=body, path_params={"model": "m"}
+            )
+        )
+        assert put.status_code == 200
+        assert decoded(put)["deployment"]["version"] == "2" and decoded(put)["previous"] is None
+        got = await admin.get_deployment(
+            make_request("GET", "/admin/deployments/m", token="adm", path_params={"model": "m"})
+        )
+        assert decoded(got)["replica_states"] == [
+            {"url": "http://r:1", "healthy": True, "active": 0, "last_error": None}
+        ]
+        listed = await admin.list_deployments(
+            make_request("GET", "/admin/deployments", token="adm")
+        )
+        assert [d["version"] for d in decoded(listed)["deployments"]] == ["2"]
+        down = json.dumps({"url": "http://r:1/", "healthy": False}).encode()
+        marked = await admin.replica_health(
+            make_request("POST", "/admin/replicas/health", token="adm", body=down)
+        )
+        assert decoded(marked) == {"url": "http://r:1", "healthy": False}
+        bad = await admin.replica_health(
+            make_request("POST", "/admin/replicas/health", token="adm", body=b"{}")
+        )
+        assert bad.status_code == 400
+        inflight = await admin.inflight(
+            make_request("GET", "/admin/inflight", token="adm", query=b"replica=http://r:1")
+        )
+        assert decoded(inflight) == {"replica": "http://r:1", "inflight": 0}
+        removed = await admin.delete_deployment(
+            make_request("DELETE", "/admin/deployments/m", token="adm", path_params={"model": "m"})
+        )
+        assert decoded(removed)["removed"]["version"] == "2"
+        missing = await admin.get_deployment(
+            make_request("GET", "/admin/deployments/m", token="adm", path_params={"model": "m"})
+        )
+        assert missing.status_code == 404
+        assert decoded(missing)["message"] == "Model 'm' is not deployed."
+        await gateway.replicas.aclose()
 
     asyncio.run(scenario())

@@ -9,11 +9,11 @@ FLOWLINE_HOME, reads it from there: nothing has to be passed between them.
 
 from __future__ import annotations
 
-import hmac
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from common import http_auth
 from common.secrets import persistent_secret
 
 TOKEN_ENV = "FLOWLINE_INGEST_TOKEN"
@@ -48,10 +48,5 @@ def client_token(home: Path, environ: Mapping[str, str] | None = None) -> str | 
 
 
 def bearer_matches(header: str | None, token: str) -> bool:
-    """Whether an Authorization header carries ``token`` (constant-time comparison)."""
-    if not token or not header:
-        return False
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
+    """Whether an Authorization header carries ``token``; see `common.http_auth.bearer_matches`."""
+    return http_auth.bearer_matches(header, token)

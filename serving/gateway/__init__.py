@@ -6,9 +6,10 @@ API keys, limits, Prometheus metrics and a capture hook for drift monitoring.
 """
 
 from serving.deployment import BatchingSettings, Deployment
-from serving.gateway.app import Gateway, create_app
+from serving.gateway.app import create_app
 from serving.gateway.capture import CapturedRequest, OnScored
 from serving.gateway.config import GatewayConfig
+from serving.gateway.core import Gateway
 from serving.gateway.routes import RouteTable
 from serving.gateway.server import serve_gateway
 

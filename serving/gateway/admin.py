@@ -7,51 +7,59 @@ configured token the API answers 403. See docs/gateway.md for the contract.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
+from common import http_auth
 from serving.deployment import Deployment
 from serving.gateway import errors
+from serving.gateway.core import Gateway
 from serving.gateway.routes import ModelRoute
-
-if TYPE_CHECKING:
-    from serving.gateway.app import Gateway
 
 VERIFY_TIMEOUT_S = 10.0
 
 
-def admin_routes(gateway: Gateway) -> list[Route]:
-    """Starlette routes of the admin API bound to `gateway`."""
-    table = gateway.table
+class AdminEndpoints:
+    """Handlers of /admin/*, bound to one `Gateway`; serving/gateway/app.py maps the paths."""
 
-    def check(request: Request) -> Response | None:
-        token = gateway.config.admin_token
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.table = gateway.table
+
+    def check(self, request: Request) -> Response | None:
+        """None when the request bears the admin token, else the refusal to send.
+
+        403 when no token is configured (the API is off), 401 for a missing or wrong one.
+        """
+        token = self.gateway.config.admin_token
         if not token:
             return errors.error_response(
                 403,
                 errors.PERMISSION_DENIED,
                 "The admin API is disabled: set FLOWLINE_ADMIN_TOKEN.",
             )
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):  # fmt: skip
+        if not http_auth.bearer_matches(request.headers.get("authorization"), token):
             return errors.error_response(
-                401, errors.UNAUTHENTICATED, "Missing or invalid admin token.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+                401,
+                errors.UNAUTHENTICATED,
+                "Missing or invalid admin token.",
+                headers=http_auth.challenge(),
+            )
         return None
 
-    async def put_deployment(request: Request) -> Response:
-        if (denied := check(request)) is not None:
+    async def put_deployment(self, request: Request) -> Response:
+        """PUT /admin/deployments/{model}: make a deployment active (optionally verified first).
+
+        Answers the now-active deployment and the one it replaced.
+        """
+        if (denied := self.check(request)) is not None:
             return denied
         model = request.path_params["model"]
-        body = await gateway.read_body(request)
+        body = await self.gateway.read_body(request)
         if isinstance(body, Response):
             return body
         try:
@@ -59,7 +67,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         except (ValueError, TypeError) as exc:
             return errors.error_response(400, errors.INVALID_PARAMETER_VALUE, str(exc))
         if request.query_params.get("verify", "").lower() in ("1", "true", "yes"):
-            problems = await verify(gateway, deployment)
+            problems = await verify(self.gateway, deployment)
             if problems:
                 return errors.error_response(
                     409,
@@ -68,56 +76,63 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 )
             # Verified just now: clear stale down-marks left by earlier users of these URLs.
             for url in deployment.replicas:
-                table.mark_up(url)
-        previous = table.set_active(deployment)
-        active = table.get(model)
-        return JSONResponse({
+                self.table.mark_up(url)
+        previous = self.table.set_active(deployment)
+        active = self.table.get(model)
+        payload = {
             "deployment": (active.deployment if active else deployment).to_dict(),
             "previous": previous.to_dict() if previous else None,
-        })  # fmt: skip
+        }
+        return JSONResponse(payload)
 
-    async def delete_deployment(request: Request) -> Response:
-        if (denied := check(request)) is not None:
+    async def delete_deployment(self, request: Request) -> Response:
+        """DELETE /admin/deployments/{model}: stop routing to a model (404 if not deployed)."""
+        if (denied := self.check(request)) is not None:
             return denied
         model = request.path_params["model"]
-        removed = table.remove(model)
+        removed = self.table.remove(model)
         if removed is None:
             return errors.error_response(
                 404, errors.RESOURCE_DOES_NOT_EXIST, f"Model '{model}' is not deployed."
             )
         return JSONResponse({"removed": removed.to_dict()})
 
-    async def list_deployments(request: Request) -> Response:
-        if (denied := check(request)) is not None:
+    async def list_deployments(self, request: Request) -> Response:
+        """GET /admin/deployments: the active and the draining deployments."""
+        if (denied := self.check(request)) is not None:
             return denied
-        return JSONResponse({
-            "deployments": [_describe(gateway, r) for r in table.routes()],
-            "draining": [_describe(gateway, r) for r in table.draining()],
-        })  # fmt: skip
+        payload = {
+            "deployments": [_describe(self.gateway, r) for r in self.table.routes()],
+            "draining": [_describe(self.gateway, r) for r in self.table.draining()],
+        }
+        return JSONResponse(payload)
 
-    async def get_deployment(request: Request) -> Response:
-        if (denied := check(request)) is not None:
+    async def get_deployment(self, request: Request) -> Response:
+        """GET /admin/deployments/{model}: one active deployment (404 if not deployed)."""
+        if (denied := self.check(request)) is not None:
             return denied
-        route = table.get(request.path_params["model"])
+        model = request.path_params["model"]
+        route = self.table.get(model)
         if route is None:
             return errors.error_response(
-                404, errors.RESOURCE_DOES_NOT_EXIST,
-                f"Model '{request.path_params['model']}' is not deployed.",
-            )  # fmt: skip
-        return JSONResponse(_describe(gateway, route))
+                404, errors.RESOURCE_DOES_NOT_EXIST, f"Model '{model}' is not deployed."
+            )
+        return JSONResponse(_describe(self.gateway, route))
 
-    async def inflight(request: Request) -> Response:
-        if (denied := check(request)) is not None:
+    async def inflight(self, request: Request) -> Response:
+        """GET /admin/inflight[?replica=URL]: requests in flight, per replica or for one."""
+        if (denied := self.check(request)) is not None:
             return denied
         replica = request.query_params.get("replica")
         if replica is not None:
-            return JSONResponse({"replica": replica, "inflight": table.inflight(replica)})
-        return JSONResponse({"replicas": table.inflight_by_replica()})
+            return JSONResponse({"replica": replica, "inflight": self.table.inflight(replica)})
+        return JSONResponse({"replicas": self.table.inflight_by_replica()})
 
-    async def replica_health(request: Request) -> Response:
-        if (denied := check(request)) is not None:
+    async def replica_health(self, request: Request) -> Response:
+        """POST /admin/replicas/health: the controller marks a replica up or down (held)."""
+        if (denied := self.check(request)) is not None:
             return denied
-        body = await gateway.read_body(request)
+        body = await self.gateway.read_body(request)
         if isinstance(body, Response):
             return body
         try:
@@ -130,33 +145,29 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 400, errors.INVALID_PARAMETER_VALUE, f"Expected {{url, healthy}}: {exc}"
             )
         if healthy:
-            table.mark_up(url)
+            self.table.mark_up(url)
         else:
-            table.mark_down(
-                url, str(data.get("reason") or "marked down by the controller"), hold=True
-            )
-        state = table.replica(url)
+            reason = str(data.get("reason") or "marked down by the controller")
+            self.table.mark_down(url, reason, hold=True)
+        state = self.table.replica(url)
         return JSONResponse({"url": url, "healthy": state.healthy})
-
-    return [
-        Route("/admin/deployments", list_deployments, methods=["GET"]),
-        Route("/admin/deployments/{model}", put_deployment, methods=["PUT"]),
-        Route("/admin/deployments/{model}", get_deployment, methods=["GET"]),
-        Route("/admin/deployments/{model}", delete_deployment, methods=["DELETE"]),
-        Route("/admin/inflight", inflight, methods=["GET"]),
-        Route("/admin/replicas/health", replica_health, methods=["POST"]),
-    ]
 
 
 def _describe(gateway: Gateway, route: ModelRoute) -> dict[str, Any]:
     data = route.deployment.to_dict()
     data["admitted"] = route.admitted
-    data["replica_states"] = [
-        {"url": u, "healthy": gateway.table.replica(u).healthy,
-         "active": gateway.table.replica(u).active,
-         "last_error": gateway.table.replica(u).last_error}
-        for u in route.deployment.replicas
-    ]  # fmt: skip
+    states = []
+    for url in route.deployment.replicas:
+        state = gateway.table.replica(url)
+        states.append(
+            {
+                "url": url,
+                "healthy": state.healthy,
+                "active": state.active,
+                "last_error": state.last_error,
+            }
+        )
+    data["replica_states"] = states
     return data
 
 

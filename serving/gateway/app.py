@@ -1,367 +1,32 @@
-"""The gateway's Starlette application: public scoring endpoints and their plumbing."""
+"""The gateway's Starlette application: routes, lifespan and error handlers, nothing more.
+
+The logic lives in `Gateway` (serving/gateway/core.py) and the handlers in the
+endpoint classes (serving/gateway/endpoints.py, serving/gateway/admin.py);
+this module only maps paths to them. `Gateway` is re-exported for callers that
+import it from here.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hmac
-import json
 import logging
-import time
-from collections.abc import AsyncIterator
-from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from serving.gateway import errors
-from serving.gateway.admin import admin_routes
-from serving.gateway.batching import AdaptiveBatcher, Outcome
-from serving.gateway.capture import CaptureDispatcher, CapturedRequest, OnScored
+from serving.gateway.admin import AdminEndpoints
+from serving.gateway.capture import OnScored
 from serving.gateway.config import GatewayConfig
-from serving.gateway.csv_bodies import (
-    PARQUET_MIME,
-    CsvBodyError,
-    bad_csv_body,
-    csv_as_parquet,
-    has_any_columns,
-    is_csv_content_type,
-)
-from serving.gateway.metrics import GatewayMetrics, RouteMetrics
-from serving.gateway.openapi import build_openapi, render_docs
-from serving.gateway.replicas import ReplicaPool
-from serving.gateway.routes import ErrorNote, ModelRoute, RouteTable
-from serving.gateway.wire import BatchSchema, is_json_content_type, parse_tabular, scrub_error_body
+from serving.gateway.core import Gateway
+from serving.gateway.endpoints import ScoringEndpoints
+from serving.gateway.routes import RouteTable
+
+__all__ = ["Gateway", "create_app"]
 
 logger = logging.getLogger(__name__)
-
-VERSION_HEADER = "X-Flowline-Model-Version"
-BATCH_HEADER = "X-Flowline-Batch-Size"
-# Labels of flowline_gateway_rejected_total.
-REJECT_REASONS = (
-    "unauthorized",
-    "body_too_large",
-    "body_timeout",
-    "overloaded",
-    "not_deployed",
-    "routes_unknown",
-    "no_content_type",
-)
-
-
-class Gateway:
-    """State shared by the gateway's endpoints: routes, backend pool, metrics, limits."""
-
-    def __init__(
-        self,
-        config: GatewayConfig | None = None,
-        table: RouteTable | None = None,
-        on_scored: OnScored | None = None,
-    ) -> None:
-        self.config = config or GatewayConfig.from_env()
-        self.table = table or RouteTable(self.config.default_model)
-        self.metrics = GatewayMetrics()
-        self.metrics.watch(self.table)
-        self.metrics.inflight.set_function(lambda: self._inflight)
-        self.replicas = ReplicaPool(
-            self.table,
-            self.config.backend_timeout_s,
-            self.config.max_connections,
-            self.config.upstream,
-        )
-        self.capture = CaptureDispatcher(on_scored, self.metrics.capture_dropped.inc)
-        self._inflight = 0
-        self._api_keys = [k.encode() for k in sorted(self.config.api_keys)]
-        self._rejected = {reason: self.metrics.rejected.labels(reason) for reason in REJECT_REASONS}
-
-    # --- checks ----------------------------------------------------------------------------
-
-    def authorized(self, request: Request) -> bool:
-        """True when no API keys are configured or the request bears one of them."""
-        if not self._api_keys:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        candidate = token.strip().encode()
-        # Compare against every key so timing does not reveal which one nearly matched.
-        matched = False
-        for key in self._api_keys:
-            matched |= hmac.compare_digest(candidate, key)
-        return matched
-
-    def reject(
-        self,
-        reason: str,
-        status: int,
-        error_code: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-    ) -> Response:
-        """Count a refusal in flowline_gateway_rejected_total and answer it in MLflow's shape."""
-        self._rejected[reason].inc()
-        return errors.error_response(status, error_code, message, headers=headers)
-
-    def unauthorized(self) -> Response:
-        """401 in MLflow's error shape."""
-        return self.reject(
-            "unauthorized",
-            401,
-            errors.UNAUTHENTICATED,
-            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-    async def read_body(self, request: Request) -> bytes | Response:
-        """The request body, or the error answer: 413 over the size limit (read no
-        further), 408 when it takes longer than `body_timeout_s` (the connection is
-        closed), 400 when the client went away."""
-        try:
-            async with asyncio.timeout(self.config.body_timeout_s):
-                body = await self._read_limited(request)
-        except TimeoutError:
-            return self.reject(
-                "body_timeout",
-                408,
-                errors.DEADLINE_EXCEEDED,
-                f"The request body was not received within {self.config.body_timeout_s:g} s.",
-                # The rest of the body may still trickle in: do not wait for it.
-                headers={"Connection": "close"},
-            )
-        except ClientDisconnect:
-            # Nobody is left to answer; skip routing and the error log.
-            return Response(status_code=400)
-        if body is None:
-            return self.reject(
-                "body_too_large",
-                413,
-                errors.REQUEST_LIMIT_EXCEEDED,
-                f"Request body exceeds the limit of {self.config.max_body_bytes} bytes.",
-            )
-        return body
-
-    async def _read_limited(self, request: Request) -> bytes | None:
-        # None when the body exceeds the size limit (read no further).
-        limit = self.config.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit():
-            if int(length) > limit:
-                return None
-            return await request.body()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    # --- scoring ---------------------------------------------------------------------------
-
-    async def score(self, request: Request, model: str | None) -> Response:
-        """Authenticate, read, limit, route and forward one scoring request."""
-        started = time.perf_counter()
-        if self._api_keys and not self.authorized(request):
-            return self.unauthorized()
-        # The body is read before taking an in-flight slot, under its own deadline, so
-        # slow senders cannot hold the slots that requests with a body need.
-        body = await self.read_body(request)
-        if isinstance(body, Response):
-            return body
-        if self._inflight >= self.config.max_inflight:
-            return self.reject(
-                "overloaded",
-                503,
-                errors.TEMPORARILY_UNAVAILABLE,
-                f"The gateway is at its limit of {self.config.max_inflight} requests in flight.",
-                headers={"Retry-After": "1"},
-            )
-        self._inflight += 1
-        try:
-            route, reason = self.table.admit(model)
-            if route is None:
-                return self._not_routed(reason)
-            try:
-                content_type = request.headers.get("content-type")
-                if content_type is None:
-                    # Stock answers 500 here (it splits None); a client mistake is a 4xx.
-                    return self.reject(
-                        "no_content_type",
-                        415,
-                        errors.BAD_REQUEST,
-                        "Missing Content-Type: send application/json, text/csv or "
-                        "application/vnd.apache.parquet.",
-                    )
-                outcome = await self.dispatch(route, body, content_type)
-            finally:
-                self.table.release(route)
-            return self._answer(route, body, content_type, outcome, started)
-        finally:
-            self._inflight -= 1
-
-    def _not_routed(self, reason: str) -> Response:
-        if not self.table.loaded:
-            # Just restarted with nothing saved: the model may well be served; say when
-            # to retry instead of a 404 the client would take as final.
-            return self.reject(
-                "routes_unknown",
-                503,
-                errors.TEMPORARILY_UNAVAILABLE,
-                "The gateway has no route table yet; the controller has not pushed its routes.",
-                headers={"Retry-After": "1"},
-            )
-        return self.reject("not_deployed", 404, errors.RESOURCE_DOES_NOT_EXIST, reason)
-
-    async def dispatch(self, route: ModelRoute, body: bytes, content_type: str | None) -> Outcome:
-        """Send through the route's batcher when the request may be merged, else directly."""
-        batcher = self._batcher(route)
-        if (
-            batcher is not None
-            and batcher.disabled_reason is None
-            and is_json_content_type(content_type)
-        ):
-            if batcher.idle:
-                # Sent alone and unchanged, so no need to parse it; the slot it takes
-                # makes concurrent requests queue (and coalesce) behind it.
-                return await batcher.send_alone(body, content_type)
-            item = parse_tabular(body, batcher.schema, batcher.settings.max_batch_size)
-            if item is not None:
-                return await batcher.submit(item, body, content_type)
-        if is_csv_content_type(content_type) and has_any_columns(route.deployment.input_columns()):
-            # Stock cannot read CSV for `any` columns; see serving/gateway/csv_bodies.py.
-            try:
-                body, content_type = csv_as_parquet(body), PARQUET_MIME
-            except CsvBodyError as exc:
-                return Outcome(400, bad_csv_body(exc), "application/json", True)
-        return await self._send(route, body, content_type, "single")
-
-    async def _send(
-        self, route: ModelRoute, body: bytes, content_type: str | None, kind: str
-    ) -> Outcome:
-        result = await self.replicas.invoke(route, body, content_type)
-        _route_metrics(self, route).backend_call(kind)
-        answer = result.body
-        if result.status >= 400 and not result.gateway_error:
-            answer = scrub_error_body(answer)
-        return Outcome(result.status, answer, result.content_type, result.gateway_error)
-
-    def _batcher(self, route: ModelRoute) -> AdaptiveBatcher | None:
-        # False marks "decided: no batching" so the signature is examined once per route.
-        if route.batcher is None:
-            route.batcher = self._make_batcher(route) or False
-        return route.batcher or None
-
-    def _make_batcher(self, route: ModelRoute) -> AdaptiveBatcher | None:
-        deployment = route.deployment
-        if not deployment.batching.enabled:
-            return None
-        try:
-            schema = BatchSchema.from_signature_inputs(deployment.input_columns())
-        except ValueError:
-            schema = None
-        if schema is None:
-            logger.info("batching off for %s: no named scalar input columns", deployment.label)
-            return None
-        route_metrics = _route_metrics(self, route)
-        per_replica = deployment.batching.calls_per_replica
-        return AdaptiveBatcher(
-            deployment.batching,
-            schema,
-            lambda body, ct, kind: self._send(route, body, ct, kind),
-            lambda: max(1, self.table.healthy_count(route)) * per_replica,
-            route_metrics.batch,
-            deployment.label,
-        )
-
-    def _answer(
-        self,
-        route: ModelRoute,
-        body: bytes,
-        content_type: str | None,
-        outcome: Outcome,
-        started: float,
-    ) -> Response:
-        deployment = route.deployment
-        headers = {VERSION_HEADER: deployment.label}
-        if outcome.content_type is not None:
-            headers["content-type"] = outcome.content_type
-        if outcome.batch_size > 1:
-            headers[BATCH_HEADER] = str(outcome.batch_size)
-        status = outcome.status
-        if status >= 500 or outcome.gateway_error:
-            route.last_error = ErrorNote(time.time(), status, _message_of(outcome.body))
-        elif status == 200 and self.capture.enabled:
-            self.capture.submit(
-                deployment.model,
-                deployment.version,
-                CapturedRequest(body, content_type),
-                outcome.body,
-                outcome.predictions,
-            )
-        _route_metrics(self, route).request(
-            status, time.perf_counter() - started, outcome.gateway_error
-        )
-        return Response(outcome.body, status_code=status, headers=headers)
-
-    # --- read-only endpoints ---------------------------------------------------------------
-
-    def model_states(self) -> list[dict[str, Any]]:
-        """What GET /models shows for each active deployment."""
-        default_route, _ = self.table.resolve_default()
-        inflight = self.table.inflight_by_replica()
-        out = []
-        for route in self.table.routes():
-            d = route.deployment
-            replicas = []
-            for url in d.replicas:
-                state = self.table.replica(url)
-                replicas.append({
-                    "url": url,
-                    "healthy": state.healthy,
-                    "inflight": inflight.get(url, 0),
-                    "last_error": state.last_error,
-                })  # fmt: skip
-            healthy = sum(r["healthy"] for r in replicas)
-            note = route.last_error
-            out.append({
-                "name": d.model,
-                "version": d.version,
-                "state": "ready" if healthy == len(replicas)
-                else "degraded" if healthy else "unavailable",
-                "default": route is default_route,
-                "since": d.since,
-                "replicas": replicas,
-                "batching": {
-                    "enabled": d.batching.enabled and bool(self._batcher(route)),
-                    "max_batch_size": d.batching.max_batch_size,
-                    "max_wait_ms": d.batching.max_wait_ms,
-                    "calls_per_replica": d.batching.calls_per_replica,
-                },
-                "last_error": None if note is None
-                else {"at": note.at, "status": note.status, "message": note.message},
-            })  # fmt: skip
-        return out
-
-
-def _route_metrics(gateway: Gateway, route: ModelRoute) -> RouteMetrics:
-    d = route.deployment
-    return gateway.metrics.for_route(d.model, d.version)
-
-
-def _message_of(body: bytes) -> str:
-    try:
-        payload = json.loads(body)
-        if isinstance(payload, dict) and "message" in payload:
-            return str(payload["message"])[:500]
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return body[:500].decode("utf-8", "replace")
 
 
 def create_app(
@@ -371,90 +36,41 @@ def create_app(
 ) -> Starlette:
     """Build the gateway app; `app.state.gateway` exposes its `Gateway` (and route table)."""
     gateway = Gateway(config, table, on_scored)
-
-    async def invocations(request: Request) -> Response:
-        return await gateway.score(request, None)
-
-    async def model_invocations(request: Request) -> Response:
-        return await gateway.score(request, request.path_params["name"])
-
-    async def ping(request: Request) -> Response:
-        # Same answer as the stock scorer's /ping.
-        return Response("\n", media_type="application/json")
-
-    async def health(request: Request) -> Response:
-        states = gateway.model_states()
-        ok = bool(states) and all(s["state"] != "unavailable" for s in states)
-        summary = {s["name"]: s["state"] for s in states}
-        return JSONResponse({"status": "ok" if ok else "unavailable", "models": summary},
-                            status_code=200 if ok else 503)  # fmt: skip
-
-    async def models(request: Request) -> Response:
-        if not gateway.authorized(request):
-            return gateway.unauthorized()
-        return JSONResponse({"models": gateway.model_states()})
-
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def deployed() -> tuple[list[Any], Any]:
-        default_route, _ = gateway.table.resolve_default()
-        return (
-            [r.deployment for r in gateway.table.routes()],
-            default_route.deployment if default_route else None,
-        )
-
-    async def openapi(request: Request) -> Response:
-        if not gateway.authorized(request):
-            return gateway.unauthorized()
-        return JSONResponse(build_openapi(*deployed()))
-
-    async def docs(request: Request) -> Response:
-        if not gateway.authorized(request):
-            return gateway.unauthorized()
-        return HTMLResponse(render_docs(*deployed()))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        prober = asyncio.create_task(
-            gateway.replicas.probe_down_replicas(gateway.config.health_interval_s)
-        )
-        try:
-            yield
-        finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await prober
-            await gateway.capture.drain()
-            await gateway.replicas.aclose()
-
+    scoring = ScoringEndpoints(gateway)
+    admin = AdminEndpoints(gateway)
     routes = [
-        Route("/invocations", invocations, methods=["POST"]),
-        Route("/models/{name}/invocations", model_invocations, methods=["POST"]),
-        Route("/models", models, methods=["GET"]),
-        Route("/ping", ping, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        *admin_routes(gateway),
+        Route("/invocations", scoring.invocations, methods=["POST"]),
+        Route("/models/{name}/invocations", scoring.model_invocations, methods=["POST"]),
+        Route("/models", scoring.models, methods=["GET"]),
+        Route("/ping", scoring.ping, methods=["GET"]),
+        Route("/health", scoring.health, methods=["GET"]),
+        Route("/metrics", scoring.metrics, methods=["GET"]),
+        Route("/openapi.json", scoring.openapi, methods=["GET"]),
+        Route("/docs", scoring.docs, methods=["GET"]),
+        Route("/admin/deployments", admin.list_deployments, methods=["GET"]),
+        Route("/admin/deployments/{model}", admin.put_deployment, methods=["PUT"]),
+        Route("/admin/deployments/{model}", admin.get_deployment, methods=["GET"]),
+        Route("/admin/deployments/{model}", admin.delete_deployment, methods=["DELETE"]),
+        Route("/admin/inflight", admin.inflight, methods=["GET"]),
+        Route("/admin/replicas/health", admin.replica_health, methods=["POST"]),
     ]
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        # Log the traceback; the client only gets MLflow's error shape.
-        logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return errors.error_response(500, errors.INTERNAL_ERROR, "Internal gateway error.")
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        # Unknown paths (404) and wrong methods (405), in MLflow's error shape.
-        assert isinstance(exc, HTTPException)
-        code = errors.ENDPOINT_NOT_FOUND if exc.status_code == 404 else errors.BAD_REQUEST
-        return errors.error_response(exc.status_code, code, exc.detail, headers=exc.headers)
-
     app = Starlette(
         routes=routes,
-        lifespan=lifespan,
+        lifespan=lambda _app: gateway.running(),
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     app.state.gateway = gateway
     return app
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Any unhandled exception: log the traceback; the client only gets MLflow's error shape."""
+    logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return errors.error_response(500, errors.INTERNAL_ERROR, "Internal gateway error.")
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths (404) and wrong methods (405), in MLflow's error shape."""
+    assert isinstance(exc, HTTPException)
+    code = errors.ENDPOINT_NOT_FOUND if exc.status_code == 404 else errors.BAD_REQUEST
+    return errors.error_response(exc.status_code, code, exc.detail, headers=exc.headers)

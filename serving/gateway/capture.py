@@ -47,14 +47,6 @@ class CapturedRequest:
         data, _params = stock._split_data_and_params(self.body)
         return stock.infer_and_parse_data(data, input_schema)
 
-    def params(self) -> dict[str, Any] | None:
-        """The request's `params`, for JSON bodies."""
-        try:
-            payload = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return payload.get("params") if isinstance(payload, dict) else None
-
 
 OnScored = Callable[[str, str, CapturedRequest, Any], Awaitable[None] | None]
 """on_scored(model, version, request, predictions): sync or async; its result is ignored.
@@ -118,8 +110,9 @@ class CaptureDispatcher:
                     predictions = _decode_predictions(answer)
                 await hook(model, version, request, predictions)  # type: ignore[misc]
             else:
-                await asyncio.to_thread(_call_sync, hook, model, version, request, answer,
-                                        predictions)  # fmt: skip
+                await asyncio.to_thread(
+                    _call_sync, hook, model, version, request, answer, predictions
+                )
         except Exception:
             self._on_drop()
             logger.exception("capture hook failed for %s/%s", model, version)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 from typing import Any
+
+import jinja2
 
 from serving.deployment import Deployment
 
@@ -91,20 +93,23 @@ def _column_schema(spec: dict[str, Any]) -> dict[str, Any]:
     return schema if spec.get("required", True) else _nullable(schema)
 
 
+def _param_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    schema = type_schema(spec)
+    if spec.get("shape") is not None:
+        # A param with a shape takes a list of values.
+        schema = {"type": "array", "items": schema}
+    if "default" in spec:
+        schema = {**schema, "default": spec["default"]}
+    return schema
+
+
 def request_schema(deployment: Deployment) -> dict[str, Any]:
     """JSON body schema: one of dataframe_split / dataframe_records / instances / inputs."""
     columns = deployment.input_columns()
     params = deployment.params_spec()
     params_schema: dict[str, Any] = {"type": "object"}
     if params:
-        params_schema["properties"] = {
-            p["name"]: {
-                **(type_schema(p) if p.get("shape") is None
-                   else {"type": "array", "items": type_schema(p)}),
-                **({"default": p["default"]} if "default" in p else {}),
-            }
-            for p in params
-        }  # fmt: skip
+        params_schema["properties"] = {p["name"]: _param_schema(p) for p in params}
         params_schema["additionalProperties"] = False
     named = bool(columns) and all("name" in c for c in columns)
     if named:
@@ -121,26 +126,35 @@ def request_schema(deployment: Deployment) -> dict[str, Any]:
             "type": "object",
             "required": ["columns", "data"],
             "properties": {
-                "columns": {"type": "array", "items": {"type": "string", "enum": names},
-                            "uniqueItems": True, "minItems": len(required),
-                            "examples": [names]},
-                "data": {"type": "array", "minItems": 1, "items": {
+                "columns": {
                     "type": "array",
-                    "prefixItems": [_column_schema(c) for c in columns],
-                    "minItems": len(columns),
-                    "maxItems": len(columns),
-                }},
+                    "items": {"type": "string", "enum": names},
+                    "uniqueItems": True,
+                    "minItems": len(required),
+                    "examples": [names],
+                },
+                "data": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "array",
+                        "prefixItems": [_column_schema(c) for c in columns],
+                        "minItems": len(columns),
+                        "maxItems": len(columns),
+                    },
+                },
                 "index": {"type": "array", "description": "One label per row of data."},
             },
             "additionalProperties": False,
-        }  # fmt: skip
+        }
         columnar = {
             "type": "object",
-            "properties": {c["name"]: {"type": "array", "minItems": 1,
-                                       "items": _column_schema(c)}
-                           for c in columns},
+            "properties": {
+                c["name"]: {"type": "array", "minItems": 1, "items": _column_schema(c)}
+                for c in columns
+            },
             "required": required,
-        }  # fmt: skip
+        }
         records = {"type": "array", "minItems": 1, "items": record}
         inputs: dict[str, Any] = {"oneOf": [columnar, records]}
     else:
@@ -181,8 +195,10 @@ def response_schema(deployment: Deployment) -> dict[str, Any]:
             # The first tensor dimension is the row; a prediction is one row of it.
             item = item if item.get("type") != "array" else item.get("items", {})
     elif outputs:
-        item = {"type": "object", "properties": {o["name"]: _column_schema(o)
-                                                  for o in outputs if "name" in o}}  # fmt: skip
+        item = {
+            "type": "object",
+            "properties": {o["name"]: _column_schema(o) for o in outputs if "name" in o},
+        }
     return {
         "type": "object",
         "required": ["predictions"],
@@ -193,6 +209,7 @@ def response_schema(deployment: Deployment) -> dict[str, Any]:
 def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any]:
     columns = deployment.input_columns() or []
     header = ",".join(c["name"] for c in columns if "name" in c)
+    csv_description = f"Header row: {header}" if header else "CSV with a header row."
     json_content: dict[str, Any] = {"schema": request_schema(deployment)}
     if deployment.input_example is not None:
         json_content["example"] = deployment.input_example
@@ -207,19 +224,12 @@ def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any
             "required": True,
             "content": {
                 "application/json": json_content,
-                "text/csv": {
-                    "schema": {
-                        "type": "string",
-                        "description": f"Header row: {header}"
-                        if header
-                        else "CSV with a header row.",
-                    }
-                },
+                "text/csv": {"schema": {"type": "string", "description": csv_description}},
                 "application/vnd.apache.parquet": {
                     "schema": {"type": "string", "format": "binary"}
                 },
             },
-        },  # fmt: skip
+        },
         "responses": {
             "200": {
                 "description": "Predictions, one per input row.",
@@ -230,7 +240,7 @@ def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any
                     }
                 },
                 "content": {"application/json": {"schema": response_schema(deployment)}},
-            },  # fmt: skip
+            },
             "400": {"description": "Invalid input (as the stock scorer).", **error},
             "401": {"description": "Missing or wrong API key.", **error},
             "404": {"description": "Model not deployed.", **error},
@@ -264,12 +274,14 @@ def build_openapi(deployments: list[Deployment], default: Deployment | None) -> 
             "post": _invocation_operation(d, f"Score with {d.label}")
         }
     plain = {"200": {"description": "OK"}}
-    paths["/models"] = {"get": {"summary": "Deployed models, versions and replica health",
-                                "responses": plain}}  # fmt: skip
+    paths["/models"] = {
+        "get": {"summary": "Deployed models, versions and replica health", "responses": plain}
+    }
     paths["/ping"] = {"get": {"summary": "Liveness", "security": [{}], "responses": plain}}
     paths["/health"] = {"get": {"summary": "Readiness", "security": [{}], "responses": plain}}
-    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "security": [{}],
-                                 "responses": plain}}  # fmt: skip
+    paths["/metrics"] = {
+        "get": {"summary": "Prometheus metrics", "security": [{}], "responses": plain}
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -288,50 +300,48 @@ def build_openapi(deployments: list[Deployment], default: Deployment | None) -> 
 
 def render_docs(deployments: list[Deployment], default: Deployment | None) -> str:
     """A self-contained HTML page describing each model's endpoint, columns and an example."""
-    esc = html.escape
-    sections = []
-    for d in deployments:
-        rows = "".join(
-            f"<tr><td><code>{esc(str(c.get('name', '(unnamed)')))}</code></td>"
-            f"<td>{esc(_type_label(c))}</td><td>{'yes' if c.get('required', True) else 'no'}"
-            "</td></tr>"
-            for c in (d.input_columns() or [])
-        )
-        params = "".join(
-            f"<li><code>{esc(p['name'])}</code>: {esc(_type_label(p))}"
-            f" (default {esc(json.dumps(p.get('default')))})</li>"
-            for p in (d.params_spec() or [])
-        )
-        outputs = ", ".join(esc(_type_label(o)) for o in (d.output_spec() or [])) or "unknown"
-        example = json.dumps(d.input_example, indent=2) if d.input_example else None
-        curl = (
-            f"curl -X POST -H 'Content-Type: application/json' "
-            f"--data @request.json http://HOST/models/{d.model}/invocations"
-        )
-        sections.append(
-            f"<section><h2>{esc(d.model)} <small>version {esc(d.version)}</small></h2>"
-            f"<p><code>POST /models/{esc(d.model)}/invocations</code>"
-            + (" (also <code>POST /invocations</code>)" if default is d else "")
-            + "</p>"
-            + (f"<table><tr><th>column</th><th>type</th><th>required</th></tr>{rows}</table>"
-               if rows else "<p>No input signature.</p>")
-            + (f"<p>Params:</p><ul>{params}</ul>" if params else "")
-            + f"<p>Outputs: {outputs}</p>"
-            + (f"<p>Example body:</p><pre>{esc(example)}</pre>" if example else "")
-            + f"<pre>{esc(curl)}</pre></section>"
-        )  # fmt: skip
-    body = "".join(sections) or "<p>No model is deployed.</p>"
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>flowline gateway</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
-        "pre{background:#f4f4f4;padding:.6em;overflow:auto}</style></head><body>"
-        "<h1>flowline gateway</h1><p>Machine-readable spec: <a href='openapi.json'>"
-        "openapi.json</a>. Requests and answers use the wire format of "
-        "<code>mlflow models serve</code>. When API keys are configured, send "
-        "<code>Authorization: Bearer &lt;key&gt;</code>.</p>"
-        f"{body}</body></html>"
+    models = [_docs_section(d, d is default) for d in deployments]
+    return _templates().get_template("docs.html").render(models=models)
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    # Built on first use, not at import: the loader looks up the package being imported.
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("serving.gateway"),
+        autoescape=jinja2.select_autoescape(),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
+
+
+def _docs_section(d: Deployment, is_default: bool) -> dict[str, Any]:
+    # Plain strings for the template; it escapes them all (autoescape).
+    columns = [
+        {
+            "name": str(c.get("name", "(unnamed)")),
+            "type": _type_label(c),
+            "required": c.get("required", True),
+        }
+        for c in d.input_columns() or []
+    ]
+    params = [
+        {"name": p["name"], "type": _type_label(p), "default": json.dumps(p.get("default"))}
+        for p in d.params_spec() or []
+    ]
+    outputs = ", ".join(_type_label(o) for o in d.output_spec() or []) or "unknown"
+    return {
+        "model": d.model,
+        "version": d.version,
+        "is_default": is_default,
+        "columns": columns,
+        "params": params,
+        "outputs": outputs,
+        "example": json.dumps(d.input_example, indent=2) if d.input_example else None,
+        "curl": "curl -X POST -H 'Content-Type: application/json' "
+        f"--data @request.json http://HOST/models/{d.model}/invocations",
+    }
 
 
 def _type_label(spec: dict[str, Any]) -> str:

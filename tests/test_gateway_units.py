@@ -17,7 +17,7 @@ from serving.gateway import Gateway, GatewayConfig, RouteTable, create_app
 from serving.gateway.admin import AdminEndpoints
 from serving.gateway.batching import AdaptiveBatcher, Outcome
 from serving.gateway.endpoints import ScoringEndpoints
-from serving.gateway.openapi import build_openapi
+from serving.gateway.openapi import build_openapi, type_schema
 from serving.gateway.wire import (
     BatchSchema,
     is_json_content_type,
@@ -656,3 +656,19 @@ def test_admin_endpoints_alone() -> None:
         await gateway.replicas.aclose()
 
     asyncio.run(scenario())
+
+
+def test_object_columns_get_a_schema_in_both_spellings_of_their_properties() -> None:
+    from mlflow.types.schema import Array, DataType, Object, Property
+
+    spec = Object([Property("a", DataType.long), Property("b", Array(DataType.string))]).to_dict()
+    expected = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "format": "int64"},
+            "b": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    assert type_schema(spec) == expected
+    as_list = dict(spec, properties=[{"name": k, **v} for k, v in spec["properties"].items()])
+    assert type_schema(as_list) == expected

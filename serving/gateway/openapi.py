@@ -70,9 +70,12 @@ def type_schema(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "array":
         return {"type": "array", "items": type_schema(spec.get("items", {}))}
     if kind == "object":
-        props = {p["name"]: type_schema(p) for p in spec.get("properties", [])}
-        if isinstance(spec.get("properties"), dict):
-            props = {k: type_schema(v) for k, v in spec["properties"].items()}
+        # MLflow's Object.to_dict() gives properties as {name: spec}; older forms, a list.
+        properties = spec.get("properties") or {}
+        if isinstance(properties, dict):
+            props = {name: type_schema(prop) for name, prop in properties.items()}
+        else:
+            props = {prop["name"]: type_schema(prop) for prop in properties}
         return {"type": "object", "properties": props}
     if kind == "map":
         return {"type": "object", "additionalProperties": type_schema(spec.get("values", {}))}

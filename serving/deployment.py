@@ -154,6 +154,9 @@ class Deployment:
 
 def _decoded_spec(signature: dict[str, Any] | None, key: str) -> list[dict[str, Any]] | None:
     # MLmodel stores each part of the signature as a JSON string; accept both forms.
+    # Plain JSON, not mlflow's ModelSignature (serving.model_metadata parses MLmodel with
+    # it): the gateway calls this per request and imports no MLflow, and ColSpec would
+    # drop the x-flowline-type annotation the OpenAPI page reads.
     if not signature:
         return None
     value = signature.get(key)

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import mlflow
@@ -29,13 +28,19 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
+from common.registry import (
+    BACKEND_MODEL_TAG,
+    PRODUCTION_ALIAS,
+    REASON_TAG,
+    REPLICAS_MODEL_TAG,
+    RESOURCES_MODEL_TAG,
+    STATUS_TAG,
+)
 from serving.backends.base import BackendError
-from serving.backends.docker import RESOURCES_MODEL_TAG, Resources
+from serving.backends.docker import Resources
 from serving.backends.factory import BACKENDS
 from serving.backends.local import replica_environment
-from serving.backends.router import BACKEND_MODEL_TAG
-from serving.controller.desired import PRODUCTION_ALIAS
-from serving.controller.reconciler import REASON_TAG, REPLICAS_MODEL_TAG, STATUS_TAG
+from serving.served import served_models, wait_until_served
 
 # What `mlflow deployments create/update --config KEY=VALUE` may set.
 CONFIG_KEYS = {"backend", "replicas", "cpus", "memory"}
@@ -56,11 +61,8 @@ def run_local(
     bin_dir = os.path.dirname(sys.executable)
     # The environment a flowline replica gets: no platform secret reaches model code.
     env = replica_environment(mlflow.get_tracking_uri())
-    subprocess.run(
-        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "-p", port,
-         "--env-manager", "local"],
-        env=env, check=True,
-    )  # fmt: skip
+    serve = ["models", "serve", "-m", model_uri, "-p", port, "--env-manager", "local"]
+    subprocess.run([os.path.join(bin_dir, "mlflow"), *serve], env=env, check=True)
 
 
 def _parse_model_uri(name: str, model_uri: str, client: MlflowClient) -> str:
@@ -125,31 +127,29 @@ class FlowlineDeploymentClient(BaseDeploymentClient):
 
     def _served(self) -> dict[str, dict[str, Any]]:
         try:
-            models = requests.get(f"{self.gateway}/models", timeout=10).json()["models"]
+            return served_models(self.gateway, timeout=10)
         except (requests.RequestException, ValueError, KeyError) as exc:
             raise MlflowException(
                 f"flowline gateway not reachable at {self.gateway}: {exc}"
             ) from None
-        return {m["name"]: m for m in models}
+
+    def _raise_if_failed(self, name: str, version: str) -> None:
+        # The controller does not retry a failed version: waiting on would only time out.
+        tags = self.client.get_model_version(name, version).tags
+        if tags.get(STATUS_TAG) == "failed":
+            raise MlflowException(f"deployment of {name}/{version} failed: {tags.get(REASON_TAG)}")
 
     def _wait(self, name: str, version: str | None) -> dict[str, Any] | None:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            served = self._served().get(name)
-            if version is None and served is None:
-                return None
-            if version is not None and served and str(served["version"]) == version:
-                return served
-            if version is not None:
-                tags = self.client.get_model_version(name, version).tags
-                if tags.get(STATUS_TAG) == "failed":
-                    raise MlflowException(
-                        f"deployment of {name}/{version} failed: {tags.get(REASON_TAG)}"
-                    )
-            time.sleep(0.5)
-        raise MlflowException(
-            f"{name} did not reach the requested state within {WAIT_SECONDS:.0f}s"
-        )
+        # An unreachable gateway ends the wait at once (no retry_on): the user gets the
+        # reason instead of a timeout three minutes later.
+        check = (lambda: self._raise_if_failed(name, version)) if version is not None else None
+        try:
+            served = wait_until_served(
+                self._served, name, version, WAIT_SECONDS, interval=0.5, check=check
+            )
+        except TimeoutError as exc:
+            raise MlflowException(str(exc)) from None
+        return served
 
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         """Promote the version (alias ``production``) and wait until it serves.

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mlflow.models import Model, ModelSignature
+from mlflow.models.utils import SERVING_INPUT_FILENAME, SERVING_INPUT_PATH
+from mlflow.types.schema import AnyType, ColSpec
 
 from common.registry import INPUT_TYPES_METADATA
 from serving.deployment import BatchingSettings, Deployment
 
-SERVING_EXAMPLE_FILE = "serving_input_example.json"
+SERVING_EXAMPLE_FILE = SERVING_INPUT_FILENAME
 
 
 TYPE_ANNOTATION = "x-flowline-type"
@@ -24,9 +26,13 @@ def read_model_metadata(model_dir: str | Path) -> dict[str, Any]:
     ``flowline.input_types`` metadata under ``x-flowline-type``, for the OpenAPI page.
     """
     model_dir = Path(model_dir)
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
-    example_info = mlmodel.get("saved_input_example_info") or {}
-    example_path = model_dir / example_info.get("serving_input_path", SERVING_EXAMPLE_FILE)
+    # Model.load parses MLmodel as the scorer will: a signature it cannot read fails here,
+    # at rollout, not on the replica.
+    model = Model.load(str(model_dir))
+    example_info = model.saved_input_example_info or {}
+    # Not Model.get_serving_input: a model without saved_input_example_info may still
+    # carry the file under MLflow's default name (the reconciler downloads exactly that).
+    example_path = model_dir / example_info.get(SERVING_INPUT_PATH, SERVING_EXAMPLE_FILE)
     # MLflow writes NaN for a missing value in the example; the example is sent as a JSON
     # body (admin API, /openapi.json, the smoke test), and strict JSON spells it null.
     example = (
@@ -34,19 +40,29 @@ def read_model_metadata(model_dir: str | Path) -> dict[str, Any]:
         if example_path.is_file()
         else None
     )
-    types = (mlmodel.get("metadata") or {}).get(INPUT_TYPES_METADATA)
-    return {"signature": _annotated(mlmodel.get("signature"), types), "input_example": example}
+    types = (model.metadata or {}).get(INPUT_TYPES_METADATA)
+    return {"signature": _annotated(model.signature, types), "input_example": example}
 
 
-def _annotated(signature: dict[str, Any] | None, types: Any) -> dict[str, Any] | None:
-    if not signature or not isinstance(types, dict) or not signature.get("inputs"):
-        return signature
-    inputs = signature["inputs"]
-    specs = json.loads(inputs) if isinstance(inputs, str) else inputs
-    for spec in specs:
-        if spec.get("type") == "any" and isinstance(types.get(spec.get("name")), str):
-            spec[TYPE_ANNOTATION] = types[spec["name"]]
-    return {**signature, "inputs": json.dumps(specs)}
+def _annotated(signature: ModelSignature | None, types: Any) -> dict[str, Any] | None:
+    """The signature in MLmodel's dict form, ``any`` inputs annotated with their type."""
+    if signature is None:
+        return None
+    wire = signature.to_dict()
+    if signature.inputs is None or not isinstance(types, dict):
+        return wire
+    specs = []
+    for column in signature.inputs.inputs:
+        spec = column.to_dict()
+        # ColSpec has no room for a type MLflow does not know: it travels beside it.
+        if (
+            isinstance(column, ColSpec)
+            and isinstance(column.type, AnyType)
+            and isinstance(types.get(column.name), str)
+        ):
+            spec[TYPE_ANNOTATION] = types[column.name]
+        specs.append(spec)
+    return {**wire, "inputs": json.dumps(specs)}
 
 
 def deployment_from_model_dir(

@@ -40,12 +40,13 @@ class GatewayClient:
             raise GatewayError(f"gateway answered {response.status_code}: {message[:500]}")
         return response
 
-    def put(self, deployment: Deployment, verify: bool = False) -> None:
-        """Make ``deployment`` the model's active route (the blue/green switch)."""
-        suffix = "?verify=true" if verify else ""
-        self._call(
-            "PUT", f"/admin/deployments/{deployment.model}{suffix}", json=deployment.to_dict()
-        )
+    def put(self, deployment: Deployment) -> None:
+        """Make ``deployment`` the model's active route (the blue/green switch).
+
+        The replicas were smoke-tested by the reconciler before this call, so the
+        gateway is asked to switch, not to check them again.
+        """
+        self._call("PUT", f"/admin/deployments/{deployment.model}", json=deployment.to_dict())
 
     def delete(self, model: str) -> None:
         """Stop routing ``model``; absent already is fine."""

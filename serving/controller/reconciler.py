@@ -302,10 +302,8 @@ class Reconciler:
         have = list(current.replicas)
         if wanted == len(have):
             return
-        log.info(
-            "scaling %s/%s from %d to %d replica(s)",
-            current.model, current.version, len(have), wanted,
-        )  # fmt: skip
+        model, version = current.model, current.version
+        log.info("scaling %s/%s from %d to %d replica(s)", model, version, len(have), wanted)
         if wanted > len(have):
             fresh: list[Replica] = []
             try:

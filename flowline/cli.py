@@ -27,6 +27,7 @@ from flowline.supervisor import Supervisor
 from flowline.tracking import TrackingServer
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS
+from serving.served import served_models, wait_until_served
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -228,16 +229,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _wait_until_served(gateway: str, name: str, version: str, timeout: float = 180) -> float:
+    """Seconds until the gateway serves ``name`` ``version``; TimeoutError after ``timeout``."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            models = requests.get(f"{gateway}/models", timeout=5).json().get("models", [])
-            if any(m.get("name") == name and str(m.get("version")) == version for m in models):
-                return time.monotonic() - started
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{name} version {version} was not deployed within {timeout:.0f}s")
+    try:
+        # The platform is just up: a gateway that does not answer yet is "not yet".
+        wait_until_served(
+            lambda: served_models(gateway, timeout=5),
+            name,
+            version,
+            timeout,
+            interval=0.25,
+            retry_on=(requests.RequestException, ValueError, KeyError),
+        )
+    except TimeoutError:
+        raise TimeoutError(
+            f"{name} version {version} was not deployed within {timeout:.0f}s"
+        ) from None
+    return time.monotonic() - started
 
 
 def _curl(url: str, body_file: Path) -> None:

@@ -130,9 +130,14 @@ def _platform(args: argparse.Namespace) -> Platform:
         replicas_from=args.replica_port_from,
     )
     return Platform(
-        home=home(), ports=ports, host=args.host, backend_store_uri=args.backend_store_uri,
-        replicas=args.replicas, auth=args.auth, backend=args.backend,
-    )  # fmt: skip
+        home=home(),
+        ports=ports,
+        host=args.host,
+        backend_store_uri=args.backend_store_uri,
+        replicas=args.replicas,
+        auth=args.auth,
+        backend=args.backend,
+    )
 
 
 def _start_platform(platform: Platform) -> bool:

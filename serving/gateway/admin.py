@@ -6,11 +6,9 @@ configured token the API answers 403. See docs/gateway.md for the contract.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -19,8 +17,6 @@ from serving.deployment import Deployment
 from serving.gateway import errors
 from serving.gateway.core import Gateway
 from serving.gateway.routes import ModelRoute
-
-VERIFY_TIMEOUT_S = 10.0
 
 
 class AdminEndpoints:
@@ -52,7 +48,9 @@ class AdminEndpoints:
         return None
 
     async def put_deployment(self, request: Request) -> Response:
-        """PUT /admin/deployments/{model}: make a deployment active (optionally verified first).
+        """PUT /admin/deployments/{model}: make a deployment active.
+
+        The controller has smoke-tested its replicas before (serving/controller/reconciler.py).
 
         Answers the now-active deployment and the one it replaced.
         """
@@ -66,17 +64,6 @@ class AdminEndpoints:
             deployment = Deployment.from_dict(json.loads(body), model=model)
         except (ValueError, TypeError) as exc:
             return errors.error_response(400, errors.INVALID_PARAMETER_VALUE, str(exc))
-        if request.query_params.get("verify", "").lower() in ("1", "true", "yes"):
-            problems = await verify(self.gateway, deployment)
-            if problems:
-                return errors.error_response(
-                    409,
-                    errors.INVALID_PARAMETER_VALUE,
-                    "Verification failed, route unchanged: " + "; ".join(problems),
-                )
-            # Verified just now: clear stale down-marks left by earlier users of these URLs.
-            for url in deployment.replicas:
-                self.table.mark_up(url)
         previous = self.table.set_active(deployment)
         active = self.table.get(model)
         payload = {
@@ -169,29 +156,3 @@ def _describe(gateway: Gateway, route: ModelRoute) -> dict[str, Any]:
         )
     data["replica_states"] = states
     return data
-
-
-async def verify(gateway: Gateway, deployment: Deployment) -> list[str]:
-    """Ping every replica and score the input example on each; return the problems found."""
-    client = gateway.replicas.client
-
-    async def one(url: str) -> str | None:
-        try:
-            ping = await client.get(f"{url}/ping", timeout=VERIFY_TIMEOUT_S)
-            if ping.status_code != 200:
-                return f"{url}/ping answered {ping.status_code}"
-            if deployment.input_example is not None:
-                answer = await client.post(
-                    f"{url}/invocations",
-                    content=json.dumps(deployment.input_example).encode(),
-                    headers={"content-type": "application/json"},
-                    timeout=VERIFY_TIMEOUT_S,
-                )
-                if answer.status_code != 200:
-                    return f"{url} answered the input example with {answer.status_code}"
-        except httpx.HTTPError as exc:
-            return f"{url}: {type(exc).__name__}: {exc}"
-        return None
-
-    results = await asyncio.gather(*(one(u) for u in deployment.replicas))
-    return [r for r in results if r]

@@ -50,7 +50,7 @@ class ReplicaPool:
     ) -> None:
         self.table = table
         self.timeout_s = timeout_s
-        # httpx serves the control plane (probes, verification) and, on request, scoring.
+        # httpx serves the control plane (health probes) and, on request, scoring.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(

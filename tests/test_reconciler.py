@@ -469,6 +469,27 @@ def test_a_version_failing_its_smoke_test_is_tagged_failed_and_the_old_one_serve
     assert world.backend.alive == {old}
 
 
+def test_while_the_wanted_version_is_failed_the_serving_one_is_still_healed(
+    world: World,
+) -> None:
+    world.registry.add_version("m", "1")
+    (old,) = world.settled("m", "1")
+    world.registry.add_version("m", "2")
+    world.backend.broken.add(("m", "2"))
+    world.registry.promote("m", "2")
+    world.reconciler.reconcile()
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "failed"
+
+    world.backend.alive.discard(old)  # version 1's replica dies while 2 stays failed
+    world.events.clear()
+    world.reconciler.reconcile()
+    (fresh,) = world.backend.alive
+    moves = [e for e in world.events if e[0] in ("start", "stop", "put")]
+    assert _once(moves) == [("start", "m", "1", fresh), ("stop", old), ("put", "m", "1", (fresh,))]
+    assert world.gateway.table["m"].version == "1"
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "failed"  # and not retried
+
+
 def test_a_version_whose_replicas_cannot_start_is_failed_with_the_backend_reason(
     world: World,
 ) -> None:

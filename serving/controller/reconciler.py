@@ -147,15 +147,24 @@ class Reconciler:
         for model, version in desired.items():
             current = self.deployed.get(model)
             if current is not None and current.version == version:
-                self._heal(current)
-                self._scale(current)
-                if routes is not None:
-                    self._sync_route(current, routes.get(model))
+                self._upkeep(current, routes)
             elif self._may_roll_out(model, version):
                 self._roll_out(model, version)
+            elif current is not None:
+                # The wanted version failed: the one still serving is looked after until
+                # a fixed version is promoted, or a replica dying now would stay dead.
+                self._upkeep(current, routes)
         for model in [m for m in self.deployed if m not in desired]:
             self._undeploy(model)
         self.last_pass = time.time()
+
+    def _upkeep(self, current: Deployed, routes: dict[str, Any] | None) -> None:
+        """Keep a deployed version whole: replace dead replicas, match the replica count,
+        and put its route back if the gateway lost it."""
+        self._heal(current)
+        self._scale(current)
+        if routes is not None:
+            self._sync_route(current, routes.get(current.model))
 
     def fresh_since(self) -> float | None:
         """When the controller last knew the registry's state: the end of the last

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.processes import PRIVATE_UMASK
+from common.settings import FlowlineBaseSettings, HomeSettings, Port
 
 
 def home() -> Path:
     """flowline's home folder: $FLOWLINE_HOME, else ./.flowline in the working directory."""
-    return Path(os.environ.get("FLOWLINE_HOME", ".flowline")).expanduser().resolve()
+    return HomeSettings.from_env().home
 
 
 def make_private(path: Path, set_umask: bool = True) -> Path:
@@ -31,16 +33,28 @@ def make_private(path: Path, set_umask: bool = True) -> Path:
     return path
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+class PortSettings(FlowlineBaseSettings):
+    """The FLOWLINE_*_PORT variables (DESIGN.md's defaults)."""
+
+    tracking_port: Port = 5000
+    gateway_port: Port = 8080
+    controller_port: Port = 8081
+    monitor_port: Port = 8082
+    replica_port_from: Port = 9000
+
+
+def _from_env(name: str) -> Callable[[], int]:
+    # Read when a Ports is made, not when this module is imported: a variable set after
+    # import counts, and a bad one fails the call that needs it (SettingsError, one line).
+    return lambda: getattr(PortSettings.from_env(), name)
 
 
 @dataclass(frozen=True)
 class Ports:
-    """The platform's ports (DESIGN.md's defaults), each overridable by FLOWLINE_*_PORT."""
+    """The platform's ports; those not given come from FLOWLINE_*_PORT (`PortSettings`)."""
 
-    tracking: int = _env_int("FLOWLINE_TRACKING_PORT", 5000)
-    gateway: int = _env_int("FLOWLINE_GATEWAY_PORT", 8080)
-    controller: int = _env_int("FLOWLINE_CONTROLLER_PORT", 8081)
-    monitor: int = _env_int("FLOWLINE_MONITOR_PORT", 8082)
-    replicas_from: int = _env_int("FLOWLINE_REPLICA_PORT_FROM", 9000)
+    tracking: int = field(default_factory=_from_env("tracking_port"))
+    gateway: int = field(default_factory=_from_env("gateway_port"))
+    controller: int = field(default_factory=_from_env("controller_port"))
+    monitor: int = field(default_factory=_from_env("monitor_port"))
+    replicas_from: int = field(default_factory=_from_env("replica_port_from"))

@@ -9,8 +9,16 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
-from monitoring.service.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
+from monitoring.service.settings import DEFAULT_HOST, MonitorSettings, port_from_env
+
+
+def _fail(exc: Exception) -> NoReturn:
+    """One line on stderr and exit status 2: the monitor did not start."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"flowline: error: the monitor cannot start: {first_line}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,9 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m monitoring", description=__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("FLOWLINE_MONITOR_PORT", DEFAULT_PORT)),
-        help="0 picks a free port",
-    )  # fmt: skip
+        "--port", type=int, help="default $FLOWLINE_MONITOR_PORT or 8082; 0 picks a free port"
+    )
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--home", help="flowline home (default $FLOWLINE_HOME or ./.flowline)")
     parser.add_argument("--db", help="store URL (default $FLOWLINE_MONITOR_DB or SQLite in home)")
@@ -28,7 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    settings = MonitorSettings.from_env()
+    try:
+        # A bad FLOWLINE_* value stops it here, in one line like the errors below.
+        settings = MonitorSettings.from_env()
+        env_port = port_from_env()
+    except ValueError as exc:
+        _fail(exc)
+    port = env_port if args.port is None else args.port
     if args.home:
         settings = replace(settings, home=Path(args.home).expanduser().resolve())
     if args.db:
@@ -37,7 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(settings, tracking_uri=args.tracking_uri)
     # Captured request bodies and the ingest token live here: owner-only files and folders.
     os.umask(0o077)
-    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(exc)
     with contextlib.suppress(OSError):
         settings.home.chmod(0o700)  # FLOWLINE_HOME is flowline's own folder
     # Baseline downloads would draw progress bars into the service log.
@@ -52,12 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     from monitoring.service.server import serve_monitor  # after logging is set up
 
     try:
-        serve_monitor(settings, args.host, args.port, args.port_file, args.log_level)
-    except (ValueError, SQLAlchemyError, OSError) as exc:
+        serve_monitor(settings, args.host, port, args.port_file, args.log_level)
+    except (ValueError, SQLAlchemyError, OSError, OverflowError) as exc:
         # Raised while opening the store or binding the port, before serving starts.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"flowline: error: the monitor cannot start: {first_line}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import asyncio
 import atexit
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -37,10 +36,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+from pydantic import BeforeValidator
+from pydantic_settings import NoDecode
 
+from common.settings import CommaList, EnvFloat, EnvInt, FlowlineBaseSettings, HomeSettings
 from monitoring.capture.record import (
     encode_record,
 )
@@ -80,25 +82,69 @@ class SamplingPolicy:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SamplingPolicy:
         """FLOWLINE_CAPTURE_SAMPLE ("0.5" or "0.5,churn=0.1") and FLOWLINE_CAPTURE_DISABLED."""
-        env = os.environ if environ is None else environ
-        default = 1.0
-        per_model: dict[str, float] = {}
-        for part in env.get("FLOWLINE_CAPTURE_SAMPLE", "").split(","):
-            part = part.strip()
-            if not part:
-                continue
-            name, sep, value = part.rpartition("=")
-            rate = float(value)
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"FLOWLINE_CAPTURE_SAMPLE rates must be in [0, 1]: {part!r}")
-            if sep and name.strip() not in ("", "*"):
-                per_model[name.strip()] = rate
-            else:
-                default = rate
-        disabled = frozenset(
-            m.strip() for m in env.get("FLOWLINE_CAPTURE_DISABLED", "").split(",") if m.strip()
-        )
-        return cls(default, per_model, disabled)
+        env = SamplingSettings.from_env(environ)
+        default, per_model = env.capture_sample
+        return cls(default, per_model, frozenset(env.capture_disabled))
+
+
+def _sample_rates(value: Any) -> Any:
+    """ "0.5,churn=0.1" -> (0.5, {"churn": 0.1}): a bare rate (or "*=rate") is the default."""
+    if not isinstance(value, str):
+        return value
+    default = 1.0
+    per_model: dict[str, float] = {}
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, rate_text = part.rpartition("=")
+        try:
+            rate = float(rate_text)
+        except ValueError:
+            raise ValueError(f"rates must be numbers: {part!r}") from None
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rates must be in [0, 1]: {part!r}")
+        if sep and name.strip() not in ("", "*"):
+            per_model[name.strip()] = rate
+        else:
+            default = rate
+    return default, per_model
+
+
+class SamplingSettings(FlowlineBaseSettings):
+    """FLOWLINE_CAPTURE_SAMPLE (the default rate, then per-model rates) and
+    FLOWLINE_CAPTURE_DISABLED (models not captured, ``*`` for all)."""
+
+    # NoDecode: the value is this module's own syntax, not JSON.
+    capture_sample: Annotated[
+        tuple[float, dict[str, float]], NoDecode, BeforeValidator(_sample_rates)
+    ] = (1.0, {})
+    capture_disabled: CommaList = ()
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+class CaptureTargetSettings(FlowlineBaseSettings):
+    """FLOWLINE_MONITOR_URL: where captured requests go; unset or blank turns capture off."""
+
+    monitor_url: Annotated[str, BeforeValidator(_stripped)] = ""
+
+
+class CaptureSettings(HomeSettings):
+    """How the capture client delivers (`client_from_env`; docs/monitoring.md).
+
+    FLOWLINE_CAPTURE_SPOOL_DIR defaults to $FLOWLINE_HOME/capture-spool;
+    FLOWLINE_INGEST_TOKEN, when unset, is read from $FLOWLINE_HOME/ingest-token.
+    """
+
+    capture_spool_dir: str = ""
+    capture_queue: EnvInt = DEFAULT_QUEUE_SIZE
+    capture_batch: EnvInt = DEFAULT_BATCH_SIZE
+    capture_flush_s: EnvFloat = DEFAULT_FLUSH_INTERVAL_S
+    capture_timeout_s: EnvFloat = DEFAULT_TIMEOUT_S
+    ingest_token: str = ""
 
 
 # --- the client -------------------------------------------------------------------------
@@ -518,27 +564,28 @@ def client_from_env(environ: Mapping[str, str] | None = None) -> CaptureClient |
     None when FLOWLINE_MONITOR_URL is unset or capture is disabled for every
     model (FLOWLINE_CAPTURE_DISABLED=*). See docs/monitoring.md for the variables.
     """
-    env = os.environ if environ is None else environ
-    url = env.get("FLOWLINE_MONITOR_URL", "").strip()
+    # Read in this order, as always: with no monitor URL, or capture off for every
+    # model, the other capture variables are not looked at (nor can they fail).
+    url = CaptureTargetSettings.from_env(environ).monitor_url
     if not url:
         return None
-    sampling = SamplingPolicy.from_env(env)
+    sampling = SamplingPolicy.from_env(environ)
     if "*" in sampling.disabled:
         return None
-    home = Path(env.get("FLOWLINE_HOME", ".flowline")).expanduser()
-    spool_dir = Path(env.get("FLOWLINE_CAPTURE_SPOOL_DIR") or home / "capture-spool")
-    if not env.get("FLOWLINE_CAPTURE_SPOOL_DIR") and spool_dir.is_dir():
+    env = CaptureSettings.from_env(environ)
+    spool_dir = Path(env.capture_spool_dir or env.home / "capture-spool")
+    if not env.capture_spool_dir and spool_dir.is_dir():
         spool_dir.chmod(0o700)  # flowline's own folder, maybe left looser by an older run
-    token_env = {TOKEN_ENV: env.get(TOKEN_ENV, "")}
+    token_env = {TOKEN_ENV: env.ingest_token}
     client = CaptureClient(
         url,
         spool_dir.expanduser().resolve(),
         sampling=sampling,
-        queue_size=int(env.get("FLOWLINE_CAPTURE_QUEUE", DEFAULT_QUEUE_SIZE)),
-        batch_size=int(env.get("FLOWLINE_CAPTURE_BATCH", DEFAULT_BATCH_SIZE)),
-        flush_interval_s=float(env.get("FLOWLINE_CAPTURE_FLUSH_S", DEFAULT_FLUSH_INTERVAL_S)),
-        timeout_s=float(env.get("FLOWLINE_CAPTURE_TIMEOUT_S", DEFAULT_TIMEOUT_S)),
-        token=lambda: client_token(home, token_env),
+        queue_size=env.capture_queue,
+        batch_size=env.capture_batch,
+        flush_interval_s=env.capture_flush_s,
+        timeout_s=env.capture_timeout_s,
+        token=lambda: client_token(env.home, token_env),
     )
     return client.start()
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field
+
+from common.settings import (
+    CommaList,
+    EnvFloat,
+    EnvInt,
+    FlowlineBaseSettings,
+    HomeSettings,
+    Port,
+)
 from monitoring.service.store import default_url
 from monitoring.service.stream_gate import DEFAULT_MAX_STREAMS
 
@@ -73,27 +83,71 @@ class MonitorSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> MonitorSettings:
-        """Read the FLOWLINE_* and MLFLOW_TRACKING_URI variables."""
-        env = os.environ if environ is None else environ
-        hooks = tuple(
-            u.strip() for u in env.get("FLOWLINE_ALERT_WEBHOOKS", "").split(",") if u.strip()
-        )
+        """Read the FLOWLINE_* and MLFLOW_TRACKING_URI variables; a bad one: one-line ValueError."""
+        env = MonitorEnvSettings.from_env(environ)
         return cls(
-            home=Path(env.get("FLOWLINE_HOME", ".flowline")).expanduser().resolve(),
-            db_url=env.get("FLOWLINE_MONITOR_DB", ""),
-            tracking_uri=env.get("MLFLOW_TRACKING_URI", ""),
-            window_rows=int(env.get("FLOWLINE_WINDOW_ROWS", DEFAULT_WINDOW_ROWS)),
-            window_seconds=float(env.get("FLOWLINE_WINDOW_SECONDS", DEFAULT_WINDOW_SECONDS)),
-            retention_days=float(
-                env.get("FLOWLINE_MONITOR_RETENTION_DAYS", DEFAULT_RETENTION_DAYS)
-            ),
-            alert_webhooks=hooks,
-            alert_format=env.get("FLOWLINE_ALERT_FORMAT", "json").strip().lower() or "json",
-            alert_max_attempts=int(env.get("FLOWLINE_ALERT_MAX_ATTEMPTS", 8)),
-            alert_backoff_s=float(env.get("FLOWLINE_ALERT_BACKOFF_S", 1.0)),
-            public_url=env.get("FLOWLINE_MONITOR_PUBLIC_URL", "").rstrip("/"),
-            experiment=env.get("FLOWLINE_MONITOR_EXPERIMENT", DEFAULT_EXPERIMENT),
-            poll_interval_s=float(env.get("FLOWLINE_MONITOR_POLL_S", 0.5)),
-            mlflow_enabled=env.get("FLOWLINE_MONITOR_MLFLOW", "1") not in ("0", "false", "no"),
-            max_streams=int(env.get("FLOWLINE_MONITOR_MAX_STREAMS", DEFAULT_MAX_STREAMS)),
+            home=env.home,
+            db_url=env.monitor_db,
+            tracking_uri=env.tracking_uri,
+            window_rows=env.window_rows,
+            window_seconds=env.window_seconds,
+            retention_days=env.monitor_retention_days,
+            alert_webhooks=env.alert_webhooks,
+            alert_format=env.alert_format,
+            alert_max_attempts=env.alert_max_attempts,
+            alert_backoff_s=env.alert_backoff_s,
+            public_url=env.monitor_public_url,
+            experiment=env.monitor_experiment,
+            poll_interval_s=env.monitor_poll_s,
+            mlflow_enabled=env.monitor_mlflow,
+            max_streams=env.monitor_max_streams,
         )
+
+
+def _alert_format(value: Any) -> Any:
+    # Case and spaces do not matter; empty is the default. The accepted formats are
+    # checked by MonitorSettings, for settings given in code too.
+    return (value.strip().lower() or "json") if isinstance(value, str) else value
+
+
+def _switch(value: Any) -> Any:
+    # Anything but these exact spellings is on, as the variable was always read.
+    return value not in ("0", "false", "no") if isinstance(value, str) else value
+
+
+def _base_url(value: Any) -> Any:
+    return value.rstrip("/") if isinstance(value, str) else value
+
+
+class MonitorEnvSettings(HomeSettings):
+    """The monitor's variables, typed (`MonitorSettings.from_env` reads them; docs/monitoring.md).
+
+    Range checks that also apply to settings given in code (window sizes, the alert
+    format, the stream limit) stay in `MonitorSettings`.
+    """
+
+    monitor_db: str = ""
+    tracking_uri: str = Field("", validation_alias="MLFLOW_TRACKING_URI")
+    window_rows: EnvInt = DEFAULT_WINDOW_ROWS
+    window_seconds: EnvFloat = DEFAULT_WINDOW_SECONDS
+    monitor_retention_days: EnvFloat = DEFAULT_RETENTION_DAYS
+    alert_webhooks: CommaList = ()
+    alert_format: Annotated[str, BeforeValidator(_alert_format)] = "json"
+    alert_max_attempts: EnvInt = 8
+    alert_backoff_s: EnvFloat = 1.0
+    monitor_public_url: Annotated[str, BeforeValidator(_base_url)] = ""
+    monitor_experiment: str = DEFAULT_EXPERIMENT
+    monitor_poll_s: EnvFloat = 0.5
+    monitor_mlflow: Annotated[bool, BeforeValidator(_switch)] = True
+    monitor_max_streams: EnvInt = DEFAULT_MAX_STREAMS
+
+
+class MonitorPortSettings(FlowlineBaseSettings):
+    """FLOWLINE_MONITOR_PORT, the port `python -m monitoring` binds without --port."""
+
+    monitor_port: Port = DEFAULT_PORT
+
+
+def port_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """The monitor's port from FLOWLINE_MONITOR_PORT (default 8082); a bad one: ValueError."""
+    return MonitorPortSettings.from_env(environ).monitor_port

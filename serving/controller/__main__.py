@@ -5,58 +5,97 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
+import sys
 from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
-import uvicorn
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from pydantic import BeforeValidator, Field
 
 from common.processes import PRIVATE_UMASK
 from common.secrets import persistent_secret
+from common.servers import listening_socket, run_on_socket, url_host
+from common.settings import DEFAULT_HOME, EnvFloat, EnvInt, FlowlineBaseSettings, OptionalStr, Port
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS, create_backend
 from serving.backends.ports import PortPool
 from serving.backends.router import BACKEND_MODEL_TAG, BackendRouter
-from serving.controller.app import (
-    WEBHOOK_PATH,
-    build_app,
-    env_float,
-    register_webhook_safely,
-)
+from serving.controller.app import WEBHOOK_PATH, build_app, register_webhook_safely
 from serving.controller.gateway_client import GatewayClient
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import WebhookVerifier
 
+LISTEN_BACKLOG = 2048  # uvicorn's own default, what the controller had when uvicorn bound
 
-def main() -> None:
-    """Parse options, wire the backend, gateway client and loop, and serve."""
-    parser = argparse.ArgumentParser(description="flowline deployment controller")
+
+def _exactly_one(value: Any) -> Any:
+    # Auth counts as on only for "1", as `flowline up --auth` sets it; "true" is off.
+    return value == "1" if isinstance(value, str) else value
+
+
+class ControllerSettings(FlowlineBaseSettings):
+    """The controller's variables; its command-line options, where given, override them.
+
+    FLOWLINE_HOME is taken as given (made absolute, '~' not expanded), as --home is.
+    """
+
+    controller_port: Port = 8081
+    gateway_url: str = "http://127.0.0.1:8080"
+    home: str = DEFAULT_HOME
+    replicas: EnvInt = 1
+    replica_port_from: Port = 9000
+    env_manager: str = "local"
+    backend: str = "local"
+    reconcile_interval_s: EnvFloat = 5.0
+    auth: Annotated[bool, BeforeValidator(_exactly_one)] = False
+    admin_token: OptionalStr = None
+    tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+
+
+def _parser(env: ControllerSettings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.controller", description="flowline deployment controller"
+    )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("FLOWLINE_CONTROLLER_PORT", 8081))
-    )
-    parser.add_argument(
-        "--gateway-url", default=os.environ.get("FLOWLINE_GATEWAY_URL", "http://127.0.0.1:8080")
-    )
-    parser.add_argument("--home", default=os.environ.get("FLOWLINE_HOME", ".flowline"))
-    parser.add_argument("--replicas", type=int, default=int(os.environ.get("FLOWLINE_REPLICAS", 1)))
-    parser.add_argument(
-        "--replica-port-from",
-        type=int,
-        default=int(os.environ.get("FLOWLINE_REPLICA_PORT_FROM", 9000)),
-    )
-    parser.add_argument("--env-manager", default=os.environ.get("FLOWLINE_ENV_MANAGER", "local"))
-    parser.add_argument(
-        "--backend", choices=BACKENDS, default=os.environ.get("FLOWLINE_BACKEND", "local")
-    )
-    parser.add_argument(
-        "--interval", type=float, default=env_float("FLOWLINE_RECONCILE_INTERVAL_S", 5.0)
-    )
-    args = parser.parse_args()
+    parser.add_argument("--port", type=int, default=env.controller_port)
+    parser.add_argument("--gateway-url", default=env.gateway_url)
+    parser.add_argument("--home", default=env.home)
+    parser.add_argument("--replicas", type=int, default=env.replicas)
+    parser.add_argument("--replica-port-from", type=int, default=env.replica_port_from)
+    parser.add_argument("--env-manager", default=env.env_manager)
+    parser.add_argument("--backend", choices=BACKENDS, default=env.backend)
+    parser.add_argument("--interval", type=float, default=env.reconcile_interval_s)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, as the gateway and the monitor stop."""
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"flowline: error: {first_line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options, wire the backend, gateway client and loop, and serve.
+
+    Anything that stops it before serving (a bad setting, no MLFLOW_TRACKING_URI, an
+    unknown backend, a home it cannot write, a taken port) is one line on stderr and
+    exit status 2, not a traceback.
+    """
+    try:
+        env = ControllerSettings.from_env()
+    except ValueError as exc:
+        _fail(f"the controller cannot start: {exc}")
+    args = _parser(env).parse_args(argv)
     loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
-    if not loopback and os.environ.get("FLOWLINE_AUTH") != "1":
+    if not loopback and not env.auth:
         # Its webhook and reconcile endpoints change what is served: loopback unless the
         # registry it follows has auth (flowline up --auth sets FLOWLINE_AUTH=1).
-        parser.exit(2, f"flowline: error: the controller binds {args.host} only with auth\n")
+        _fail(f"the controller binds {args.host} only with auth")
+    if env.tracking_uri is None:
+        _fail("the controller cannot start: MLFLOW_TRACKING_URI is not set (the registry)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     # The loop retries every interval: MLflow's own retries (minutes, by default) would
@@ -66,25 +105,35 @@ def main() -> None:
     # A log file is no terminal: progress bars of every download would fill it.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.umask(PRIVATE_UMASK)  # pid files, logs and the replay guard: 0600, also run alone
+    try:
+        # Bound before anything starts: with the port taken, no replica is adopted (and
+        # then stopped again on the way out) and no webhook is pointed at this process.
+        sock = listening_socket(args.host, args.port, LISTEN_BACKLOG)
+        app = _build(args, env, env.tracking_uri, sock.getsockname()[1])
+    except BackendError as exc:
+        _fail(str(exc))
+    except (OSError, OverflowError, ValueError, MlflowException, sqlite3.Error) as exc:
+        _fail(f"the controller cannot start: {exc}")
+    run_on_socket(app, sock, log_level="warning")
+
+
+def _build(args: argparse.Namespace, env: ControllerSettings, tracking_uri: str, port: int) -> Any:
+    """The controller's app: backend, reconciler, gateway client and webhook verifier."""
     home = Path(args.home).resolve()
-    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri, tracking_uri)
     ports = PortPool("127.0.0.1", args.replica_port_from)
-    try:
-        backend = BackendRouter(
-            args.backend,
-            lambda kind: create_backend(kind, tracking_uri, home, ports, args.env_manager),
-            lambda model: client.get_registered_model(model).tags.get(BACKEND_MODEL_TAG),
-        )
-    except BackendError as exc:
-        parser.exit(2, f"flowline: error: {exc}\n")
-    admin_token = os.environ.get("FLOWLINE_ADMIN_TOKEN") or persistent_secret(home / "admin-token")
+    backend = BackendRouter(
+        args.backend,
+        lambda kind: create_backend(kind, tracking_uri, home, ports, args.env_manager),
+        lambda model: client.get_registered_model(model).tags.get(BACKEND_MODEL_TAG),
+    )
+    admin_token = env.admin_token or persistent_secret(home / "admin-token")
     reconciler = Reconciler(
         client, backend, GatewayClient(args.gateway_url, admin_token), replicas=args.replicas
     )
     secret = persistent_secret(home / "webhook-secret")
-    url = f"http://{args.host}:{args.port}{WEBHOOK_PATH}"
-    app = build_app(
+    url = f"http://{url_host(args.host)}:{port}{WEBHOOK_PATH}"
+    return build_app(
         reconciler,
         WebhookVerifier(secret, seen_path=home / "webhook-deliveries.db"),
         args.interval,
@@ -94,7 +143,6 @@ def main() -> None:
         ],
         admin_token=admin_token,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> None:
             # Capture to the drift monitor when FLOWLINE_MONITOR_URL is set.
             on_scored=capture_hook_from_env(),
         )
-    except (ValueError, OSError) as exc:
-        # Bad settings, an unreadable deployments file or a taken port: before serving.
-        print(f"flowline: error: the gateway cannot start: {exc}", file=sys.stderr)
+    except (ValueError, OSError, OverflowError) as exc:
+        # Bad settings, an unreadable deployments file, a taken or impossible port
+        # (OverflowError: over 65535): before serving.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"flowline: error: the gateway cannot start: {first_line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

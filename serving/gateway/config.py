@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.settings import (
+    CommaList,
+    HomeSettings,
+    OptionalStr,
+    PositiveFloat,
+    PositiveInt,
+)
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 256
@@ -71,32 +78,50 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
-        """Read FLOWLINE_* variables (see docs/gateway.md)."""
-        env = os.environ if environ is None else environ
+        """Read FLOWLINE_* variables (see docs/gateway.md); a bad one: one-line ValueError."""
+        env = GatewaySettings.from_env(environ)
         return cls(
-            api_keys=load_api_keys(env.get("FLOWLINE_API_KEYS"), env.get("FLOWLINE_API_KEYS_FILE")),
-            admin_token=env.get("FLOWLINE_ADMIN_TOKEN") or None,
-            default_model=env.get("FLOWLINE_DEFAULT_MODEL") or None,
-            max_body_bytes=int(env.get("FLOWLINE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
-            max_inflight=int(env.get("FLOWLINE_MAX_INFLIGHT", DEFAULT_MAX_INFLIGHT)),
-            backend_timeout_s=float(
-                env.get("FLOWLINE_BACKEND_TIMEOUT_S", DEFAULT_BACKEND_TIMEOUT_S)
-            ),
-            health_interval_s=float(
-                env.get("FLOWLINE_HEALTH_INTERVAL_S", DEFAULT_HEALTH_INTERVAL_S)
-            ),
-            max_connections=int(env.get("FLOWLINE_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS)),
-            upstream=env.get("FLOWLINE_UPSTREAM", "aiohttp"),
-            body_timeout_s=float(env.get("FLOWLINE_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S)),
-            header_timeout_s=float(env.get("FLOWLINE_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S)),
-            max_header_bytes=int(env.get("FLOWLINE_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES)),
-            routes_file=flowline_home(env) / ROUTES_FILE,
+            api_keys=frozenset(env.api_keys) | load_api_keys(None, env.api_keys_file),
+            admin_token=env.admin_token,
+            default_model=env.default_model,
+            max_body_bytes=env.max_body_bytes,
+            max_inflight=env.max_inflight,
+            backend_timeout_s=env.backend_timeout_s,
+            health_interval_s=env.health_interval_s,
+            max_connections=env.max_connections,
+            upstream=env.upstream,
+            body_timeout_s=env.body_timeout_s,
+            header_timeout_s=env.header_timeout_s,
+            max_header_bytes=env.max_header_bytes,
+            routes_file=env.home / ROUTES_FILE,
         )
+
+
+class GatewaySettings(HomeSettings):
+    """The gateway's FLOWLINE_* variables, typed (`GatewayConfig.from_env` reads them).
+
+    FLOWLINE_API_KEYS is comma-separated and merged with the keys of
+    FLOWLINE_API_KEYS_FILE; FLOWLINE_HOME holds the persisted route table.
+    """
+
+    api_keys: CommaList = ()
+    api_keys_file: OptionalStr = None
+    admin_token: OptionalStr = None
+    default_model: OptionalStr = None
+    max_body_bytes: PositiveInt = DEFAULT_MAX_BODY_BYTES
+    max_inflight: PositiveInt = DEFAULT_MAX_INFLIGHT
+    backend_timeout_s: PositiveFloat = DEFAULT_BACKEND_TIMEOUT_S
+    health_interval_s: PositiveFloat = DEFAULT_HEALTH_INTERVAL_S
+    max_connections: PositiveInt = DEFAULT_MAX_CONNECTIONS
+    upstream: str = "aiohttp"
+    body_timeout_s: PositiveFloat = DEFAULT_BODY_TIMEOUT_S
+    header_timeout_s: PositiveFloat = DEFAULT_HEADER_TIMEOUT_S
+    max_header_bytes: PositiveInt = DEFAULT_MAX_HEADER_BYTES
 
 
 def flowline_home(env: Mapping[str, str]) -> Path:
     """$FLOWLINE_HOME, else ./.flowline (the same rule as `flowline.config.home`)."""
-    return Path(env.get("FLOWLINE_HOME", ".flowline")).expanduser().resolve()
+    return HomeSettings.from_env(env).home
 
 
 def load_api_keys(inline: str | None, path: str | None) -> frozenset[str]:

@@ -20,8 +20,9 @@ import requests
 
 from common.processes import port_in_use, venv_bin, venv_first_path
 from common.registry import DEMO_MODEL, PRODUCTION_ALIAS
+from common.settings import SettingsError
 from flowline.auth import ADMIN_USER, Auth, is_loopback
-from flowline.config import Ports, home, make_private
+from flowline.config import PlatformSettings, Ports, home, make_private
 from flowline.platform import Platform
 from flowline.supervisor import Supervisor
 from flowline.tracking import TrackingServer
@@ -178,7 +179,7 @@ def _supervise(platform: Platform) -> int:
 def _warn_open_gateway(args: argparse.Namespace) -> None:
     if is_loopback(args.host):
         return
-    if not (os.environ.get("FLOWLINE_API_KEYS") or os.environ.get("FLOWLINE_API_KEYS_FILE")):
+    if not PlatformSettings.from_env().has_api_keys:
         _say("!" * 78)
         _say(f"WARNING: the gateway listens on {args.host} with NO API KEYS: anyone who can")
         _say("reach it can score. Set FLOWLINE_API_KEYS or FLOWLINE_API_KEYS_FILE.")
@@ -305,7 +306,7 @@ def demo_drift(platform: Platform, name: str) -> None:
 
     gateway = platform.urls()["gateway (POST /invocations)"]
     monitor = platform.urls()["drift monitor (GET /drift)"]
-    window = int(os.environ.get("FLOWLINE_WINDOW_ROWS", 1000))
+    window = PlatformSettings.from_env().window_rows
     rows = pd.read_csv(DEMO_DATA).drop(columns=[DEMO_TARGET])
     answer = requests.get(f"{monitor}/drift/{name}", timeout=5)
     seen = len(answer.json()["windows"]) if answer.status_code == 200 else 0
@@ -495,24 +496,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    settings = PlatformSettings.from_env()
+
     def server_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--host", default="127.0.0.1")
         sub.add_argument("--port", type=int, default=Ports().tracking)
         sub.add_argument(
             "--backend-store-uri",
-            default=os.environ.get("FLOWLINE_BACKEND_STORE_URI", ""),
+            default=settings.backend_store_uri,
             help="SQLAlchemy URI, e.g. postgresql://user@host/db (default: SQLite in the home)",
         )
         sub.add_argument(
             "--artifacts-destination",
-            default=os.environ.get("FLOWLINE_ARTIFACTS_DESTINATION", ""),
+            default=settings.artifacts_destination,
             help="artifact store location (default: <home>/artifacts)",
         )
         sub.add_argument("--workers", type=int, default=2, help="tracking server workers")
         sub.add_argument(
             "--auth",
             action="store_true",
-            default=os.environ.get("FLOWLINE_AUTH") == "1",
+            default=settings.auth_on,
             help="MLflow basic auth on the tracking server (needed to bind beyond loopback)",
         )
 
@@ -546,13 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--replicas",
             type=int,
-            default=int(os.environ.get("FLOWLINE_REPLICAS", 1)),
+            default=settings.replicas,
             help="scoring replicas per deployed version",
         )
         sub.add_argument(
             "--backend",
             choices=BACKENDS,
-            default=os.environ.get("FLOWLINE_BACKEND", "local"),
+            default=settings.backend,
             help="where replicas run: local processes, or docker containers",
         )
 
@@ -586,9 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flowline`` console command."""
-    args = build_parser().parse_args(argv)
     try:
+        # The parser's defaults come from FLOWLINE_* variables: a bad one stops here.
+        args = build_parser().parse_args(argv)
         return args.func(args)
+    except SettingsError as exc:
+        print(f"flowline: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

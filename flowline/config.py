@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.processes import PRIVATE_UMASK
-from common.settings import FlowlineBaseSettings, HomeSettings, Port
+from common.settings import EnvFloat, EnvInt, FlowlineBaseSettings, HomeSettings, Port
 
 
 def home() -> Path:
@@ -58,3 +58,28 @@ class Ports:
     controller: int = field(default_factory=_from_env("controller_port"))
     monitor: int = field(default_factory=_from_env("monitor_port"))
     replicas_from: int = field(default_factory=_from_env("replica_port_from"))
+
+
+class PlatformSettings(FlowlineBaseSettings):
+    """The FLOWLINE_* defaults of `flowline up` and its subcommands (each also a flag)."""
+
+    backend_store_uri: str = ""
+    artifacts_destination: str = ""
+    auth: str = ""  # exactly "1" turns basic auth on, as documented
+    replicas: EnvInt = 1
+    backend: str = "local"
+    reconcile_interval_s: EnvFloat = 5.0
+    # Rows per drift window; the demo sends one window of each kind.
+    window_rows: EnvInt = 1000
+    api_keys: str = ""
+    api_keys_file: str = ""
+
+    @property
+    def auth_on(self) -> bool:
+        """Whether FLOWLINE_AUTH asks for basic auth."""
+        return self.auth == "1"
+
+    @property
+    def has_api_keys(self) -> bool:
+        """Whether the gateway will get API keys from the environment."""
+        return bool(self.api_keys or self.api_keys_file)

@@ -18,7 +18,7 @@ from common.processes import (
 )
 from common.secrets import persistent_secret
 from flowline.auth import Auth
-from flowline.config import Ports, make_private
+from flowline.config import PlatformSettings, Ports, make_private
 from flowline.tracking import TrackingServer
 from serving.gateway.config import ROUTES_FILE
 
@@ -35,9 +35,9 @@ class Platform:
     backend_store_uri: str = ""
     replicas: int = 1
     auth: bool = False
-    backend: str = field(default_factory=lambda: os.environ.get("FLOWLINE_BACKEND", "local"))
+    backend: str = field(default_factory=lambda: PlatformSettings.from_env().backend)
     reconcile_interval: float = field(
-        default_factory=lambda: float(os.environ.get("FLOWLINE_RECONCILE_INTERVAL_S", 5.0))
+        default_factory=lambda: PlatformSettings.from_env().reconcile_interval_s
     )
     processes: list[tuple[str, ManagedProcess]] = field(default_factory=list)
     # Each role's command line and health URL, so a supervisor can start it again.

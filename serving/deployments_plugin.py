@@ -36,6 +36,7 @@ from common.registry import (
     RESOURCES_MODEL_TAG,
     STATUS_TAG,
 )
+from common.settings import FlowlineBaseSettings
 from serving.backends.base import BackendError
 from serving.backends.docker import Resources
 from serving.backends.factory import BACKENDS
@@ -117,13 +118,19 @@ def model_tags_from_config(config: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+class TargetSettings(FlowlineBaseSettings):
+    """FLOWLINE_GATEWAY_URL: the gateway the target scores through and watches."""
+
+    gateway_url: str = "http://127.0.0.1:8080"
+
+
 class FlowlineDeploymentClient(BaseDeploymentClient):
     """Deployments are promotions: the registry alias ``production`` is the desired state."""
 
     def __init__(self, target_uri: str) -> None:
         super().__init__(target_uri)
         self.client = MlflowClient()
-        self.gateway = os.environ.get("FLOWLINE_GATEWAY_URL", "http://127.0.0.1:8080").rstrip("/")
+        self.gateway = TargetSettings.from_env().gateway_url.rstrip("/")
 
     def _served(self) -> dict[str, dict[str, Any]]:
         try:

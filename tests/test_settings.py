@@ -421,3 +421,37 @@ def test_the_monitor_and_the_gateway_stop_in_one_line_on_a_bad_setting(
     err = capsys.readouterr().err
     assert err.startswith("flowline: error: the gateway cannot start: FLOWLINE_MAX_BODY_BYTES")
     assert err.count("\n") == 1
+
+
+def test_the_flowline_command_and_the_serving_parts_read_the_same_layer(tmp_path: Path) -> None:
+    from flowline.config import PlatformSettings
+    from serving.backends.docker import ReplicaResourceSettings
+    from serving.deployments_plugin import TargetSettings
+    from serving.images.builder import ImageSettings, base_image
+
+    platform = PlatformSettings.from_env({})
+    assert (platform.replicas, platform.backend, platform.window_rows) == (1, "local", 1000)
+    assert not platform.auth_on and not platform.has_api_keys
+    given = PlatformSettings.from_env(
+        {"FLOWLINE_AUTH": "1", "FLOWLINE_REPLICAS": "3", "FLOWLINE_API_KEYS_FILE": "/k"}
+    )
+    assert given.auth_on and given.replicas == 3 and given.has_api_keys
+    assert not PlatformSettings.from_env({"FLOWLINE_AUTH": "true"}).auth_on  # exactly "1"
+    resources = ReplicaResourceSettings.from_env({"FLOWLINE_REPLICA_CPUS": "0.5"})
+    assert (resources.replica_cpus, resources.replica_memory) == (0.5, "2g")
+    with pytest.raises(SettingsError, match="FLOWLINE_REPLICA_CPUS: must be a number, got 'a'"):
+        ReplicaResourceSettings.from_env({"FLOWLINE_REPLICA_CPUS": "a"})
+    assert ImageSettings.from_env({}).base_image == ""
+    assert base_image() in (ImageSettings.from_env().base_image, "python:3.11-slim")
+    assert TargetSettings.from_env({}).gateway_url == "http://127.0.0.1:8080"
+
+    for name, value in (("FLOWLINE_REPLICAS", "x"), ("FLOWLINE_GATEWAY_PORT", "99999")):
+        done = subprocess.run(
+            [str(BIN / "flowline"), "status"],
+            env=subprocess_env(**{name: value}),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert_one_line(done, f"{name}: ", repr(value))

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from common.registry import RESOURCES_MODEL_TAG
+from common.settings import EnvFloat, FlowlineBaseSettings
 from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
 from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
@@ -42,6 +43,15 @@ STARTUP_TIMEOUT_SECONDS = 180.0
 STOP_GRACE_SECONDS = 10
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY = "2g"
+
+
+class ReplicaResourceSettings(FlowlineBaseSettings):
+    """A container replica's limits when its model has no ``flowline.resources`` tag."""
+
+    replica_cpus: EnvFloat = DEFAULT_CPUS
+    replica_memory: str = DEFAULT_MEMORY
+
+
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -119,8 +129,9 @@ class DockerBackend:
         self.builder = builder or ImageBuilder(self.client, state_dir)
         # Shared when several backends run side by side, so they never pick the same port.
         self.ports = ports or PortPool(host, port_from)
-        self.default_cpus = float(os.environ.get("FLOWLINE_REPLICA_CPUS", DEFAULT_CPUS))
-        self.default_memory = os.environ.get("FLOWLINE_REPLICA_MEMORY", DEFAULT_MEMORY)
+        defaults = ReplicaResourceSettings.from_env()
+        self.default_cpus = defaults.replica_cpus
+        self.default_memory = defaults.replica_memory
         self._lock = threading.Lock()
         self._live: dict[str, Replica] = {}
         self._images: dict[tuple[str, str], str] = {}

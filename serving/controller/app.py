@@ -9,7 +9,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -160,8 +159,3 @@ def register_webhook_safely(client: MlflowClient, url: str, secret: str) -> None
             "deploys promotions, within its interval",
             str(exc).splitlines()[0],
         )
-
-
-def env_float(name: str, default: float) -> float:
-    """A float setting from the environment."""
-    return float(os.environ.get(name, default))

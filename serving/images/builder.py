@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -37,7 +36,17 @@ import requests
 import yaml
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound
 
+from common.settings import FlowlineBaseSettings
+
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
+
+
+class ImageSettings(FlowlineBaseSettings):
+    """FLOWLINE_BASE_IMAGE: the image environment layers start from (empty: the default)."""
+
+    base_image: str = ""
+
+
 # Bump when the recipe below changes, so images built by an older one are not reused.
 RECIPE = "1"
 ENV_ROOT = "/opt/flowline/env"
@@ -64,7 +73,7 @@ class BuiltImage:
 
 def base_image() -> str:
     """The image every environment layer starts from: ``$FLOWLINE_BASE_IMAGE``."""
-    return os.environ.get("FLOWLINE_BASE_IMAGE") or DEFAULT_BASE_IMAGE
+    return ImageSettings.from_env().base_image or DEFAULT_BASE_IMAGE
 
 
 def tree_digest(root: Path, salt: Iterable[str] = ()) -> str:

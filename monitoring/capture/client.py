@@ -411,7 +411,7 @@ class CaptureClient:
             version,
             getattr(request, "received_at", None) or time.time(),
             getattr(request, "content_type", None),
-            getattr(request, "request_id", None),
+            None,  # the gateway's CapturedRequest carries no request id
             predictions,
             request.body,
         )
@@ -421,9 +421,8 @@ class CaptureClient:
         """Deliver one batch: "ok", "retry" (monitor unavailable) or "dropped" (refused)."""
         dropped = self._take_dropped_report()
         head = json.dumps({"id": self.client_id, "dropped": dropped}, separators=(",", ":"))
-        body = b'{"client":' + head.encode() + b',"records":[' + b",".join(
-            r.payload for r in batch
-        ) + b"]}"  # fmt: skip
+        records = b",".join(r.payload for r in batch)
+        body = b'{"client":' + head.encode() + b',"records":[' + records + b"]}"
         headers = {"content-type": "application/json"}
         if self._token:
             headers["authorization"] = f"Bearer {self._token}"
@@ -495,8 +494,8 @@ class CaptureClient:
 
     def _dead_letter(self, record: SpooledRecord, reason: str) -> None:
         """Keep a record the monitor refused in the spool's dead-letter table, and count it."""
-        logger.error("capture: monitor refused record %s (%s); kept in dead letter", record.id,
-                     reason)  # fmt: skip
+        message = "capture: monitor refused record %s (%s); kept in dead letter"
+        logger.error(message, record.id, reason)
         self.spool.dead_letter([record], reason, time.time())
         self._dead_now.add(record.id)
         try:

@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Self
 
@@ -223,3 +224,16 @@ class HomeSettings(FlowlineBaseSettings):
     """FLOWLINE_HOME, flowline's state folder: the variable, else ./.flowline, resolved."""
 
     home: ResolvedPath = Path(DEFAULT_HOME)
+
+
+def dataclass_values(settings: BaseSettings, target: type) -> dict[str, Any]:
+    """The values of ``settings`` for the fields of the dataclass ``target`` it shares.
+
+    A process's settings dataclass (built in code too) takes its environment values
+    from its settings class field by field, each name written once, in the classes.
+    """
+    return {
+        f.name: getattr(settings, f.name)
+        for f in fields(target)
+        if f.name in type(settings).model_fields
+    }

@@ -16,6 +16,7 @@ from common.settings import (
     FlowlineBaseSettings,
     HomeSettings,
     Port,
+    dataclass_values,
 )
 from monitoring.service.store import default_url
 from monitoring.service.stream_gate import DEFAULT_MAX_STREAMS
@@ -84,24 +85,7 @@ class MonitorSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> MonitorSettings:
         """Read the FLOWLINE_* and MLFLOW_TRACKING_URI variables; a bad one: one-line ValueError."""
-        env = MonitorEnvSettings.from_env(environ)
-        return cls(
-            home=env.home,
-            db_url=env.monitor_db,
-            tracking_uri=env.tracking_uri,
-            window_rows=env.window_rows,
-            window_seconds=env.window_seconds,
-            retention_days=env.monitor_retention_days,
-            alert_webhooks=env.alert_webhooks,
-            alert_format=env.alert_format,
-            alert_max_attempts=env.alert_max_attempts,
-            alert_backoff_s=env.alert_backoff_s,
-            public_url=env.monitor_public_url,
-            experiment=env.monitor_experiment,
-            poll_interval_s=env.monitor_poll_s,
-            mlflow_enabled=env.monitor_mlflow,
-            max_streams=env.monitor_max_streams,
-        )
+        return cls(**dataclass_values(MonitorEnvSettings.from_env(environ), cls))
 
 
 def _alert_format(value: Any) -> Any:
@@ -126,20 +110,28 @@ class MonitorEnvSettings(HomeSettings):
     format, the stream limit) stay in `MonitorSettings`.
     """
 
-    monitor_db: str = ""
+    db_url: str = Field("", validation_alias="FLOWLINE_MONITOR_DB")
     tracking_uri: str = Field("", validation_alias="MLFLOW_TRACKING_URI")
     window_rows: EnvInt = DEFAULT_WINDOW_ROWS
     window_seconds: EnvFloat = DEFAULT_WINDOW_SECONDS
-    monitor_retention_days: EnvFloat = DEFAULT_RETENTION_DAYS
+    retention_days: EnvFloat = Field(
+        DEFAULT_RETENTION_DAYS, validation_alias="FLOWLINE_MONITOR_RETENTION_DAYS"
+    )
     alert_webhooks: CommaList = ()
     alert_format: Annotated[str, BeforeValidator(_alert_format)] = "json"
     alert_max_attempts: EnvInt = 8
     alert_backoff_s: EnvFloat = 1.0
-    monitor_public_url: Annotated[str, BeforeValidator(_base_url)] = ""
-    monitor_experiment: str = DEFAULT_EXPERIMENT
-    monitor_poll_s: EnvFloat = 0.5
-    monitor_mlflow: Annotated[bool, BeforeValidator(_switch)] = True
-    monitor_max_streams: EnvInt = DEFAULT_MAX_STREAMS
+    public_url: Annotated[str, BeforeValidator(_base_url)] = Field(
+        "", validation_alias="FLOWLINE_MONITOR_PUBLIC_URL"
+    )
+    experiment: str = Field(DEFAULT_EXPERIMENT, validation_alias="FLOWLINE_MONITOR_EXPERIMENT")
+    poll_interval_s: EnvFloat = Field(0.5, validation_alias="FLOWLINE_MONITOR_POLL_S")
+    mlflow_enabled: Annotated[bool, BeforeValidator(_switch)] = Field(
+        True, validation_alias="FLOWLINE_MONITOR_MLFLOW"
+    )
+    max_streams: EnvInt = Field(
+        DEFAULT_MAX_STREAMS, validation_alias="FLOWLINE_MONITOR_MAX_STREAMS"
+    )
 
 
 class MonitorPortSettings(FlowlineBaseSettings):

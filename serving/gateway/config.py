@@ -12,6 +12,7 @@ from common.settings import (
     OptionalStr,
     PositiveFloat,
     PositiveInt,
+    dataclass_values,
 )
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -80,21 +81,9 @@ class GatewayConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         """Read FLOWLINE_* variables (see docs/gateway.md); a bad one: one-line ValueError."""
         env = GatewaySettings.from_env(environ)
-        return cls(
-            api_keys=frozenset(env.api_keys) | load_api_keys(None, env.api_keys_file),
-            admin_token=env.admin_token,
-            default_model=env.default_model,
-            max_body_bytes=env.max_body_bytes,
-            max_inflight=env.max_inflight,
-            backend_timeout_s=env.backend_timeout_s,
-            health_interval_s=env.health_interval_s,
-            max_connections=env.max_connections,
-            upstream=env.upstream,
-            body_timeout_s=env.body_timeout_s,
-            header_timeout_s=env.header_timeout_s,
-            max_header_bytes=env.max_header_bytes,
-            routes_file=env.home / ROUTES_FILE,
-        )
+        values = dataclass_values(env, cls)
+        values["api_keys"] = frozenset(env.api_keys) | load_api_keys(None, env.api_keys_file)
+        return cls(**values, routes_file=env.home / ROUTES_FILE)
 
 
 class GatewaySettings(HomeSettings):

@@ -75,7 +75,6 @@ class FlowlineBaseSettings(BaseSettings):
         extra="ignore",
         frozen=True,
         validate_default=True,
-        validate_by_name=True,
         env_file=None,
         secrets_dir=None,
     )

@@ -455,3 +455,12 @@ def test_the_flowline_command_and_the_serving_parts_read_the_same_layer(tmp_path
             timeout=120,
         )
         assert_one_line(done, f"{name}: ", repr(value))
+
+
+def test_a_variable_is_read_only_under_its_documented_name() -> None:
+    # FLOWLINE_MONITOR_DB is the monitor's store; the field's own name is no second spelling.
+    settings = MonitorSettings.from_env({"FLOWLINE_DB_URL": "sqlite:////x.db"})
+    assert settings.db_url == ""
+    settings = MonitorSettings.from_env({"FLOWLINE_MONITOR_DB": "sqlite:////x.db"})
+    assert settings.db_url == "sqlite:////x.db"
+    assert MonitorSettings.from_env({"FLOWLINE_TRACKING_URI": "http://x"}).tracking_uri == ""

@@ -14,19 +14,27 @@ promotion: ``backend=local|docker`` (where its replicas run), ``replicas=N``, an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import click
 import mlflow
 import pandas as pd
 import requests
 from mlflow import MlflowClient
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 
 from common.registry import (
     BACKEND_MODEL_TAG,
@@ -118,6 +126,39 @@ def model_tags_from_config(config: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+class DeploymentError(MlflowException, click.ClickException):
+    """An MlflowException that the ``mlflow deployments`` command prints as one line.
+
+    The command (click) shows a ClickException as ``Error: <message>`` and exits 1, and
+    prints a traceback for anything else; code that calls the target through
+    ``get_deploy_client`` still catches it as the MlflowException it is.
+    """
+
+    def __init__(self, message: str, error_code: int = INTERNAL_ERROR) -> None:
+        """``message`` on one line (answers quoted from a server may hold newlines)."""
+        super().__init__(" ".join(str(message).split()), error_code)
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def one_line_errors(method: Method) -> Method:
+    """Turn MLflow's and HTTP errors of a target method into a `DeploymentError`."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except DeploymentError:
+            raise
+        except MlflowException as exc:
+            raise DeploymentError(exc.message, ErrorCode.Value(exc.error_code)) from None
+        except requests.RequestException as exc:
+            raise DeploymentError(f"flowline gateway request failed: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class TargetSettings(FlowlineBaseSettings):
     """FLOWLINE_GATEWAY_URL: the gateway the target scores through and watches."""
 
@@ -158,6 +199,7 @@ class FlowlineDeploymentClient(BaseDeploymentClient):
             raise MlflowException(str(exc)) from None
         return served
 
+    @one_line_errors
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         """Promote the version (alias ``production``) and wait until it serves.
 
@@ -171,12 +213,14 @@ class FlowlineDeploymentClient(BaseDeploymentClient):
         served = self._wait(name, version) or {}
         return {"name": name, "flavor": "python_function", **served}
 
+    @one_line_errors
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         """Move the alias to another version; blue/green as for any promotion."""
         if model_uri is None:
             raise MlflowException("update needs -m models:/NAME/VERSION", INVALID_PARAMETER_VALUE)
         return self.create_deployment(name, model_uri, flavor, config, endpoint)
 
+    @one_line_errors
     def delete_deployment(self, name, config=None, endpoint=None):
         """Remove the alias ``production`` and wait until the model is no longer served."""
         try:
@@ -185,10 +229,12 @@ class FlowlineDeploymentClient(BaseDeploymentClient):
             raise MlflowException(f"{name} is not deployed by alias: {exc.message}") from None
         self._wait(name, None)
 
+    @one_line_errors
     def list_deployments(self, endpoint=None):
         """Every model the gateway serves, as GET /models describes it."""
         return list(self._served().values())
 
+    @one_line_errors
     def get_deployment(self, name, endpoint=None):
         """One served model's description."""
         served = self._served().get(name)
@@ -196,6 +242,7 @@ class FlowlineDeploymentClient(BaseDeploymentClient):
             raise MlflowException(f"no deployment named {name!r}", RESOURCE_DOES_NOT_EXIST)
         return served
 
+    @one_line_errors
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         """Score through the gateway, in MLflow's /invocations wire format."""
         if isinstance(inputs, pd.DataFrame):

@@ -286,3 +286,43 @@ def test_monitor_window_ids_beyond_64_bits_are_404(bad_input_monitor, path: str)
 
     answer = httpx.get(f"{bad_input_monitor.url}{path}", timeout=10)
     assert answer.status_code == 404
+
+
+def test_mlflow_deployments_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        FLOWLINE_GATEWAY_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    commands = {
+        "Registered Model with name=nosuch not found": [
+            "create", "-t", "flowline", "--name", "nosuch", "-m", "models:/nosuch/1",
+        ],
+        "flowline gateway not reachable": ["get", "-t", "flowline", "--name", "nosuch"],
+        "update needs -m models:/NAME/VERSION": ["update", "-t", "flowline", "--name", "x"],
+    }  # fmt: skip
+    for expected, args in commands.items():
+        done = subprocess.run(
+            [str(BIN / "mlflow"), "deployments", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 1, (args, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        # MLflow itself logs the creation of a new SQLite store at INFO; the rest is ours.
+        lines = [line for line in done.stderr.splitlines() if " INFO mlflow." not in line]
+        assert len(lines) == 1, done.stderr[-2000:]
+        assert lines[0].startswith("Error: ") and expected in lines[0], done.stderr
+
+
+def test_the_deployments_target_still_raises_mlflow_exceptions_in_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("FLOWLINE_GATEWAY_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(MlflowException, match="gateway not reachable"):
+        get_deploy_client("flowline").list_deployments()

@@ -21,9 +21,13 @@ def test_port_blocks_are_free_and_below_the_ephemeral_range() -> None:
 
 
 def test_the_port_pool_skips_ports_it_cannot_bind_and_takes_back_released_ones() -> None:
-    start = free_port_block(4)
+    start = free_port_block(5)  # start .. start + 4 are used below
     with socket.socket() as held:
+        # Listening with SO_REUSEADDR, as a server holds a port: a bind without it fails
+        # on a port whose earlier connections still sit in TIME_WAIT (earlier tests).
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.bind(("127.0.0.1", start))
+        held.listen()
         pool = PortPool("127.0.0.1", start)
         assert pool.take() == start + 1
         assert pool.take() == start + 2

@@ -37,6 +37,8 @@ ERROR_TAG = "flowline.error"
 # --- on a registered model: how the controller serves it (set by the user) -------------
 REPLICAS_MODEL_TAG = "flowline.replicas"
 BATCHING_MODEL_TAG = "flowline.batching"
+# Seconds one replica call may take before the caller gets 504 (default: the gateway's).
+TIMEOUT_MODEL_TAG = "flowline.timeout_s"
 BACKEND_MODEL_TAG = "flowline.backend"
 RESOURCES_MODEL_TAG = "flowline.resources"
 

@@ -72,6 +72,8 @@ class Deployment:
         {"inputs": "<json>", "outputs": "<json>", "params": "<json>" | None}
         (the values may also be given already decoded), or None.
     batching: adaptive batching settings.
+    timeout_s: how long one replica call may take before the caller gets 504 (the
+        registered-model tag ``flowline.timeout_s``); None: the gateway's default.
     since: when this deployment became active (Unix seconds).
     """
 
@@ -81,6 +83,7 @@ class Deployment:
     input_example: dict[str, Any] | None = None
     signature: dict[str, Any] | None = None
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    timeout_s: float | None = None
     since: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,8 @@ class Deployment:
         for url in self.replicas:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"replica URL must be http(s): {url!r}")
+        if self.timeout_s is not None:
+            object.__setattr__(self, "timeout_s", parse_timeout(self.timeout_s))
 
     @property
     def label(self) -> str:
@@ -122,7 +127,16 @@ class Deployment:
         """Parse the admin API's JSON; `model` (from the URL path) wins when given."""
         if not isinstance(data, dict):
             raise ValueError("deployment must be a JSON object")
-        known = {"model", "version", "replicas", "input_example", "signature", "batching", "since"}
+        known = {
+            "model",
+            "version",
+            "replicas",
+            "input_example",
+            "signature",
+            "batching",
+            "timeout_s",
+            "since",
+        }
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown deployment fields: {sorted(unknown)}")
@@ -148,8 +162,20 @@ class Deployment:
             input_example=example,
             signature=signature,
             batching=BatchingSettings.from_dict(data.get("batching")),
+            timeout_s=data.get("timeout_s"),
             since=float(since) if since is not None else time.time(),
         )
+
+
+def parse_timeout(value: Any) -> float:
+    """A per-model replica timeout in seconds: a positive, finite number (ValueError if not)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"'timeout_s' must be a number of seconds, not {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"'timeout_s' must be a positive, finite number of seconds: {value!r}")
+    return seconds
 
 
 def _decoded_spec(signature: dict[str, Any] | None, key: str) -> list[dict[str, Any]] | None:

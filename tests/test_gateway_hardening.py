@@ -501,3 +501,110 @@ def test_schemathesis_finds_no_server_errors(
     assert len(scored) >= 100  # the run really exercised scoring
     assert any(e["response"]["status"] == 200 for e in scored)
     print(f"schemathesis: {len(entries)} requests, {len(scored)} scoring, 0 answered 5xx")
+
+
+def put_route(gateway: Service, model: str, urls: list[str], model_dir: Path, **extra: object):
+    """PUT a deployment on the given replica URLs (real or not) through the admin API."""
+    body = deployment_from_model_dir(model, "1", urls, model_dir).to_dict() | extra
+    answer = httpx.put(
+        f"{gateway.url}/admin/deployments/{model}", json=body, headers=ADMIN_HEADERS, timeout=30
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def timed_scores(url: str, path: str, count: int) -> list[tuple[httpx.Response, float]]:
+    """``count`` scoring calls on one keep-alive connection, each with its latency (s)."""
+    out = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count):
+            started = time.perf_counter()
+            answer = client.post(f"{url}{path}", content=BODY, headers={"content-type": JSON})
+            out.append((answer, time.perf_counter() - started))
+    return out
+
+
+def test_a_model_without_a_healthy_replica_fails_fast_until_one_is_back(
+    gateway: Service, replica: Service, model_dir: Path
+) -> None:
+    from common.processes import free_port
+
+    # Nothing listens on the route's replica: the first call finds it refused and marks it
+    # down; from then on the circuit is open and every call is answered at once.
+    put_route(gateway, "gone", [f"http://127.0.0.1:{free_port()}"], model_dir)
+    answers = timed_scores(gateway.url, "/models/gone/invocations", 30)
+    for answer, _ in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    latencies = sorted(seconds for _, seconds in answers[1:])
+    assert latencies[-1] < 0.05, latencies  # within 50 ms, never a timeout
+
+    # The controller holds a real replica down: open; it marks it up: closed again.
+    put_route(gateway, "bc", [replica.url], model_dir)
+    assert score(gateway.url, "/models/bc/invocations").status_code == 200
+    health = f"{gateway.url}/admin/replicas/health"
+    down = {"url": replica.url, "healthy": False}
+    httpx.post(health, json=down, headers=ADMIN_HEADERS).raise_for_status()
+    held = timed_scores(gateway.url, "/models/bc/invocations", 10)
+    assert [a.status_code for a, _ in held] == [503] * 10
+    assert max(seconds for _, seconds in held) < 0.05
+    up = {"url": replica.url, "healthy": True}
+    httpx.post(health, json=up, headers=ADMIN_HEADERS).raise_for_status()
+    assert score(gateway.url, "/models/bc/invocations").status_code == 200
+
+    # A down-mark left on a URL is cleared by the next deployment the controller puts
+    # there (it smoke-tested it first), so a reused port never stays offline.
+    httpx.post(health, json=down, headers=ADMIN_HEADERS).raise_for_status()
+    put_route(gateway, "bc", [replica.url], model_dir, version="2")
+    again = score(gateway.url, "/models/bc/invocations")
+    assert again.status_code == 200 and again.headers["x-flowline-model-version"] == "bc/2"
+
+
+class SilentReplica:
+    """A loopback server that accepts connections and reads requests but never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+        self._thread.join(timeout=10)
+
+
+def test_a_slow_replica_is_cut_at_its_models_timeout_with_a_504(
+    gateway: Service, model_dir: Path
+) -> None:
+    silent = SilentReplica()
+    try:
+        put_route(gateway, "slow", [silent.url], model_dir, timeout_s=0.5)
+        listed = httpx.get(f"{gateway.url}/admin/deployments/slow", headers=ADMIN_HEADERS)
+        assert listed.json()["timeout_s"] == 0.5
+        ((answer, seconds),) = timed_scores(gateway.url, "/models/slow/invocations", 1)
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error_code"] == "DEADLINE_EXCEEDED"
+        assert "did not answer within 0.5 s" in answer.json()["message"]
+        assert 0.45 <= seconds < 3, seconds  # the model's 0.5 s, not the gateway's 70 s
+        bad = httpx.put(
+            f"{gateway.url}/admin/deployments/slow",
+            json={"version": "1", "replicas": [silent.url], "timeout_s": "soon"},
+            headers=ADMIN_HEADERS,
+        )
+        assert bad.status_code == 400 and "timeout_s" in bad.json()["message"]
+    finally:
+        silent.close()

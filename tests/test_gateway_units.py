@@ -672,3 +672,14 @@ def test_object_columns_get_a_schema_in_both_spellings_of_their_properties() -> 
     assert type_schema(spec) == expected
     as_list = dict(spec, properties=[{"name": k, **v} for k, v in spec["properties"].items()])
     assert type_schema(as_list) == expected
+
+
+def test_a_deployments_timeout_is_a_positive_number_of_seconds() -> None:
+    d = Deployment.from_dict({"version": "1", "replicas": ["http://x:1"], "timeout_s": 2}, "m")
+    assert d.timeout_s == 2.0 and Deployment.from_dict(d.to_dict()) == d
+    assert Deployment.from_dict({"version": "1", "replicas": ["http://x:1"]}, "m").timeout_s is None
+    for bad in ("soon", 0, -1, float("inf"), [1]):
+        with pytest.raises(ValueError, match="timeout_s"):
+            Deployment.from_dict(
+                {"version": "1", "replicas": ["http://x:1"], "timeout_s": bad}, "m"
+            )

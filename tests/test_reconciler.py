@@ -29,6 +29,7 @@ from common.registry import (
     REASON_TAG,
     REPLICAS_MODEL_TAG,
     STATUS_TAG,
+    TIMEOUT_MODEL_TAG,
 )
 from serving.backends.base import BackendError, Replica
 from serving.controller.gateway_client import GatewayError
@@ -605,3 +606,19 @@ def test_adopted_replicas_of_a_version_no_longer_wanted_are_retired(world: World
         ("stop", "http://127.0.0.1:9100"),
     ]
     assert world.registry.tags("m", "1")[STATUS_TAG] == "undeployed"
+
+
+def test_the_models_timeout_tag_reaches_the_route_and_a_bad_one_fails_the_rollout(
+    world: World,
+) -> None:
+    world.registry.add_version("m", "1")
+    world.registry.models["m"].tags[TIMEOUT_MODEL_TAG] = "2.5"
+    world.settled("m", "1")
+    assert world.gateway.table["m"].timeout_s == 2.5
+    world.registry.add_version("m", "2")
+    world.registry.models["m"].tags[TIMEOUT_MODEL_TAG] = "soon"
+    world.registry.promote("m", "2")
+    world.reconciler.reconcile()
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "failed"
+    assert "'timeout_s' must be a number of seconds" in world.registry.tags("m", "2")[REASON_TAG]
+    assert world.gateway.table["m"].version == "1"

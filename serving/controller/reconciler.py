@@ -23,11 +23,17 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from common.registry import BATCHING_MODEL_TAG, REASON_TAG, REPLICAS_MODEL_TAG, STATUS_TAG
+from common.registry import (
+    BATCHING_MODEL_TAG,
+    REASON_TAG,
+    REPLICAS_MODEL_TAG,
+    STATUS_TAG,
+    TIMEOUT_MODEL_TAG,
+)
 from serving.backends.base import Backend, BackendError, Replica
 from serving.controller.desired import desired_versions
 from serving.controller.gateway_client import GatewayClient, GatewayError
-from serving.deployment import BatchingSettings, Deployment
+from serving.deployment import BatchingSettings, Deployment, parse_timeout
 from serving.model_metadata import read_model_metadata
 
 log = logging.getLogger("flowline.controller")
@@ -183,13 +189,15 @@ class Reconciler:
             return False
         return tags.get(STATUS_TAG) != "failed"
 
-    def _model_settings(self, model: str) -> tuple[int, BatchingSettings]:
+    def _model_settings(self, model: str) -> tuple[int, BatchingSettings, float | None]:
         # Per-model settings live on the registered model as tags, editable in the UI.
         tags = self.client.get_registered_model(model).tags
         replicas = int(tags.get(REPLICAS_MODEL_TAG, self.default_replicas))
         batching = BatchingSettings.from_dict(json.loads(tags.get(BATCHING_MODEL_TAG, "null")))
+        timeout = tags.get(TIMEOUT_MODEL_TAG)
+        timeout_s = parse_timeout(timeout) if timeout else None
         # A typo in a tag must not start a thousand processes.
-        return max(1, min(MAX_REPLICAS, replicas)), batching
+        return max(1, min(MAX_REPLICAS, replicas)), batching, timeout_s
 
     def _metadata(self, model: str, version: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +214,7 @@ class Reconciler:
     def _deployment(
         self, model: str, version: str, replicas: list[Replica], meta: dict[str, Any]
     ) -> Deployment:
-        _, batching = self._model_settings(model)
+        _, batching, timeout_s = self._model_settings(model)
         return Deployment(
             model=model,
             version=version,
@@ -214,6 +222,7 @@ class Reconciler:
             input_example=meta["input_example"],
             signature=meta["signature"],
             batching=batching,
+            timeout_s=timeout_s,
         )
 
     def _start_replicas(self, model: str, version: str, count: int) -> list[Replica]:
@@ -240,7 +249,7 @@ class Reconciler:
         self._tag(model, version, "deploying", "")
         new: list[Replica] = []
         try:
-            count, _ = self._model_settings(model)
+            count = self._model_settings(model)[0]
             meta = self._metadata(model, version)
             new = self._start_replicas(model, version, count)
             for replica in new:
@@ -304,7 +313,7 @@ class Reconciler:
         loses the extra replicas first, they drain, then stop; no request is cut.
         """
         try:
-            wanted, _ = self._model_settings(current.model)
+            wanted = self._model_settings(current.model)[0]
         except (MlflowException, ValueError) as exc:
             self.last_error[current.model] = f"replica count: {str(exc).splitlines()[0][:300]}"
             return

@@ -288,6 +288,8 @@ class Gateway:
         status = outcome.status
         if status >= 500 or outcome.gateway_error:
             route.last_error = ErrorNote(time.time(), status, _message_of(outcome.body))
+        if status == 503 and outcome.gateway_error:
+            headers["Retry-After"] = "1"  # no replica now; the probe loop checks every second
         elif status == 200 and self.capture.enabled:
             self.capture.submit(
                 deployment.model,

@@ -77,6 +77,16 @@ class ReplicaPool:
         idempotent), on another replica when the route has one; a refused
         connection marks the replica down so later requests route around it.
         """
+        if self.table.circuit_open(route):
+            # Every replica is known to be down: answer now instead of waiting on one. The
+            # probe loop (or the controller) marks a replica up again, closing the circuit.
+            return _gateway_error(
+                503,
+                errors.TEMPORARILY_UNAVAILABLE,
+                f"No healthy replica of model '{route.deployment.label}'.",
+                None,
+            )
+        timeout_s = route.deployment.timeout_s or self.timeout_s
         tried: list[str] = []
         last_error = ""
         for _ in range(2):
@@ -92,14 +102,14 @@ class ReplicaPool:
             state.active += 1
             try:
                 answer = await self.upstream.post(
-                    f"{url}/invocations", body, content_type, self.timeout_s
+                    f"{url}/invocations", body, content_type, timeout_s
                 )
             except UpstreamTimeout:
                 # Not retried: a slow model would only get twice the load.
                 return _gateway_error(
                     504,
                     errors.DEADLINE_EXCEEDED,
-                    f"Model '{route.deployment.label}' did not answer within {self.timeout_s} s.",
+                    f"Model '{route.deployment.label}' did not answer within {timeout_s:g} s.",
                     url,
                 )
             except UpstreamError as exc:

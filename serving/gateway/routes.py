@@ -136,7 +136,12 @@ class RouteTable:
                 self.loaded = True
                 return None
             for url in deployment.replicas:
-                self._replicas.setdefault(url, ReplicaState(url))
+                state = self._replicas.setdefault(url, ReplicaState(url))
+                if not state.healthy or state.held_down:
+                    # The controller puts a deployment after smoke-testing its replicas,
+                    # so a down mark on one of them (say, a reused URL's) is stale.
+                    state.healthy, state.held_down = True, False
+                    state.changed_at = time.time()
             active = dict(self._active)
             active[deployment.model] = route
             self._active = active
@@ -307,6 +312,12 @@ class RouteTable:
         # Rotate the start so ties between equally loaded replicas alternate.
         ordered = [healthy[(offset + i) % n] for i in range(n)]
         return min(ordered, key=lambda u: self._state_fast(states, u).active)
+
+    def circuit_open(self, route: ModelRoute) -> bool:
+        """Whether every replica of `route` is marked down: its requests then fail fast
+        (503) until the probe loop or the controller marks one up again."""
+        states = self._replicas
+        return not any(self._state_fast(states, u).healthy for u in route.deployment.replicas)
 
     def healthy_count(self, route: ModelRoute) -> int:
         """How many of the route's replicas are marked healthy."""

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint jvm docker
+.PHONY: demo test install lint jvm docker browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,11 @@ jvm:
 docker: $(BIN)/.installed
 	bash scripts/docker-up.sh $(BIN)
 
-test: lint jvm docker
+# The Swagger UI test (tests/test_swagger_ui.py) drives Debian's headless chromium through
+# Playwright; Playwright's own browser download is never used.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		apt-get install -y -qq --no-install-recommends chromium; }
+
+test: lint jvm docker browser
 	FLOWLINE_BASE_IMAGE=$${FLOWLINE_BASE_IMAGE:-flowline-base:bookworm} $(BIN)/python -m pytest

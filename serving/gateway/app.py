@@ -14,7 +14,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from serving.gateway import errors
 from serving.gateway.admin import AdminEndpoints
@@ -22,6 +23,7 @@ from serving.gateway.capture import OnScored
 from serving.gateway.config import GatewayConfig
 from serving.gateway.core import Gateway
 from serving.gateway.endpoints import ScoringEndpoints
+from serving.gateway.openapi import swagger_ui_dir
 from serving.gateway.routes import RouteTable
 
 __all__ = ["Gateway", "create_app"]
@@ -47,6 +49,8 @@ def create_app(
         Route("/metrics", scoring.metrics, methods=["GET"]),
         Route("/openapi.json", scoring.openapi, methods=["GET"]),
         Route("/docs", scoring.docs, methods=["GET"]),
+        # Swagger UI's files, public (no model data in them): the /docs page loads them.
+        Mount("/docs/assets", StaticFiles(directory=swagger_ui_dir()), name="docs-assets"),
         Route("/admin/deployments", admin.list_deployments, methods=["GET"]),
         Route("/admin/deployments/{model}", admin.put_deployment, methods=["PUT"]),
         Route("/admin/deployments/{model}", admin.get_deployment, methods=["GET"]),

@@ -56,10 +56,16 @@ class ScoringEndpoints:
         """GET /openapi.json: the OpenAPI 3.1 spec of the deployed models (API key)."""
         if not self.gateway.authorized(request):
             return self.gateway.unauthorized()
-        return JSONResponse(build_openapi(*self.gateway.deployed()))
+        keys = bool(self.gateway.config.api_keys)
+        return JSONResponse(build_openapi(*self.gateway.deployed(), api_keys=keys))
 
     async def docs(self, request: Request) -> Response:
-        """GET /docs: a self-contained HTML page describing each model (API key)."""
+        """GET /docs: Swagger UI over /openapi.json and a summary of each model (API key).
+
+        Its scripts and styles, served at /docs/assets, are public: they are
+        Swagger UI's own files and hold nothing about the deployed models.
+        """
         if not self.gateway.authorized(request):
             return self.gateway.unauthorized()
-        return HTMLResponse(render_docs(*self.gateway.deployed()))
+        keys = bool(self.gateway.config.api_keys)
+        return HTMLResponse(render_docs(*self.gateway.deployed(), api_keys=keys))

@@ -1,9 +1,16 @@
-"""OpenAPI 3.1 document and a self-contained docs page, built from deployed signatures."""
+"""OpenAPI 3.1 document and the Swagger UI docs page, built from deployed signatures.
+
+The Swagger UI assets come from the pinned `swagger-ui-py` package (Swagger UI 5,
+which renders OpenAPI 3.1) and are served by the gateway itself under
+/docs/assets: the page loads nothing from the network beyond the gateway.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -222,7 +229,6 @@ def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any
         "description": f"Scores rows with {deployment.label}. Wire format of `mlflow models "
         "serve`: JSON (one of dataframe_split, dataframe_records, instances, inputs, plus "
         "optional params), CSV with a header row, or Parquet.",
-        "security": [{"bearer": []}, {}],
         "requestBody": {
             "required": True,
             "content": {
@@ -263,8 +269,16 @@ def _invocation_operation(deployment: Deployment, summary: str) -> dict[str, Any
     }
 
 
-def build_openapi(deployments: list[Deployment], default: Deployment | None) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for the currently deployed models."""
+def build_openapi(
+    deployments: list[Deployment], default: Deployment | None, api_keys: bool = False
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for the currently deployed models.
+
+    With `api_keys` (the gateway has keys configured) the document declares the
+    bearer scheme and requires it on every operation but the public probes and
+    metrics, so Swagger UI shows its Authorize button and sends the key; without
+    keys it declares no security at all, as nothing asks for a key.
+    """
     paths: dict[str, Any] = {}
     if default is not None:
         paths["/invocations"] = {
@@ -280,12 +294,24 @@ def build_openapi(deployments: list[Deployment], default: Deployment | None) -> 
     paths["/models"] = {
         "get": {"summary": "Deployed models, versions and replica health", "responses": plain}
     }
-    paths["/ping"] = {"get": {"summary": "Liveness", "security": [{}], "responses": plain}}
-    paths["/health"] = {"get": {"summary": "Readiness", "security": [{}], "responses": plain}}
-    paths["/metrics"] = {
-        "get": {"summary": "Prometheus metrics", "security": [{}], "responses": plain}
-    }
-    return {
+    public = {"security": []} if api_keys else {}
+    paths["/ping"] = {"get": {"summary": "Liveness", **public, "responses": plain}}
+    paths["/health"] = {"get": {"summary": "Readiness", **public, "responses": plain}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", **public, "responses": plain}}
+    if not api_keys:
+        for path in paths.values():
+            for operation in path.values():
+                operation["responses"].pop("401", None)
+    components: dict[str, Any] = {"schemas": {"Error": ERROR_SCHEMA}}
+    if api_keys:
+        components["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "One of the gateway's API keys (FLOWLINE_API_KEYS).",
+            }
+        }
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "flowline gateway",
@@ -294,17 +320,33 @@ def build_openapi(deployments: list[Deployment], default: Deployment | None) -> 
             + (", ".join(d.label for d in deployments) or "none"),
         },
         "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": ERROR_SCHEMA},
-        },
+        "components": components,
     }
+    if api_keys:
+        document["security"] = [{"bearer": []}]
+    return document
 
 
-def render_docs(deployments: list[Deployment], default: Deployment | None) -> str:
-    """A self-contained HTML page describing each model's endpoint, columns and an example."""
+def render_docs(
+    deployments: list[Deployment], default: Deployment | None, api_keys: bool = False
+) -> str:
+    """The /docs page: Swagger UI over ./openapi.json, then each model's columns and example.
+
+    Scripts and styles are loaded from docs/assets, relative to the page, so
+    nothing comes from another host; the model summary below is the same information as
+    Swagger's schemas, in a table a reader can scan without expanding anything.
+    """
     models = [_docs_section(d, d is default) for d in deployments]
-    return _templates().get_template("docs.html").render(models=models)
+    return _templates().get_template("docs.html").render(models=models, api_keys=api_keys)
+
+
+def swagger_ui_dir() -> Path:
+    """The folder of Swagger UI's dist files (swagger-ui-bundle.js, swagger-ui.css) that
+    the gateway serves at /docs/assets; found without importing the package."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed (a pinned gateway dependency)")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 
 @functools.cache

@@ -39,6 +39,11 @@ REPLICAS_MODEL_TAG = "flowline.replicas"
 BATCHING_MODEL_TAG = "flowline.batching"
 # Seconds one replica call may take before the caller gets 504 (default: the gateway's).
 TIMEOUT_MODEL_TAG = "flowline.timeout_s"
+# Requests per API key the gateway lets through to the model, a rate like "50/second"
+# (default: the gateway's FLOWLINE_RATE_LIMITS, if set).
+RATE_LIMIT_MODEL_TAG = "flowline.rate_limit"
+# The gateway's response cache for the model, JSON {"ttl_s": 60, "max_entries": 10000}.
+CACHE_MODEL_TAG = "flowline.cache"
 BACKEND_MODEL_TAG = "flowline.backend"
 RESOURCES_MODEL_TAG = "flowline.resources"
 

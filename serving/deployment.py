@@ -15,6 +15,8 @@ from typing import Any
 
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_WAIT_MS = 50.0
+DEFAULT_CACHE_TTL_S = 60.0
+DEFAULT_CACHE_MAX_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,42 @@ class BatchingSettings:
 
 
 @dataclass(frozen=True)
+class CacheSettings:
+    """The response cache of one deployment (the registered-model tag ``flowline.cache``).
+
+    ttl_s: how long a stored answer is served (seconds, > 0).
+    max_entries: most answers kept per model in one gateway process (in-process store).
+    """
+
+    ttl_s: float = DEFAULT_CACHE_TTL_S
+    max_entries: int = DEFAULT_CACHE_MAX_ENTRIES
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ttl_s < float("inf"):
+            raise ValueError("cache ttl_s must be a positive, finite number of seconds")
+        if self.max_entries < 1:
+            raise ValueError("cache max_entries must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CacheSettings | None:
+        """Build from JSON (missing keys keep their defaults); None stays None (cache off)."""
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise ValueError('cache settings must be a JSON object like {"ttl_s": 60}')
+        unknown = set(data) - {"ttl_s", "max_entries"}
+        if unknown:
+            raise ValueError(f"unknown cache settings: {sorted(unknown)}")
+        try:
+            return cls(
+                ttl_s=float(data.get("ttl_s", DEFAULT_CACHE_TTL_S)),
+                max_entries=int(data.get("max_entries", DEFAULT_CACHE_MAX_ENTRIES)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bad cache settings {data!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
 class Deployment:
     """One model version deployed on a set of replicas.
 
@@ -74,6 +112,10 @@ class Deployment:
     batching: adaptive batching settings.
     timeout_s: how long one replica call may take before the caller gets 504 (the
         registered-model tag ``flowline.timeout_s``); None: the gateway's default.
+    rate_limit: requests each API key may send this model, a `limits` rate string
+        like "50/second" (the tag ``flowline.rate_limit``); None: the gateway's
+        FLOWLINE_RATE_LIMITS, if any.
+    cache: response cache settings (the tag ``flowline.cache``); None: no cache.
     since: when this deployment became active (Unix seconds).
     """
 
@@ -84,6 +126,8 @@ class Deployment:
     signature: dict[str, Any] | None = None
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     timeout_s: float | None = None
+    rate_limit: str | None = None
+    cache: CacheSettings | None = None
     since: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -98,6 +142,8 @@ class Deployment:
                 raise ValueError(f"replica URL must be http(s): {url!r}")
         if self.timeout_s is not None:
             object.__setattr__(self, "timeout_s", parse_timeout(self.timeout_s))
+        if self.rate_limit is not None:
+            object.__setattr__(self, "rate_limit", parse_rate_limit(self.rate_limit))
 
     @property
     def label(self) -> str:
@@ -135,6 +181,8 @@ class Deployment:
             "signature",
             "batching",
             "timeout_s",
+            "rate_limit",
+            "cache",
             "since",
         }
         unknown = set(data) - known
@@ -163,6 +211,8 @@ class Deployment:
             signature=signature,
             batching=BatchingSettings.from_dict(data.get("batching")),
             timeout_s=data.get("timeout_s"),
+            rate_limit=data.get("rate_limit"),
+            cache=CacheSettings.from_dict(data.get("cache")),
             since=float(since) if since is not None else time.time(),
         )
 
@@ -176,6 +226,24 @@ def parse_timeout(value: Any) -> float:
     if not 0 < seconds < float("inf"):
         raise ValueError(f"'timeout_s' must be a positive, finite number of seconds: {value!r}")
     return seconds
+
+
+def parse_rate_limit(value: Any) -> str:
+    """A rate limit: exactly one `limits` rate string ("50/second"), returned stripped
+    (ValueError if not)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a rate limit must be a string like '50/second', not {value!r}")
+    text = value.strip()
+    if ";" in text or "," in text:
+        raise ValueError(f"one rate limit expected (like '50/second'), got {value!r}")
+    # Imported here: the contract module stays light for the controller and plugins.
+    from limits import parse
+
+    try:
+        parse(text)
+    except ValueError:
+        raise ValueError(f"not a rate limit (like '50/second'): {value!r}") from None
+    return text
 
 
 def _decoded_spec(signature: dict[str, Any] | None, key: str) -> list[dict[str, Any]] | None:

@@ -12,11 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from common import http_auth
-from serving.deployment import BatchingSettings, Deployment
+from serving.deployment import BatchingSettings, CacheSettings, Deployment
 from serving.gateway import Gateway, GatewayConfig, RouteTable, create_app
 from serving.gateway.admin import AdminEndpoints
 from serving.gateway.batching import AdaptiveBatcher, Outcome
+from serving.gateway.cache import CachedAnswer, LruTtl, ResponseCache, body_digest
 from serving.gateway.endpoints import ScoringEndpoints
+from serving.gateway.limits import RateLimiter, cached_item, key_id
 from serving.gateway.openapi import build_openapi, type_schema
 from serving.gateway.wire import (
     BatchSchema,
@@ -683,3 +685,192 @@ def test_a_deployments_timeout_is_a_positive_number_of_seconds() -> None:
             Deployment.from_dict(
                 {"version": "1", "replicas": ["http://x:1"], "timeout_s": bad}, "m"
             )
+
+
+# --- rate limits and the response cache ---------------------------------------------------------
+
+
+def test_rate_limits_and_cache_settings_in_the_deployment_contract() -> None:
+    base = {"version": "1", "replicas": ["http://x:1"]}
+    old = Deployment.from_dict(base, "m")
+    assert old.rate_limit is None and old.cache is None
+    d = Deployment.from_dict(
+        {**base, "rate_limit": " 50/second ", "cache": {"ttl_s": 5, "max_entries": 3}}, "m"
+    )
+    assert d.rate_limit == "50/second"
+    assert d.cache == CacheSettings(ttl_s=5.0, max_entries=3)
+    assert Deployment.from_dict(d.to_dict()) == d
+    assert Deployment.from_dict({**base, "cache": {}}, "m").cache == CacheSettings()
+    for bad in ("fast", "", "1/second;5/minute", 5):
+        with pytest.raises(ValueError, match="rate limit"):
+            Deployment.from_dict({**base, "rate_limit": bad}, "m")
+    for bad_cache in ({"ttl_s": 0}, {"max_entries": 0}, {"size": 1}, [1], {"ttl_s": "x"}):
+        with pytest.raises(ValueError, match="cache"):
+            Deployment.from_dict({**base, "cache": bad_cache}, "m")
+
+
+def test_rate_limit_setting_is_validated_and_names_the_variable() -> None:
+    assert GatewayConfig.from_env({}).rate_limits is None
+    assert GatewayConfig.from_env({}).redis_url is None
+    config = GatewayConfig.from_env(
+        {"FLOWLINE_RATE_LIMITS": "100/second", "FLOWLINE_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    )
+    assert config.rate_limits == "100/second" and config.redis_prefix == "flowline:"
+    with pytest.raises(ValueError, match="FLOWLINE_RATE_LIMITS"):
+        GatewayConfig.from_env({"FLOWLINE_RATE_LIMITS": "lots"})
+    with pytest.raises(ValueError, match="redis_url"):
+        GatewayConfig(redis_url="http://127.0.0.1:6379")
+
+
+def test_budget_identities_hash_the_key() -> None:
+    assert key_id(None) == "anonymous"
+    assert key_id("secret") != key_id("other")
+    assert "secret" not in key_id("secret") and len(key_id("secret")) == 32
+
+
+def test_moving_window_limiter_refuses_with_seconds_to_wait() -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter()
+        item = cached_item("3/2 seconds")
+        verdicts = [await limiter.check(item, "m", "a") for _ in range(4)]
+        assert [v.allowed for v in verdicts] == [True, True, True, False]
+        assert 1 <= verdicts[-1].retry_after_s <= 2
+        # Another key and another model have budgets of their own.
+        assert (await limiter.check(item, "m", "b")).allowed
+        assert (await limiter.check(item, "other", "a")).allowed
+
+    asyncio.run(scenario())
+
+
+def test_limiter_fails_open_and_backs_off_when_redis_is_down() -> None:
+    async def scenario() -> None:
+        errors: list[int] = []
+        limiter = RateLimiter("redis://127.0.0.1:9/0", on_store_error=lambda: errors.append(1))
+        item = cached_item("1/second")
+        assert all([(await limiter.check(item, "m", "a")).allowed for _ in range(5)])
+        assert errors == [1]  # asked once, then skipped during the back-off
+
+    asyncio.run(scenario())
+
+
+def test_cache_keys_are_canonical_json_or_raw_bytes_with_the_type() -> None:
+    json_type = "application/json"
+    assert body_digest(b'{"a": 1, "b": [1, 2]}', json_type) == body_digest(
+        b'{"b":[1,2],"a":1}', json_type
+    )
+    assert body_digest(b'{"a": 1}', json_type) != body_digest(b'{"a": 2}', json_type)
+    assert body_digest(b"a,b\n1,2\n", "text/csv") != body_digest(b"a,b\n1,2\n", "text/plain")
+    assert body_digest(b"not json", json_type) == body_digest(b"not json", json_type)
+    cache = ResponseCache()
+    assert cache.key("m", "1", b"{}", json_type) != cache.key("m", "2", b"{}", json_type)
+    assert cache.key("m", "1", b"{}", json_type).startswith("flowline:cache:m:1:")
+
+
+def test_lru_ttl_store_bounds_entries_and_expires_them() -> None:
+    store = LruTtl(max_entries=2)
+    answer = CachedAnswer(b"{}", "application/json")
+    store.put("a", answer, 60)
+    store.put("b", answer, 60)
+    assert store.get("a") == answer  # a is now the most recently used
+    store.put("c", answer, 60)
+    assert store.get("b") is None and store.get("a") == answer and len(store) == 2
+    store.put("d", answer, 1e-9)
+    assert store.get("d") is None
+    assert CachedAnswer.decode(answer.encode()) == answer
+    assert CachedAnswer.decode(CachedAnswer(b"x\ny", None).encode()) == CachedAnswer(b"x\ny", None)
+
+
+def test_limits_and_cache_in_process_without_changing_uncached_answers() -> None:
+    async def scenario() -> None:
+        server = await serve_counting()
+        try:
+            captured: list[bool] = []
+
+            async def on_scored(model: str, version: str, request: Any, predictions: Any) -> None:
+                captured.append(request.cached)
+
+            config = GatewayConfig(api_keys=frozenset({"k1", "k2"}))
+            gateway = Gateway(config, RouteTable(), on_scored=on_scored)
+            scoring = ScoringEndpoints(gateway)
+            limited = Deployment(
+                "m", "1", (server.url,), rate_limit="2/minute", cache=CacheSettings(60, 10)
+            )
+            gateway.table.set_active(limited)
+            gateway.table.set_active(Deployment("plain", "1", (server.url,)))
+
+            async def call(model: str, key: str, body: bytes) -> Response:
+                request = make_request(
+                    "POST",
+                    f"/models/{model}/invocations",
+                    token=key,
+                    body=body,
+                    path_params={"name": model},
+                    content_type="application/json",
+                )
+                return await scoring.model_invocations(request)
+
+            first = await call("m", "k1", b'{"inputs": [1], "x": 2}')
+            assert first.headers["x-flowline-cache"] == "miss"
+            again = await call("m", "k1", b'{"x":2,"inputs":[1]}')
+            assert again.headers["x-flowline-cache"] == "hit" and again.body == first.body
+            assert again.headers["x-flowline-model-version"] == "m/1"
+            over = await call("m", "k1", b"{}")
+            assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+            assert decoded(over)["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+            assert (await call("m", "k2", b"{}")).status_code == 200
+            assert server.calls == 2  # the hit and the 429 cost no replica call
+            plain = await call("plain", "k1", b"{}")
+            assert plain.status_code == 200 and "x-flowline-cache" not in plain.headers
+            await gateway.capture.drain()
+            assert captured == [False, True, False, False]  # the hit is captured, marked
+            text = (await scoring.metrics(make_request("GET", "/metrics"))).body.decode()
+            assert 'flowline_gateway_rate_limited_total{model="m"} 1.0' in text
+            assert 'flowline_gateway_cache_lookups_total{model="m",result="hit"} 1.0' in text
+            await gateway.replicas.aclose()
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+
+
+class _CountingServer:
+    def __init__(self, server: asyncio.Server) -> None:
+        self.server = server
+        self.calls = 0
+        port = server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def serve_counting() -> _CountingServer:
+    """A loopback HTTP/1.1 replica answering every POST with {"predictions": [n]}."""
+    holder: list[_CountingServer] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                holder[0].calls += 1
+                body = json.dumps({"predictions": [holder[0].calls]}).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    holder.append(_CountingServer(server))
+    return holder[0]

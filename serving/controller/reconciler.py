@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import requests
@@ -25,6 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from common.registry import (
     BATCHING_MODEL_TAG,
+    CACHE_MODEL_TAG,
+    RATE_LIMIT_MODEL_TAG,
     REASON_TAG,
     REPLICAS_MODEL_TAG,
     STATUS_TAG,
@@ -33,13 +35,29 @@ from common.registry import (
 from serving.backends.base import Backend, BackendError, Replica
 from serving.controller.desired import desired_versions
 from serving.controller.gateway_client import GatewayClient, GatewayError
-from serving.deployment import BatchingSettings, Deployment, parse_timeout
+from serving.deployment import (
+    BatchingSettings,
+    CacheSettings,
+    Deployment,
+    parse_rate_limit,
+    parse_timeout,
+)
 from serving.model_metadata import read_model_metadata
 
 log = logging.getLogger("flowline.controller")
 
 SMOKE_TIMEOUT_SECONDS = 30.0
 MAX_REPLICAS = 32
+
+
+class ModelSettings(NamedTuple):
+    """A registered model's serving settings, read from its tags (see docs/serving.md)."""
+
+    replicas: int
+    batching: BatchingSettings
+    timeout_s: float | None
+    rate_limit: str | None
+    cache: CacheSettings | None
 
 
 class RolloutFailed(Exception):
@@ -189,15 +207,20 @@ class Reconciler:
             return False
         return tags.get(STATUS_TAG) != "failed"
 
-    def _model_settings(self, model: str) -> tuple[int, BatchingSettings, float | None]:
+    def _model_settings(self, model: str) -> ModelSettings:
         # Per-model settings live on the registered model as tags, editable in the UI.
         tags = self.client.get_registered_model(model).tags
         replicas = int(tags.get(REPLICAS_MODEL_TAG, self.default_replicas))
         batching = BatchingSettings.from_dict(json.loads(tags.get(BATCHING_MODEL_TAG, "null")))
         timeout = tags.get(TIMEOUT_MODEL_TAG)
         timeout_s = parse_timeout(timeout) if timeout else None
+        rate = tags.get(RATE_LIMIT_MODEL_TAG)
+        rate_limit = parse_rate_limit(rate) if rate else None
+        cache_tag = tags.get(CACHE_MODEL_TAG)
+        cache = CacheSettings.from_dict(json.loads(cache_tag)) if cache_tag else None
         # A typo in a tag must not start a thousand processes.
-        return max(1, min(MAX_REPLICAS, replicas)), batching, timeout_s
+        count = max(1, min(MAX_REPLICAS, replicas))
+        return ModelSettings(count, batching, timeout_s, rate_limit, cache)
 
     def _metadata(self, model: str, version: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -214,15 +237,17 @@ class Reconciler:
     def _deployment(
         self, model: str, version: str, replicas: list[Replica], meta: dict[str, Any]
     ) -> Deployment:
-        _, batching, timeout_s = self._model_settings(model)
+        settings = self._model_settings(model)
         return Deployment(
             model=model,
             version=version,
             replicas=tuple(r.url for r in replicas),
             input_example=meta["input_example"],
             signature=meta["signature"],
-            batching=batching,
-            timeout_s=timeout_s,
+            batching=settings.batching,
+            timeout_s=settings.timeout_s,
+            rate_limit=settings.rate_limit,
+            cache=settings.cache,
         )
 
     def _start_replicas(self, model: str, version: str, count: int) -> list[Replica]:

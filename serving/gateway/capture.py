@@ -23,11 +23,15 @@ MAX_PENDING_CAPTURES = 1024
 
 @dataclass(frozen=True)
 class CapturedRequest:
-    """A scored request as the client sent it."""
+    """A scored request as the client sent it.
+
+    cached: the answer came from the gateway's response cache, not from a replica.
+    """
 
     body: bytes
     content_type: str | None
     received_at: float = field(default_factory=time.time)
+    cached: bool = False
 
     def to_frame(self, input_schema: Any = None) -> Any:
         """Parse the body exactly as the stock scorer does (DataFrame, ndarray, dict ...).

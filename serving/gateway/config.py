@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from common.settings import (
     CommaList,
@@ -14,6 +17,7 @@ from common.settings import (
     PositiveInt,
     dataclass_values,
 )
+from serving.deployment import parse_rate_limit
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 256
@@ -28,6 +32,8 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 # The request line plus headers; larger heads get 431. Clients send well under 8 KiB.
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 ROUTES_FILE = Path("gateway") / "routes.json"
+# Keys the gateway writes to Redis (rate-limit windows, cached answers) start with this.
+DEFAULT_REDIS_PREFIX = "flowline:"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ class GatewayConfig:
     header_timeout_s: how long a connection may take to send a request head before
         it gets 408 and is closed.
     max_header_bytes: request heads larger than this get 431 and the connection closed.
+    rate_limits: the default budget of every (API key, model) pair, a `limits` rate
+        string like "100/second"; None: no limit unless a model's ``flowline.rate_limit``
+        tag sets one.
+    redis_url: where rate-limit windows and cached answers are shared by several
+        gateway processes (redis://host:6379/0); None keeps them in process.
+    redis_prefix: the prefix of every Redis key the gateway writes.
     routes_file: where the route table is persisted and restored from at start;
         None keeps it in memory only (the default in code; `from_env` sets
         $FLOWLINE_HOME/gateway/routes.json).
@@ -65,9 +77,18 @@ class GatewayConfig:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    rate_limits: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
     routes_file: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.rate_limits is not None:
+            object.__setattr__(self, "rate_limits", parse_rate_limit(self.rate_limits))
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
         for name in ("max_body_bytes", "max_inflight", "max_connections", "max_header_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number")
@@ -84,6 +105,14 @@ class GatewayConfig:
         values = dataclass_values(env, cls)
         values["api_keys"] = frozenset(env.api_keys) | load_api_keys(None, env.api_keys_file)
         return cls(**values, routes_file=env.home / ROUTES_FILE)
+
+
+def _rate_limit(value: str | None) -> str | None:
+    return None if value is None else parse_rate_limit(value)
+
+
+RateLimit = Annotated[OptionalStr, AfterValidator(_rate_limit)]
+"""A `limits` rate string ("100/second"); unset or empty is None."""
 
 
 class GatewaySettings(HomeSettings):
@@ -106,6 +135,9 @@ class GatewaySettings(HomeSettings):
     body_timeout_s: PositiveFloat = DEFAULT_BODY_TIMEOUT_S
     header_timeout_s: PositiveFloat = DEFAULT_HEADER_TIMEOUT_S
     max_header_bytes: PositiveInt = DEFAULT_MAX_HEADER_BYTES
+    rate_limits: RateLimit = None
+    redis_url: OptionalStr = None
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
 
 
 def flowline_home(env: Mapping[str, str]) -> Path:

@@ -23,6 +23,7 @@ from common import http_auth
 from serving.deployment import Deployment
 from serving.gateway import errors
 from serving.gateway.batching import AdaptiveBatcher, Outcome
+from serving.gateway.cache import CachedAnswer, ResponseCache
 from serving.gateway.capture import CaptureDispatcher, CapturedRequest, OnScored
 from serving.gateway.config import GatewayConfig
 from serving.gateway.csv_bodies import (
@@ -33,6 +34,7 @@ from serving.gateway.csv_bodies import (
     has_any_columns,
     is_csv_content_type,
 )
+from serving.gateway.limits import RateLimiter, cached_item, key_id
 from serving.gateway.metrics import GatewayMetrics, RouteMetrics
 from serving.gateway.replicas import ReplicaPool
 from serving.gateway.routes import ErrorNote, ModelRoute, RouteTable
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Flowline-Model-Version"
 BATCH_HEADER = "X-Flowline-Batch-Size"
+# "hit" or "miss" on the answers of models with a response cache (absent otherwise).
+CACHE_HEADER = "X-Flowline-Cache"
 # Labels of flowline_gateway_rejected_total.
 REJECT_REASONS = (
     "unauthorized",
@@ -78,6 +82,19 @@ class Gateway:
         self._inflight = 0
         self._api_keys = sorted(self.config.api_keys)
         self._rejected = {reason: self.metrics.rejected.labels(reason) for reason in REJECT_REASONS}
+        # Budgets are keyed by a hash of the key; hash each configured key once.
+        self._key_ids = {key: key_id(key) for key in self._api_keys}
+        store_errors = self.metrics.store_errors
+        self.limiter = RateLimiter(
+            self.config.redis_url,
+            self.config.redis_prefix,
+            store_errors.labels("limit").inc,
+        )
+        self.cache = ResponseCache(
+            self.config.redis_url,
+            self.config.redis_prefix,
+            store_errors.labels("cache").inc,
+        )
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -179,7 +196,15 @@ class Gateway:
             route, reason = self.table.admit(model)
             if route is None:
                 return self._not_routed(reason)
+            cached: str | None = None
             try:
+                deployment = route.deployment
+                # Both are off unless configured: no store call and no hashing then.
+                limit = deployment.rate_limit or self.config.rate_limits
+                if limit is not None:
+                    refused = await self._over_limit(deployment, limit, request)
+                    if refused is not None:
+                        return refused
                 content_type = request.headers.get("content-type")
                 if content_type is None:
                     # Stock answers 500 here (it splits None); a client mistake is a 4xx.
@@ -190,12 +215,50 @@ class Gateway:
                         "Missing Content-Type: send application/json, text/csv or "
                         "application/vnd.apache.parquet.",
                     )
-                outcome = await self.dispatch(route, body, content_type)
+                settings = deployment.cache
+                if settings is None:
+                    outcome = await self.dispatch(route, body, content_type)
+                else:
+                    cache_key = self.cache.key(
+                        deployment.model, deployment.version, body, content_type
+                    )
+                    hit = await self.cache.get(deployment.model, cache_key, settings)
+                    if hit is not None:
+                        cached = "hit"
+                        outcome = Outcome(200, hit.body, hit.content_type)
+                    else:
+                        cached = "miss"
+                        outcome = await self.dispatch(route, body, content_type)
+                        if outcome.status == 200 and not outcome.gateway_error:
+                            answer = CachedAnswer(outcome.body, outcome.content_type)
+                            await self.cache.put(deployment.model, cache_key, answer, settings)
+                    self.metrics.cache_lookups.labels(deployment.model, cached).inc()
             finally:
                 self.table.release(route)
-            return self._answer(route, body, content_type, outcome, started)
+            return self._answer(route, body, content_type, outcome, started, cached)
         finally:
             self._inflight -= 1
+
+    async def _over_limit(
+        self, deployment: Deployment, limit: str, request: Request
+    ) -> Response | None:
+        """None when the caller may send this request to `deployment`, else its 429."""
+        if self._api_keys:
+            token = http_auth.bearer_token(request.headers.get("authorization")) or ""
+            identity = self._key_ids.get(token) or key_id(token)
+        else:
+            identity = key_id(None)
+        verdict = await self.limiter.check(cached_item(limit), deployment.model, identity)
+        if verdict.allowed:
+            return None
+        self.metrics.rate_limited.labels(deployment.model).inc()
+        return errors.error_response(
+            429,
+            errors.REQUEST_LIMIT_EXCEEDED,
+            f"Rate limit of {limit} exceeded for model '{deployment.model}'; "
+            f"retry in {verdict.retry_after_s} s.",
+            headers={"Retry-After": str(verdict.retry_after_s)},
+        )
 
     def _not_routed(self, reason: str) -> Response:
         if not self.table.loaded:
@@ -278,9 +341,12 @@ class Gateway:
         content_type: str | None,
         outcome: Outcome,
         started: float,
+        cached: str | None = None,
     ) -> Response:
         deployment = route.deployment
         headers = {VERSION_HEADER: deployment.label}
+        if cached is not None:
+            headers[CACHE_HEADER] = cached
         if outcome.content_type is not None:
             headers["content-type"] = outcome.content_type
         if outcome.batch_size > 1:
@@ -294,7 +360,7 @@ class Gateway:
             self.capture.submit(
                 deployment.model,
                 deployment.version,
-                CapturedRequest(body, content_type),
+                CapturedRequest(body, content_type, cached=cached == "hit"),
                 outcome.body,
                 outcome.predictions,
             )
@@ -378,6 +444,7 @@ class Gateway:
                 await prober
             await self.capture.drain()
             await self.replicas.aclose()
+            await self.cache.aclose()
 
 
 def _route_metrics(gateway: Gateway, route: ModelRoute) -> RouteMetrics:

@@ -125,6 +125,25 @@ class GatewayMetrics:
             "Scored requests not handed to the capture hook (queue full or hook error).",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "flowline_gateway_rate_limited",
+            "Scoring requests refused with 429: the caller's rate limit for the model was spent.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "flowline_gateway_cache_lookups",
+            "Response cache lookups of models with a cache, by result (hit or miss).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "flowline_gateway_store_errors",
+            "Failed calls to the shared store (Redis): the rate limit failed open (limit) "
+            "or the response cache was skipped (cache).",
+            ["store"],
+            registry=r,
+        )
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
 
     def for_route(self, model: str, version: str) -> RouteMetrics:

@@ -24,8 +24,10 @@ from mlflow.exceptions import MlflowException
 
 import serving.controller.reconciler as reconciler_module
 from common.registry import (
+    CACHE_MODEL_TAG,
     PRODUCTION_ALIAS,
     PRODUCTION_STAGE,
+    RATE_LIMIT_MODEL_TAG,
     REASON_TAG,
     REPLICAS_MODEL_TAG,
     STATUS_TAG,
@@ -622,3 +624,26 @@ def test_the_models_timeout_tag_reaches_the_route_and_a_bad_one_fails_the_rollou
     assert world.registry.tags("m", "2")[STATUS_TAG] == "failed"
     assert "'timeout_s' must be a number of seconds" in world.registry.tags("m", "2")[REASON_TAG]
     assert world.gateway.table["m"].version == "1"
+
+
+def test_the_rate_limit_and_cache_tags_reach_the_route_and_bad_ones_fail_the_rollout(
+    world: World,
+) -> None:
+    world.registry.add_version("m", "1")
+    world.registry.models["m"].tags[RATE_LIMIT_MODEL_TAG] = "50/second"
+    world.registry.models["m"].tags[CACHE_MODEL_TAG] = '{"ttl_s": 60, "max_entries": 100}'
+    world.settled("m", "1")
+    deployed = world.gateway.table["m"]
+    assert deployed.rate_limit == "50/second"
+    assert deployed.cache is not None and deployed.cache.ttl_s == 60
+    for tag, bad in ((RATE_LIMIT_MODEL_TAG, "lots"), (CACHE_MODEL_TAG, "{")):
+        version = str(int(world.gateway.table["m"].version) + 1)
+        world.registry.add_version("m", version)
+        world.registry.models["m"].tags[tag] = bad
+        world.registry.promote("m", version)
+        world.reconciler.reconcile()
+        assert world.registry.tags("m", version)[STATUS_TAG] == "failed", tag
+        assert world.gateway.table["m"].version == "1"
+        world.registry.models["m"].tags[tag] = (
+            "50/second" if tag == RATE_LIMIT_MODEL_TAG else '{"ttl_s": 60}'
+        )

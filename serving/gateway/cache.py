@@ -28,13 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.deployment import CacheSettings
+from serving.gateway.store_backoff import REDIS_TIMEOUT_S, StoreBackoff
 from serving.gateway.wire import is_json_content_type
 
 logger = logging.getLogger(__name__)
-
-STORE_BACKOFF_S = 1.0
-REDIS_TIMEOUT_S = 0.5
-_LOG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -111,11 +108,11 @@ class ResponseCache:
         self.shared = redis_url is not None
         self._redis_url = redis_url
         self._prefix = f"{prefix}cache:"
-        self._on_store_error = on_store_error or (lambda: None)
+        self._backoff = StoreBackoff(
+            logger, "response cache store failed, skipping the cache", on_store_error
+        )
         self._local: dict[str, LruTtl] = {}
         self._redis: Any = None
-        self._down_until = 0.0
-        self._logged_at = 0.0
 
     def key(self, model: str, version: str, body: bytes, content_type: str | None) -> str:
         """The cache key of one request to one model version."""
@@ -131,7 +128,7 @@ class ResponseCache:
         try:
             raw = await client.get(key)
         except Exception as exc:
-            self._failed(exc)
+            self._backoff.failed(exc)
             return None
         return CachedAnswer.decode(raw) if raw is not None else None
 
@@ -148,7 +145,7 @@ class ResponseCache:
         try:
             await client.set(key, answer.encode(), ex=max(1, math.ceil(settings.ttl_s)))
         except Exception as exc:
-            self._failed(exc)
+            self._backoff.failed(exc)
 
     def _store(self, model: str, settings: CacheSettings) -> LruTtl:
         store = self._local.get(model)
@@ -158,7 +155,7 @@ class ResponseCache:
         return store
 
     def _client(self) -> Any:
-        if time.monotonic() < self._down_until:
+        if not self._backoff.available():
             return None
         if self._redis is None:
             import redis.asyncio
@@ -169,14 +166,6 @@ class ResponseCache:
                 socket_timeout=REDIS_TIMEOUT_S,
             )
         return self._redis
-
-    def _failed(self, exc: Exception) -> None:
-        now = time.monotonic()
-        self._down_until = now + STORE_BACKOFF_S
-        self._on_store_error()
-        if now - self._logged_at >= _LOG_EVERY_S:
-            self._logged_at = now
-            logger.warning("response cache store failed, skipping the cache: %s", exc)
 
     async def aclose(self) -> None:
         """Close the Redis connection, if any."""

@@ -33,15 +33,11 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from serving import deployment
+from serving.gateway.store_backoff import REDIS_TIMEOUT_S, StoreBackoff
 
 logger = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
-# After a Redis error, skip Redis (fail open) for this long before trying it again.
-STORE_BACKOFF_S = 1.0
-# Longest a Redis call may take; connecting to a dead host must not stall scoring.
-REDIS_TIMEOUT_S = 0.5
-_LOG_EVERY_S = 10.0
 
 
 def parse_rate_limit(value: str) -> RateLimitItem:
@@ -82,11 +78,11 @@ class RateLimiter:
         self.shared = redis_url is not None
         self._prefix = prefix
         self._redis_url = redis_url
-        self._on_store_error = on_store_error or (lambda: None)
+        self._backoff = StoreBackoff(
+            logger, "rate limit store failed, letting requests through", on_store_error
+        )
         self._storage: Storage | None = None
         self._strategy: MovingWindowRateLimiter | None = None
-        self._down_until = 0.0
-        self._logged_at = 0.0
 
     def _limiter(self) -> MovingWindowRateLimiter:
         # Built on first use, inside the event loop (the storages bind to it).
@@ -107,7 +103,7 @@ class RateLimiter:
     async def check(self, item: RateLimitItem, model: str, identity: str) -> Verdict:
         """Spend one request of `identity`'s budget for `model`; refused: seconds to wait."""
         now = time.monotonic()
-        if now < self._down_until:
+        if not self._backoff.available(now):
             return ALLOWED
         try:
             limiter = self._limiter()
@@ -115,16 +111,9 @@ class RateLimiter:
                 return ALLOWED
             stats = await limiter.get_window_stats(item, model, identity)
         except Exception as exc:  # any store failure: fail open
-            self._store_failed(exc, now)
+            self._backoff.failed(exc, now)
             return ALLOWED
         return Verdict(False, max(1, math.ceil(stats.reset_time - time.time())))
-
-    def _store_failed(self, exc: Exception, now: float) -> None:
-        self._down_until = now + STORE_BACKOFF_S
-        self._on_store_error()
-        if now - self._logged_at >= _LOG_EVERY_S:
-            self._logged_at = now
-            logger.warning("rate limit store failed, letting requests through: %s", exc)
 
 
 @lru_cache(maxsize=256)

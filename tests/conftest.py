@@ -189,3 +189,32 @@ def mlflow_run(
         text=True,
         timeout=timeout,
     )
+
+
+# --- one real replica per module, shared by the gateway modules that need just one ---------
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log folder for the module's servers."""
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The breast-cancer model on a few columns, saved once per module."""
+    from tests.helpers_serving import FEW_COLUMNS, save_breast_cancer_model
+
+    return save_breast_cancer_model(tmp_path_factory.mktemp("models") / "bc", FEW_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def replica(model_dir: Path, logs: Path) -> Iterator[Service]:
+    """One real `mlflow models serve` replica of `model_dir`; stopped after the module."""
+    from tests.helpers_serving import start_scoring_server
+
+    server = start_scoring_server(model_dir, logs)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -31,9 +31,7 @@ from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import BIN, Service, wait_for
 from tests.helpers_serving import (
     FEW_COLUMNS,
-    save_breast_cancer_model,
     start_gateway,
-    start_scoring_server,
 )
 
 ADMIN = "admin-secret"
@@ -44,26 +42,6 @@ BODY = json.dumps({"dataframe_split": {"columns": FEW_COLUMNS, "data": [ROW]}}).
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("hardening-logs")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_breast_cancer_model(tmp_path_factory.mktemp("hardening-models") / "bc", FEW_COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def replica(model_dir: Path, logs: Path) -> Iterator[Service]:
-    """One real `mlflow models serve` replica; every gateway here routes to it."""
-    server = start_scoring_server(model_dir, logs)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

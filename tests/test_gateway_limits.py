@@ -27,9 +27,7 @@ from tests.conftest import Service
 from tests.helpers_serving import (
     FEW_COLUMNS,
     running,
-    save_breast_cancer_model,
     start_gateway,
-    start_scoring_server,
 )
 
 ADMIN = "admin-secret"
@@ -45,23 +43,6 @@ REDIS_URL = os.environ.get("FLOWLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("limits-logs")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_breast_cancer_model(tmp_path_factory.mktemp("limits-models") / "bc", FEW_COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def replica(model_dir: Path, logs: Path) -> Iterator[Service]:
-    """One real replica; every gateway here routes to it."""
-    with running(start_scoring_server(model_dir, logs)) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,7 @@ from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import Service
 from tests.helpers_serving import (
     FEW_COLUMNS,
-    save_breast_cancer_model,
     start_gateway,
-    start_scoring_server,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -41,25 +39,6 @@ TIMEOUT_MS = 30_000
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("swagger-logs")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_breast_cancer_model(tmp_path_factory.mktemp("swagger-model") / "bc", FEW_COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def replica(model_dir: Path, logs: Path) -> Iterator[Service]:
-    server = start_scoring_server(model_dir, logs)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _gateway(logs: Path, replica: Service, model_dir: Path, **env: str) -> Service:

@@ -1,8 +1,9 @@
 """Serving a Starlette app: bind the socket first, publish its port, then run uvicorn.
 
-The gateway and the monitor both start this way. Binding here rather than in
-uvicorn lets port 0 pick a free port whose number is known (logged and written to a
-port file) before the first request can arrive.
+The gateway, the monitor and the controller all start this way. Binding here rather
+than in uvicorn lets port 0 pick a free port whose number is known (logged and written
+to a port file) before the first request can arrive. With TLS settings that carry a
+certificate, the same socket serves HTTPS only (common/tls.py, docs/tls.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+from common.tls import TlsSettings, uvicorn_ssl_options
 
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -40,12 +43,39 @@ def write_port_file(path: str | Path, port: int) -> None:
     os.replace(tmp, path)
 
 
-def run_on_socket(app: Any, sock: socket.socket, **config: Any) -> None:
+class _TlsServer(uvicorn.Server):
+    """uvicorn's server, with idle connections aborted rather than closed on shutdown.
+
+    Closing a TLS connection sends close_notify and waits for the peer's (asyncio: up
+    to 30 s), and uvicorn waits for every connection: one idle keep-alive client (the
+    controller's, the capture client's) would hold a stop for half a minute, past the
+    platform's grace period. An idle connection has no request in flight, so aborting
+    it loses nothing; busy ones still finish their response first.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Abort the idle connections, then shut down as uvicorn does."""
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (cycle is None or cycle.response_complete):
+                transport.abort()
+        await super().shutdown(sockets)
+
+
+def run_on_socket(
+    app: Any, sock: socket.socket, tls: TlsSettings | None = None, **config: Any
+) -> None:
     """Serve ``app`` with uvicorn on ``sock`` until SIGINT/SIGTERM; the socket is closed after.
 
-    ``config`` goes to ``uvicorn.Config`` (log level, keep-alive, loop, http, ...).
+    ``tls`` with a certificate and key: HTTPS only (a plain-HTTP client fails the
+    handshake), and with a client CA only clients presenting a certificate it signed
+    (mutual TLS); None or no certificate: plain HTTP. ``config`` goes to
+    ``uvicorn.Config`` (log level, keep-alive, loop, http, ...).
     """
-    server = uvicorn.Server(uvicorn.Config(app, access_log=False, **config))
+    ssl_options = uvicorn_ssl_options(tls) if tls is not None else {}
+    server_class = _TlsServer if ssl_options else uvicorn.Server
+    server = server_class(uvicorn.Config(app, access_log=False, **ssl_options, **config))
     try:
         server.run(sockets=[sock])
     finally:

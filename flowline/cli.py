@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import requests
 from common.processes import port_in_use, venv_bin, venv_first_path
 from common.registry import DEMO_MODEL, PRODUCTION_ALIAS
 from common.settings import SettingsError
+from common.tls import LocalPki, TlsSettings, client_tls, generate_local_pki
 from flowline.auth import ADMIN_USER, Auth, is_loopback
 from flowline.config import PlatformSettings, Ports, home, make_private
 from flowline.platform import Platform
@@ -31,6 +33,8 @@ from serving.backends.factory import BACKENDS
 from serving.served import served_models, wait_until_served
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+TLS_DIR = "tls"  # under FLOWLINE_HOME: the local CA and certificate of `flowline up --tls`
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 def _say(line: str) -> None:
@@ -122,7 +126,36 @@ def show_version(url: str, name: str) -> None:
     _say(f"see it in the UI: {url}/#/models/{name}/versions/{latest['version']}")
 
 
-def _platform(args: argparse.Namespace) -> Platform:
+def _certificate_hosts(host: str) -> list[str]:
+    """Names the local certificate needs beyond loopback: the bound host, and for a
+    wildcard bind also this machine's names (what clients elsewhere connect to)."""
+    if is_loopback(host):
+        return []
+    # The wildcard address itself too: the platform's own calls go to --host.
+    if host in WILDCARD_HOSTS:
+        return list(dict.fromkeys([host, socket.gethostname(), socket.getfqdn()]))
+    return [host]
+
+
+def _tls_settings(args: argparse.Namespace, create: bool) -> TlsSettings:
+    """--tls/--mtls: the local PKI under FLOWLINE_HOME/tls (made when ``create``);
+    without them, FLOWLINE_TLS_* as set (usually: TLS off)."""
+    if not (getattr(args, "tls", False) or getattr(args, "mtls", False)):
+        return TlsSettings.from_env()
+    directory = home() / TLS_DIR
+    if create:
+        try:
+            pki = generate_local_pki(directory, _certificate_hosts(args.host))
+        except OSError as exc:
+            raise SettingsError(f"cannot write the local CA in {directory}: {exc}") from None
+    else:
+        pki = LocalPki.at(directory)
+        if not pki.exists():
+            raise SettingsError(f"no local CA in {directory}: start with `flowline up --tls`")
+    return pki.settings(mutual=args.mtls)
+
+
+def _platform(args: argparse.Namespace, create_pki: bool = False) -> Platform:
     ports = Ports(
         tracking=args.port,
         gateway=args.gateway_port,
@@ -138,7 +171,26 @@ def _platform(args: argparse.Namespace) -> Platform:
         replicas=args.replicas,
         auth=args.auth,
         backend=args.backend,
+        tls=_tls_settings(args, create_pki),
     )
+
+
+def _announce_tls(tls: TlsSettings, gateway: str) -> None:
+    """How to reach the https roles: which CA to trust and, under mTLS, which certificate."""
+    if not tls.enabled:
+        return
+    mode = "mutual TLS (client certificates required)" if tls.mutual else "TLS"
+    _say(f"{mode} on the gateway, controller and monitor; tracking server and replicas: HTTP")
+    curl = ["curl"]
+    if tls.tls_ca is not None:
+        curl += ["--cacert", str(tls.tls_ca)]
+        _say(f"trust the CA {tls.tls_ca}:")
+        _say(f"  export REQUESTS_CA_BUNDLE={tls.tls_ca}   (requests, MLflow's clients)")
+        _say(f"  python: ssl.create_default_context(cafile={str(tls.tls_ca)!r})")
+    if tls.mutual:
+        curl += ["--cert", str(tls.tls_cert), "--key", str(tls.tls_key)]
+        _say(f"  client certificate (requests): cert=({str(tls.tls_cert)!r}, {str(tls.tls_key)!r})")
+    _say("  $ " + shlex.join([*curl, f"{gateway}/ping"]))
 
 
 def _start_platform(platform: Platform) -> bool:
@@ -158,6 +210,7 @@ def _start_platform(platform: Platform) -> bool:
         return False
     for name, url in platform.urls().items():
         _say(f"{name:<28} {url}")
+    _announce_tls(platform.tls, platform.urls()["gateway (POST /invocations)"])
     return True
 
 
@@ -168,7 +221,7 @@ def _supervise(platform: Platform) -> int:
         signal.signal(sig, lambda *_: stop.set())
     _say("press Ctrl-C to stop")
     try:
-        Supervisor(platform, _say).run(stop)
+        Supervisor(platform, _say, tls=platform.tls).run(stop)
     finally:  # whatever ends supervision, nothing may be left running
         _say("stopping")
         platform.stop()
@@ -214,7 +267,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _warn_open_gateway(args)
     make_private(home())
     _announce_auth(args)
-    platform = _platform(args)
+    platform = _platform(args, create_pki=True)
     if not _start_platform(platform):
         return 1
     return _supervise(platform)
@@ -223,9 +276,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what the controller and gateway report."""
     platform = _platform(args)
+    verify, cert = client_tls(platform.tls)
     try:
         status = requests.get(
-            f"{platform.urls()['controller (GET /status)']}/status", timeout=5
+            f"{platform.urls()['controller (GET /status)']}/status",
+            timeout=5,
+            verify=verify,
+            cert=cert,
         ).json()
     except requests.RequestException:
         _say("the controller does not answer: is flowline up?")
@@ -568,12 +625,27 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     build.set_defaults(func=cmd_image_build)
 
+    def tls_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--tls",
+            action="store_true",
+            help="HTTPS on the gateway, controller and monitor, with a local CA made in "
+            "FLOWLINE_HOME/tls (docs/tls.md)",
+        )
+        sub.add_argument(
+            "--mtls",
+            action="store_true",
+            help="--tls, and clients must present a certificate signed by that CA",
+        )
+
     up = commands.add_parser("up", help="start the whole platform (Ctrl-C stops it)")
     platform_options(up)
+    tls_options(up)
     up.set_defaults(func=cmd_up)
 
     status = commands.add_parser("status", help="show deployments and errors")
     platform_options(status)
+    tls_options(status)
     status.set_defaults(func=cmd_status)
 
     demo = commands.add_parser(

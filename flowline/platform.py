@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +18,21 @@ from common.processes import (
     venv_first_path,
 )
 from common.secrets import persistent_secret
+from common.tls import TlsSettings, client_tls, scheme
 from flowline.auth import Auth
 from flowline.config import PlatformSettings, Ports, make_private
+from flowline.supervisor import healthy
 from flowline.tracking import TrackingServer
 from serving.gateway.config import ROUTES_FILE
 
 START_TIMEOUT_SECONDS = 120.0
+# The FLOWLINE_TLS_* variables each role gets from `Platform.tls` (docs/tls.md).
+TLS_ENV = {
+    "FLOWLINE_TLS_CERT": "tls_cert",
+    "FLOWLINE_TLS_KEY": "tls_key",
+    "FLOWLINE_TLS_CA": "tls_ca",
+    "FLOWLINE_TLS_CLIENT_CA": "tls_client_ca",
+}
 
 
 @dataclass
@@ -39,6 +49,10 @@ class Platform:
     reconcile_interval: float = field(
         default_factory=lambda: PlatformSettings.from_env().reconcile_interval_s
     )
+    # The gateway, monitor and controller serve HTTPS when it has a certificate (and
+    # require client certificates with a client CA); the tracking server and the
+    # replicas stay plain HTTP on loopback. Default: FLOWLINE_TLS_* (off when unset).
+    tls: TlsSettings = field(default_factory=TlsSettings.from_env)
     processes: list[tuple[str, ManagedProcess]] = field(default_factory=list)
     # Each role's command line and health URL, so a supervisor can start it again.
     _roles: dict[str, tuple[list[str], str]] = field(default_factory=dict, repr=False)
@@ -54,33 +68,61 @@ class Platform:
             auth=self.auth,
         )
 
+    def url(self, port: int) -> str:
+        """The base URL of the role on ``port``: https when TLS is on."""
+        return f"{scheme(self.tls)}://{self.host}:{port}"
+
     def urls(self) -> dict[str, str]:
         """Every URL a user needs."""
         return {
             "tracking server and UI": self.tracking.url,
-            "gateway (POST /invocations)": f"http://{self.host}:{self.ports.gateway}",
-            "controller (GET /status)": f"http://{self.host}:{self.ports.controller}",
-            "drift monitor (GET /drift)": f"http://{self.host}:{self.ports.monitor}",
+            "gateway (POST /invocations)": self.url(self.ports.gateway),
+            "controller (GET /status)": self.url(self.ports.controller),
+            "drift monitor (GET /drift)": self.url(self.ports.monitor),
         }
 
     def _env(self) -> dict[str, str]:
-        return dict(
+        env = dict(
             os.environ,
             MLFLOW_TRACKING_URI=self.tracking.url,
             FLOWLINE_HOME=str(self.home),
             FLOWLINE_ADMIN_TOKEN=persistent_secret(self.home / "admin-token"),
-            FLOWLINE_GATEWAY_URL=f"http://{self.host}:{self.ports.gateway}",
-            FLOWLINE_MONITOR_URL=f"http://{self.host}:{self.ports.monitor}",
+            FLOWLINE_GATEWAY_URL=self.url(self.ports.gateway),
+            FLOWLINE_MONITOR_URL=self.url(self.ports.monitor),
             PATH=venv_first_path(os.environ.get("PATH", "")),
             PYTHONUNBUFFERED="1",
             **(dict(Auth(self.home).service_env(), FLOWLINE_AUTH="1") if self.auth else {}),
         )
+        # Every role serves and calls the others exactly as this process checks them:
+        # the platform's TLS settings, not whatever FLOWLINE_TLS_* it inherited.
+        for name, attribute in TLS_ENV.items():
+            value = getattr(self.tls, attribute)
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(value)
+        return env
+
+    def wait_healthy(self, process: ManagedProcess, url: str) -> None:
+        """Wait until role ``process`` answers 200 at ``url``; raise if it dies or time runs out."""
+        if not self.tls.enabled:
+            process.wait_healthy(url, START_TIMEOUT_SECONDS)
+            return
+        # ManagedProcess.wait_healthy trusts the system store and has no client
+        # certificate: an https role is checked here, as the roles reach each other.
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not healthy(url, self.tls, timeout=2.0):
+            if not process.alive():
+                raise RuntimeError(f"{process.argv[0]} exited: {process.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy after {START_TIMEOUT_SECONDS:.0f}s")
+            time.sleep(0.2)
 
     def _spawn(self, name: str, argv: list[str], health: str) -> None:
         self._roles[name] = (argv, health)
         process = self._launch(name)
         self.processes.append((name, process))
-        process.wait_healthy(health, START_TIMEOUT_SECONDS)
+        self.wait_healthy(process, health)
 
     def _launch(self, name: str) -> ManagedProcess:
         """Start role ``name`` from its recorded command line, without waiting for it."""
@@ -127,11 +169,14 @@ class Platform:
 
     def wake_controller(self) -> None:
         """Ask the controller for a reconcile pass now (it pushes routes to a new gateway)."""
+        verify, cert = client_tls(self.tls)
         try:
             requests.post(
-                f"http://{self.host}:{self.ports.controller}/reconcile",
+                f"{self.url(self.ports.controller)}/reconcile",
                 headers={"Authorization": f"Bearer {self._env()['FLOWLINE_ADMIN_TOKEN']}"},
                 timeout=2,
+                verify=verify,
+                cert=cert,
             )
         except requests.RequestException:
             pass  # the periodic pass restores the routes within its interval anyway
@@ -157,7 +202,7 @@ class Platform:
         try:
             tracking = self._launch("tracking")
             self.processes.append(("tracking", tracking))
-            gateway = f"http://{self.host}:{self.ports.gateway}"
+            gateway = self.url(self.ports.gateway)
             self._roles["monitor"] = (
                 [
                     python,
@@ -168,7 +213,7 @@ class Platform:
                     "--port",
                     str(self.ports.monitor),
                 ],
-                f"http://{self.host}:{self.ports.monitor}/health",
+                f"{self.url(self.ports.monitor)}/health",
             )
             self._roles["gateway"] = (
                 [
@@ -197,7 +242,7 @@ class Platform:
                 if name not in early:
                     self.processes.append((name, self._launch(name)))
                 process = next(p for role, p in self.processes if role == name)
-                process.wait_healthy(self._roles[name][1], START_TIMEOUT_SECONDS)
+                self.wait_healthy(process, self._roles[name][1])
             self.start_controller()
         except BaseException:
             self.stop()
@@ -217,7 +262,7 @@ class Platform:
         self._spawn(
             "controller",
             [sys.executable, "-m", "serving.controller", *option_args(options)],
-            f"http://{self.host}:{self.ports.controller}/health",
+            f"{self.url(self.ports.controller)}/health",
         )
 
     def stop(self) -> None:

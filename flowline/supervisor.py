@@ -21,6 +21,7 @@ from typing import Protocol
 import requests
 
 from common.processes import ManagedProcess
+from common.tls import TlsSettings, client_tls
 
 POLL_SECONDS = 0.2
 START_TIMEOUT_SECONDS = 120.0
@@ -73,9 +74,12 @@ class _Role:
     down_since: float = 0.0
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str, tls: TlsSettings | None = None, timeout: float = 1.0) -> bool:
+    """Whether ``url`` answers 200; an https one verified (and, under mutual TLS,
+    presented a client certificate) as ``tls`` says; no TLS settings: requests' defaults."""
+    verify, cert = client_tls(tls) if tls is not None else (True, None)
     try:
-        return requests.get(url, timeout=1).status_code == 200
+        return requests.get(url, timeout=timeout, verify=verify, cert=cert).status_code == 200
     except requests.RequestException:
         return False
 
@@ -89,8 +93,10 @@ class Supervisor:
         say: Callable[[str], None],
         backoff: Backoff | None = None,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        tls: TlsSettings | None = None,
     ) -> None:
         self.platform = platform
+        self.tls = tls  # how the health checks of restarted roles reach https ones
         self.say = say
         self.backoff = backoff or Backoff()
         self.start_timeout = start_timeout
@@ -118,7 +124,7 @@ class Supervisor:
         elif role.state == "starting":
             if not role.process.alive():
                 self._schedule(role, now, f"failed to restart ({_exit(role.process)})")
-            elif _healthy(self.platform.health_url(role.name)):
+            elif healthy(self.platform.health_url(role.name), self.tls):
                 role.state, role.since = "running", time.monotonic()
                 self.say(
                     f"{role.name} is back (pid {role.process.pid}), "

@@ -29,6 +29,7 @@ import atexit
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ from pydantic import BeforeValidator
 from pydantic_settings import NoDecode
 
 from common.settings import CommaList, EnvFloat, EnvInt, FlowlineBaseSettings, HomeSettings
+from common.tls import TlsSettings, client_ssl_context
 from monitoring.capture.record import (
     encode_record,
 )
@@ -196,6 +198,7 @@ class CaptureClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
         token: str | Callable[[], str | None] | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be >= 1")
@@ -219,7 +222,9 @@ class CaptureClient:
         self._dropped: Counter[tuple[str, str]] = Counter()
         self._failures = 0
         self._retry_at = 0.0
-        self._http = httpx.Client(timeout=timeout_s)
+        # verify: an https monitor is checked against the system store, or against the
+        # context client_from_env builds from FLOWLINE_TLS_* (trust, client certificate).
+        self._http = httpx.Client(timeout=timeout_s, verify=verify)
         # The ingest token, or where to read it again after a refusal (a monitor
         # that created its token after this client started, or a new token).
         self._token_source = token if callable(token) else (lambda: token)
@@ -576,6 +581,9 @@ def client_from_env(environ: Mapping[str, str] | None = None) -> CaptureClient |
     if not env.capture_spool_dir and spool_dir.is_dir():
         spool_dir.chmod(0o700)  # flowline's own folder, maybe left looser by an older run
     token_env = {TOKEN_ENV: env.ingest_token}
+    tls = TlsSettings.from_env(environ)
+    # Without any FLOWLINE_TLS_* variable httpx keeps its own default trust, as before.
+    uses_tls = tls.tls_ca is not None or tls.enabled
     client = CaptureClient(
         url,
         spool_dir.expanduser().resolve(),
@@ -585,6 +593,7 @@ def client_from_env(environ: Mapping[str, str] | None = None) -> CaptureClient |
         flush_interval_s=env.capture_flush_s,
         timeout_s=env.capture_timeout_s,
         token=lambda: client_token(env.home, token_env),
+        verify=client_ssl_context(tls) if uses_tls else True,
     )
     return client.start()
 

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import Lifespan
 
 from common.servers import listening_socket, run_on_socket, url_host, write_port_file
+from common.tls import TlsSettings, scheme
 from monitoring.capture.record import MAX_MODEL_CHARS
 from monitoring.capture.token import bearer_matches, monitor_token
 from monitoring.service.ingest_checks import IngestRefused
@@ -211,19 +212,27 @@ def serve_monitor(
     port: int = DEFAULT_PORT,
     port_file: str | Path | None = None,
     log_level: str = "warning",
+    tls: TlsSettings | None = None,
 ) -> None:
-    """Serve the monitor until SIGINT/SIGTERM; port 0 binds a free port (written to port_file)."""
+    """Serve the monitor until SIGINT/SIGTERM; port 0 binds a free port (written to port_file).
+
+    ``tls`` (default: FLOWLINE_TLS_* from the environment) with a certificate serves
+    HTTPS only, with a client CA mutual TLS (docs/tls.md); a bad setting is a
+    SettingsError before the socket is bound.
+    """
+    tls = tls if tls is not None else TlsSettings.from_env()
     # Process-wide: the *_created series only double the scrape size.
     prometheus_client.disable_created_metrics()
     sock = listening_socket(host, port, LISTEN_BACKLOG)
     bound = sock.getsockname()[1]
-    monitor = Monitor(settings, public_url=f"http://{url_host(host)}:{bound}")
+    base_url = f"{scheme(tls)}://{url_host(host)}:{bound}"
+    monitor = Monitor(settings, public_url=base_url)
     app = create_app(monitor, ingest_token=monitor_token(settings.home))
     store_url = monitor.store.engine.url.render_as_string(hide_password=True)
-    logger.warning("flowline monitor on http://%s:%d (store %s)", url_host(host), bound, store_url)
+    logger.warning("flowline monitor on %s (store %s)", base_url, store_url)
     if port_file is not None:
         write_port_file(port_file, bound)
     try:
-        run_on_socket(app, sock, log_level=log_level, timeout_keep_alive=30)
+        run_on_socket(app, sock, tls, log_level=log_level, timeout_keep_alive=30)
     finally:
         monitor.store.close()

@@ -44,7 +44,8 @@ class MonitorSettings:
         are deleted (0 keeps everything).
     alert_webhooks / alert_format: where drift state changes are POSTed, as
         flowline JSON or a Slack-compatible {"text": ...} body.
-    public_url: base URL used in report links (defaults to http://host:port).
+    public_url: base URL used in report links (defaults to http://host:port, https
+        under TLS: docs/tls.md).
     max_streams: FLOWLINE_MONITOR_MAX_STREAMS, the most (model, version) streams
         the monitor takes on (see monitoring.service.stream_gate).
     experiment: MLflow experiment holding the monitoring runs.

@@ -18,6 +18,7 @@ from common.processes import PRIVATE_UMASK
 from common.secrets import persistent_secret
 from common.servers import listening_socket, run_on_socket, url_host
 from common.settings import DEFAULT_HOME, EnvFloat, EnvInt, FlowlineBaseSettings, OptionalStr, Port
+from common.tls import TlsSettings, client_tls, scheme
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS, create_backend
 from serving.backends.ports import PortPool
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     try:
         env = ControllerSettings.from_env()
+        tls = TlsSettings.from_env()  # its own server and its calls to the gateway
     except ValueError as exc:
         _fail(f"the controller cannot start: {exc}")
     args = _parser(env).parse_args(argv)
@@ -109,15 +111,21 @@ def main(argv: list[str] | None = None) -> None:
         # Bound before anything starts: with the port taken, no replica is adopted (and
         # then stopped again on the way out) and no webhook is pointed at this process.
         sock = listening_socket(args.host, args.port, LISTEN_BACKLOG)
-        app = _build(args, env, env.tracking_uri, sock.getsockname()[1])
+        app = _build(args, env, env.tracking_uri, tls, sock.getsockname()[1])
     except BackendError as exc:
         _fail(str(exc))
     except (OSError, OverflowError, ValueError, MlflowException, sqlite3.Error) as exc:
         _fail(f"the controller cannot start: {exc}")
-    run_on_socket(app, sock, log_level="warning")
+    run_on_socket(app, sock, tls, log_level="warning")
 
 
-def _build(args: argparse.Namespace, env: ControllerSettings, tracking_uri: str, port: int) -> Any:
+def _build(
+    args: argparse.Namespace,
+    env: ControllerSettings,
+    tracking_uri: str,
+    tls: TlsSettings,
+    port: int,
+) -> Any:
     """The controller's app: backend, reconciler, gateway client and webhook verifier."""
     home = Path(args.home).resolve()
     client = MlflowClient(tracking_uri, tracking_uri)
@@ -128,11 +136,15 @@ def _build(args: argparse.Namespace, env: ControllerSettings, tracking_uri: str,
         lambda model: client.get_registered_model(model).tags.get(BACKEND_MODEL_TAG),
     )
     admin_token = env.admin_token or persistent_secret(home / "admin-token")
-    reconciler = Reconciler(
-        client, backend, GatewayClient(args.gateway_url, admin_token), replicas=args.replicas
-    )
+    verify, cert = client_tls(tls)
+    gateway = GatewayClient(args.gateway_url, admin_token, verify=verify, cert=cert)
+    reconciler = Reconciler(client, backend, gateway, replicas=args.replicas)
     secret = persistent_secret(home / "webhook-secret")
-    url = f"http://{url_host(args.host)}:{port}{WEBHOOK_PATH}"
+    # Under TLS the registry is told the https URL. MLflow's webhook sender verifies
+    # it against its own (certifi) store and presents no client certificate, so with
+    # a private CA or mutual TLS deliveries fail and the reconcile loop deploys
+    # promotions within its interval instead (docs/tls.md).
+    url = f"{scheme(tls)}://{url_host(args.host)}:{port}{WEBHOOK_PATH}"
     return build_app(
         reconciler,
         WebhookVerifier(secret, seen_path=home / "webhook-deliveries.db"),

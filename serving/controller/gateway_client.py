@@ -15,18 +15,34 @@ class GatewayError(RuntimeError):
 
 
 class GatewayClient:
-    """PUT/DELETE deployments, read routes and in-flight counts, with the admin token."""
+    """PUT/DELETE deployments, read routes and in-flight counts, with the admin token.
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+    ``verify`` and ``cert`` are requests' (``common.tls.client_tls`` gives both): the
+    CA bundle an https gateway is verified against (True: the system store) and the
+    client certificate and key presented to a gateway under mutual TLS.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 30.0,
+        *,
+        verify: str | bool = True,
+        cert: tuple[str, str] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        # Passed with every call, not set on the session: requests lets REQUESTS_CA_BUNDLE
+        # (when set) override a session's verify, but not a call's.
+        self.tls: dict[str, Any] = {"verify": verify, "cert": cert}
         self.timeout = timeout
 
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
             response = self.session.request(
-                method, f"{self.base_url}{path}", timeout=self.timeout, **kwargs
+                method, f"{self.base_url}{path}", timeout=self.timeout, **self.tls, **kwargs
             )
         except requests.RequestException as exc:
             raise GatewayError(

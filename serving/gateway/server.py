@@ -11,6 +11,7 @@ from typing import Any
 import prometheus_client
 
 from common.servers import listening_socket, run_on_socket, url_host, write_port_file
+from common.tls import TlsSettings, scheme
 from serving.deployment import Deployment
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
@@ -82,12 +83,16 @@ def serve_gateway(
     sock = listening_socket(host, port, LISTEN_BACKLOG)
     bound = sock.getsockname()[1]
     runtime = fast_runtime()
-    logger.warning("flowline gateway on http://%s:%d (%s)", url_host(host), bound, runtime)
+    tls = TlsSettings.from_env()  # FLOWLINE_TLS_*: HTTPS, and mutual TLS (docs/tls.md)
+    logger.warning(
+        "flowline gateway on %s://%s:%d (%s)", scheme(tls), url_host(host), bound, runtime
+    )
     if port_file is not None:
         write_port_file(port_file, bound)
     run_on_socket(
         app,
         sock,
+        tls,
         log_level=log_level,
         backlog=LISTEN_BACKLOG,
         timeout_keep_alive=30,

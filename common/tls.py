@@ -20,6 +20,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
@@ -105,7 +106,7 @@ class TlsSettings(FlowlineBaseSettings):
         if self.tls_cert is not None and self.tls_key is not None:
             _loads(
                 "FLOWLINE_TLS_CERT/FLOWLINE_TLS_KEY",
-                lambda c: c.load_cert_chain(self.tls_cert, self.tls_key),
+                lambda c: c.load_cert_chain(self.tls_cert, self.tls_key, _no_password),
             )
         for name, bundle in (
             ("FLOWLINE_TLS_CLIENT_CA", self.tls_client_ca),
@@ -126,10 +127,18 @@ class TlsSettings(FlowlineBaseSettings):
         return self.tls_client_ca is not None
 
 
-def _loads(name: str, load: Any) -> None:
+def _no_password() -> bytes:
+    # Without a password callback OpenSSL would ask for an encrypted key's password on
+    # the terminal, and a service started in the background would wait forever.
+    raise ValueError("the key is encrypted; give an unencrypted one")
+
+
+def _loads(name: str, load: Callable[[ssl.SSLContext], object]) -> None:
     """Run ``load`` on a scratch context; an unreadable file is a one-line ValueError."""
     try:
         load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
         raise ValueError(f"{name}: cannot load ({reason})") from None

@@ -180,6 +180,21 @@ def test_bad_tls_settings_are_one_line_errors(
     assert "\n" not in str(caught.value)
 
 
+def test_an_encrypted_key_is_refused_instead_of_prompting(pki: LocalPki, tmp_path: Path) -> None:
+    key = serialization.load_pem_private_key(pki.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted-key.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    environ = {"FLOWLINE_TLS_CERT": str(pki.cert), "FLOWLINE_TLS_KEY": str(encrypted)}
+    with pytest.raises(SettingsError, match="the key is encrypted"):
+        TlsSettings.from_env(environ)
+
+
 def test_tls_is_off_without_variables() -> None:
     settings = TlsSettings.from_env({})
     assert not settings.enabled and not settings.mutual

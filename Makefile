@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint jvm docker browser
+.PHONY: demo test install lint jvm docker browser clients
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,15 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 		apt-get install -y -qq --no-install-recommends chromium; }
 
-test: lint jvm docker browser
+# The real Open Inference Protocol clients (tritonclient, KServe) that tests/test_v2_protocol.py
+# drives, in a venv of their own: they need protobuf < 7, flowline pins protobuf 7.
+CLIENTS ?= .venv-clients
+$(CLIENTS)/.installed: tests/clients/requirements.txt
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
+	touch $@
+
+clients: $(CLIENTS)/.installed
+
+test: lint jvm docker browser clients
 	FLOWLINE_BASE_IMAGE=$${FLOWLINE_BASE_IMAGE:-flowline-base:bookworm} $(BIN)/python -m pytest

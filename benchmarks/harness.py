@@ -210,6 +210,16 @@ def add_wrk_options(options: argparse.ArgumentParser, *, warmup: bool = True) ->
         options.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target")
 
 
+def run_or_render(args: argparse.Namespace, render: Callable[[dict[str, Any]], str]) -> int | None:
+    """The exit code when a wrk benchmark's command line asks for no run: 0 after
+    ``--markdown-only`` rewrote the .md of ``args.output``, 2 when wrk is missing;
+    None to go on and run it."""
+    if args.markdown_only:
+        rewrite_markdown(args.output, render)
+        return 0
+    return 2 if wrk_missing() else None
+
+
 def wrk_missing() -> bool:
     """True, with a hint on stderr, when wrk is not on PATH."""
     if shutil.which("wrk") is not None:

@@ -217,6 +217,12 @@ CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)]
 """Comma-separated items, stripped, empty ones dropped (not JSON: NoDecode)."""
 OptionalStr = Annotated[str | None, BeforeValidator(_none_if_empty)]
 """A string; unset or empty is None."""
+OptionalPort = Annotated[
+    int | None,
+    BeforeValidator(lambda v: None if _none_if_empty(v) is None else _integer(v)),
+    AfterValidator(lambda v: None if v is None else _port(v)),
+]
+"""A port number (0-65535); unset or empty is None (the server it names is off)."""
 
 
 class HomeSettings(FlowlineBaseSettings):

@@ -179,11 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(harness.RESULTS / "limits.json"))
     harness.add_markdown_only(parser)
     args = parser.parse_args(argv)
-    if args.markdown_only:
-        harness.rewrite_markdown(args.output, summarise)
-        return 0
-    if harness.wrk_missing():
-        return 2
+    if (code := harness.run_or_render(args, summarise)) is not None:
+        return code
 
     features, _ = breast_cancer_frame()
     body = harness.single_row_body(features)

@@ -8,7 +8,9 @@ import it from here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from common.servers import url_host
 from serving.gateway import errors
 from serving.gateway.admin import AdminEndpoints
 from serving.gateway.capture import OnScored
@@ -25,6 +28,8 @@ from serving.gateway.core import Gateway
 from serving.gateway.endpoints import ScoringEndpoints
 from serving.gateway.openapi import swagger_ui_dir
 from serving.gateway.routes import RouteTable
+from serving.gateway.v2.grpc_server import grpc_serving
+from serving.gateway.v2.rest import V2Endpoints
 
 __all__ = ["Gateway", "create_app"]
 
@@ -58,13 +63,26 @@ def create_app(
         Route("/admin/inflight", admin.inflight, methods=["GET"]),
         Route("/admin/replicas/health", admin.replica_health, methods=["POST"]),
     ]
+    routes += V2Endpoints(gateway).routes()
     app = Starlette(
         routes=routes,
-        lifespan=lambda _app: gateway.running(),
+        lifespan=lambda _app: _lifespan(gateway),
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     app.state.gateway = gateway
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(gateway: Gateway) -> AsyncIterator[None]:
+    """The gateway's background work, and the V2 gRPC service when a port is set."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(gateway.running())
+        config = gateway.config
+        if config.grpc_port is not None:
+            address = f"{url_host(config.grpc_host)}:{config.grpc_port}"
+            await stack.enter_async_context(grpc_serving(gateway, address))
+        yield
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

@@ -12,6 +12,7 @@ from pydantic import AfterValidator
 from common.settings import (
     CommaList,
     HomeSettings,
+    OptionalPort,
     OptionalStr,
     PositiveFloat,
     PositiveInt,
@@ -34,6 +35,7 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 ROUTES_FILE = Path("gateway") / "routes.json"
 # Keys the gateway writes to Redis (rate-limit windows, cached answers) start with this.
 DEFAULT_REDIS_PREFIX = "flowline:"
+DEFAULT_GRPC_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class GatewayConfig:
     redis_url: where rate-limit windows and cached answers are shared by several
         gateway processes (redis://host:6379/0); None keeps them in process.
     redis_prefix: the prefix of every Redis key the gateway writes.
+    grpc_port: the port of the Open Inference Protocol's gRPC service (0 picks a free
+        one); None: no gRPC service.
+    grpc_host: the address the gRPC service binds.
     routes_file: where the route table is persisted and restored from at start;
         None keeps it in memory only (the default in code; `from_env` sets
         $FLOWLINE_HOME/gateway/routes.json).
@@ -80,6 +85,8 @@ class GatewayConfig:
     rate_limits: str | None = None
     redis_url: str | None = None
     redis_prefix: str = DEFAULT_REDIS_PREFIX
+    grpc_port: int | None = None
+    grpc_host: str = DEFAULT_GRPC_HOST
     routes_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +145,8 @@ class GatewaySettings(HomeSettings):
     rate_limits: RateLimit = None
     redis_url: OptionalStr = None
     redis_prefix: str = DEFAULT_REDIS_PREFIX
+    grpc_port: OptionalPort = None
+    grpc_host: str = DEFAULT_GRPC_HOST
 
 
 def flowline_home(env: Mapping[str, str]) -> Path:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -55,7 +55,10 @@ REJECT_REASONS = (
     "not_deployed",
     "routes_unknown",
     "no_content_type",
+    "bad_request",
 )
+# Makes the /invocations body from the deployment a request was routed to.
+BodyFor = Callable[[Deployment], bytes]
 
 
 class Gateway:
@@ -100,9 +103,14 @@ class Gateway:
 
     def authorized(self, request: Request) -> bool:
         """True when no API keys are configured or the request bears one of them."""
+        return self.authorization_valid(request.headers.get("authorization"))
+
+    def authorization_valid(self, authorization: str | None) -> bool:
+        """True when no API keys are configured or `authorization` bears one of them
+        (the value of an Authorization header or of gRPC's authorization metadata)."""
         if not self._api_keys:
             return True
-        return http_auth.bearer_matches(request.headers.get("authorization"), self._api_keys)
+        return http_auth.bearer_matches(authorization, self._api_keys)
 
     def reject(
         self,
@@ -183,6 +191,27 @@ class Gateway:
         body = await self.read_body(request)
         if isinstance(body, Response):
             return body
+        headers = request.headers
+        return await self.score_body(
+            model, body, headers.get("content-type"), headers.get("authorization"), started
+        )
+
+    async def score_body(
+        self,
+        model: str | None,
+        body: bytes | BodyFor,
+        content_type: str | None,
+        authorization: str | None,
+        started: float,
+        version: str | None = None,
+    ) -> Response:
+        """Limit, route and forward a request whose caller is already authenticated.
+
+        `body` is the `/invocations` body, or a function that makes it from the
+        deployment the request was routed to (the V2 protocol maps its inputs onto
+        that version's signature); a `ClientError` it raises is answered with 400.
+        `version` pins the model version: another one deployed answers 404.
+        """
         if self._inflight >= self.config.max_inflight:
             return self.reject(
                 "overloaded",
@@ -199,13 +228,20 @@ class Gateway:
             cached: str | None = None
             try:
                 deployment = route.deployment
+                if version is not None and deployment.version != version:
+                    return self.reject(
+                        "not_deployed",
+                        404,
+                        errors.RESOURCE_DOES_NOT_EXIST,
+                        f"Version '{version}' of model '{deployment.model}' is not deployed; "
+                        f"version '{deployment.version}' is.",
+                    )
                 # Both are off unless configured: no store call and no hashing then.
                 limit = deployment.rate_limit or self.config.rate_limits
                 if limit is not None:
-                    refused = await self._over_limit(deployment, limit, request)
+                    refused = await self._over_limit(deployment, limit, authorization)
                     if refused is not None:
                         return refused
-                content_type = request.headers.get("content-type")
                 if content_type is None:
                     # Stock answers 500 here (it splits None); a client mistake is a 4xx.
                     return self.reject(
@@ -215,6 +251,11 @@ class Gateway:
                         "Missing Content-Type: send application/json, text/csv or "
                         "application/vnd.apache.parquet.",
                     )
+                if not isinstance(body, bytes):
+                    try:
+                        body = body(deployment)
+                    except errors.ClientError as exc:
+                        return self.reject("bad_request", 400, errors.BAD_REQUEST, str(exc))
                 settings = deployment.cache
                 if settings is None:
                     outcome = await self.dispatch(route, body, content_type)
@@ -240,11 +281,11 @@ class Gateway:
             self._inflight -= 1
 
     async def _over_limit(
-        self, deployment: Deployment, limit: str, request: Request
+        self, deployment: Deployment, limit: str, authorization: str | None
     ) -> Response | None:
         """None when the caller may send this request to `deployment`, else its 429."""
         if self._api_keys:
-            token = http_auth.bearer_token(request.headers.get("authorization")) or ""
+            token = http_auth.bearer_token(authorization) or ""
             identity = self._key_ids.get(token) or key_id(token)
         else:
             identity = key_id(None)
@@ -353,7 +394,7 @@ class Gateway:
             headers[BATCH_HEADER] = str(outcome.batch_size)
         status = outcome.status
         if status >= 500 or outcome.gateway_error:
-            route.last_error = ErrorNote(time.time(), status, _message_of(outcome.body))
+            route.last_error = ErrorNote(time.time(), status, message_of(outcome.body))
         if status == 503 and outcome.gateway_error:
             headers["Retry-After"] = "1"  # no replica now; the probe loop checks every second
         elif status == 200 and self.capture.enabled:
@@ -452,7 +493,8 @@ def _route_metrics(gateway: Gateway, route: ModelRoute) -> RouteMetrics:
     return gateway.metrics.for_route(d.model, d.version)
 
 
-def _message_of(body: bytes) -> str:
+def message_of(body: bytes) -> str:
+    """The `message` of an MLflow error body (at most 500 characters), else its text."""
     try:
         payload = json.loads(body)
         if isinstance(payload, dict) and "message" in payload:

@@ -21,6 +21,10 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 JSON_TYPE = "application/json"
 
 
+class ClientError(ValueError):
+    """A request the client got wrong, found past the HTTP layer: answered with 400."""
+
+
 def error_body(error_code: str, message: str) -> bytes:
     """`{"error_code": ..., "message": ...}` serialised the way MLflow does (json.dumps)."""
     return json.dumps({"error_code": error_code, "message": message}).encode()

@@ -176,6 +176,10 @@ def test_two_gateways_share_one_redis_limit(
             deploy(gateway, "1", replica, model_dir)
             # A model with a long window: spent on one gateway, refused on the other.
             deploy(gateway, "1", replica, model_dir, model="bc-tag", rate_limit="4/minute")
+        # GET /models says which budget each model has: its tag's, else the default.
+        listed = {m["name"]: m for m in httpx.get(f"{one.url}/models").json()["models"]}
+        assert listed["bc-tag"]["rate_limit"] == "4/minute"
+        assert listed["bc"]["rate_limit"] == "10/second" and listed["bc"]["cache"] is None
         assert [score(one, model="bc-tag").status_code for _ in range(4)] == [200] * 4
         assert score(two, model="bc-tag").status_code == 429
 
@@ -236,6 +240,9 @@ def test_cache_hits_equivalent_json_and_never_serves_a_previous_version(
     cache = {"ttl_s": 60, "max_entries": 100}
     with running(start_gateway(logs, env=gateway_env(tmp_path, **extra))) as gateway:
         deploy(gateway, "1", replica, model_dir, cache=cache)
+        [listed] = httpx.get(f"{gateway.url}/models").json()["models"]
+        assert listed["cache"] == {"ttl_s": 60.0, "max_entries": 100}
+        assert listed["rate_limit"] is None
         first = score(gateway)
         assert first.status_code == 200 and first.headers["x-flowline-cache"] == "miss"
         hit = score(gateway)

@@ -560,11 +560,14 @@ def test_scoring_endpoints_alone() -> None:
         health = await scoring.health(make_request("GET", "/health"))
         assert health.status_code == 503
         assert decoded(health) == {"status": "unavailable", "models": {}}
-        for handler in (scoring.models, scoring.openapi, scoring.docs):
+        for handler in (scoring.models, scoring.openapi):
             refused = await handler(make_request("GET", "/models", token="nope"))
             assert refused.status_code == 401
             assert refused.headers["www-authenticate"] == "Bearer"
             assert decoded(refused)["error_code"] == "UNAUTHENTICATED"
+        # /docs without the key is only the key prompt.
+        prompt = await scoring.docs(make_request("GET", "/docs", token="nope"))
+        assert prompt.status_code == 200 and b'id="key-form"' in prompt.body
         refused = await scoring.invocations(make_request("POST", "/invocations"))
         assert refused.status_code == 401
         gateway.table.set_active(deployment("1", ("http://127.0.0.1:9",)))
@@ -592,7 +595,7 @@ def test_scoring_endpoints_alone() -> None:
         assert unknown.status_code == 404
         assert decoded(unknown)["error_code"] == "RESOURCE_DOES_NOT_EXIST"
         metrics = await scoring.metrics(make_request("GET", "/metrics"))
-        assert b'flowline_gateway_rejected_total{reason="unauthorized"} 4.0' in metrics.body
+        assert b'flowline_gateway_rejected_total{reason="unauthorized"} 3.0' in metrics.body
         await gateway.replicas.aclose()
 
     asyncio.run(scenario())

@@ -129,20 +129,23 @@ def expected_predictions(gateway: Service, headers: dict[str, str] | None = None
     return answer.json()["predictions"]
 
 
-def open_operation(page: Any, gateway: Service) -> Any:
-    """Load /docs, wait for Swagger to render, expand POST /models/bc/invocations."""
+def open_operation(page: Any, gateway: Service, load: bool = True) -> Any:
+    """Load /docs (unless the page is already there), wait for Swagger to render, expand
+    POST /models/bc/invocations."""
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
-    answer = page.goto(f"{gateway.url}/docs")
-    assert answer is not None and answer.status == 200
+    if load:
+        answer = page.goto(f"{gateway.url}/docs")
+        assert answer is not None and answer.status == 200
     operation = page.locator(f'.opblock-post:has(.opblock-summary-path[data-path="{MODEL_PATH}"])')
     operation.locator(".opblock-summary").first.click()
     operation.get_by_role("button", name="Try it out").click()
     # The page and everything it loaded came from the gateway itself: no CDN.
     outside = [url for url in requested if not url.startswith(gateway.url)]
     assert outside == [], outside
-    assert f"{gateway.url}/docs/assets/swagger-ui-bundle.js" in requested
-    assert f"{gateway.url}/openapi.json" in requested
+    if load:
+        assert f"{gateway.url}/docs/assets/swagger-ui-bundle.js" in requested
+        assert f"{gateway.url}/openapi.json" in requested
     return operation
 
 
@@ -175,36 +178,41 @@ def test_try_it_out_scores_with_the_model(page: Any, open_gateway: Service) -> N
 
 def test_try_it_out_with_api_keys_after_authorize(page: Any, keyed_gateway: Service) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
-    assert httpx.get(f"{keyed_gateway.url}/docs", timeout=30).status_code == 401
+    # Without a key, /docs is only a key prompt: nothing about the models is in it.
+    locked = httpx.get(f"{keyed_gateway.url}/docs", timeout=30)
+    assert locked.status_code == 200 and 'id="key-form"' in locked.text
+    assert not any(column in locked.text for column in FEW_COLUMNS)
+    assert MODEL_PATH not in locked.text
     assert httpx.get(f"{keyed_gateway.url}/openapi.json", timeout=30).status_code == 401
     predictions = expected_predictions(keyed_gateway, auth)
 
-    # /docs and /openapi.json need the key, which a browser cannot add to a page load itself:
-    # as a header-adding proxy or extension would, the key goes on those two requests only.
-    # Scoring requests get it from Swagger's Authorize dialog alone.
-    def with_key(route: Any) -> None:
-        route.continue_(headers={**route.request.headers, "authorization": auth["Authorization"]})
-
-    page.route(f"{keyed_gateway.url}/docs", with_key)
-    page.route(f"{keyed_gateway.url}/openapi.json", with_key)
-    operation = open_operation(page, keyed_gateway)
-
-    status, body = execute(operation)
-    assert status == "401", body  # not authorized in Swagger yet: the gateway refuses
-    assert json.loads(body)["error_code"] == "UNAUTHENTICATED"
-
-    page.locator(".auth-wrapper .authorize").click()
-    dialog = page.locator(".dialog-ux")
-    dialog.locator("input").first.fill(KEY)
-    dialog.locator("button.authorize").click()
-    dialog.locator("button.btn-done").click()
-    operation.get_by_role("button", name="Clear").click()
-
+    # A wrong key is refused on the page; the right one opens Swagger UI, authorized.
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{keyed_gateway.url}/docs")
+    page.locator("#api-key").fill("not-the-key")
+    page.locator("#key-form button").click()
+    page.get_by_text("That key was refused.").wait_for()
+    page.locator("#api-key").fill(KEY)
+    page.locator("#key-form button").click()
+    operation = open_operation(page, keyed_gateway, load=False)
+    outside = [url for url in requested if not url.startswith(keyed_gateway.url)]
+    assert outside == [] and f"{keyed_gateway.url}/openapi.json" in requested, requested
     status, body = execute(operation)
     assert status == "200", body
     assert json.loads(body) == {"predictions": predictions}
     curl = operation.locator(".curl-command").inner_text()
     assert f"Authorization: Bearer {KEY}" in curl
+
+    # Logging out in the Authorize dialog: the gateway refuses scoring again.
+    page.locator(".auth-wrapper .authorize").click()
+    dialog = page.locator(".dialog-ux")
+    dialog.locator("button:has-text('Logout')").first.click()
+    dialog.locator("button.btn-done").click()
+    operation.get_by_role("button", name="Clear").click()
+    status, body = execute(operation)
+    assert status == "401", body
+    assert json.loads(body)["error_code"] == "UNAUTHENTICATED"
 
 
 # --- OpenAPI validity --------------------------------------------------------------------------

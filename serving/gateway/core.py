@@ -466,6 +466,12 @@ class Gateway:
                 "max_wait_ms": d.batching.max_wait_ms,
                 "calls_per_replica": d.batching.calls_per_replica,
             },
+            "timeout_s": d.timeout_s or self.config.backend_timeout_s,
+            # The model's own limit (tag), else the gateway's default; None: unlimited.
+            "rate_limit": d.rate_limit or self.config.rate_limits,
+            "cache": None
+            if d.cache is None
+            else {"ttl_s": d.cache.ttl_s, "max_entries": d.cache.max_entries},
             "last_error": last_error,
         }
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serving.gateway.core import Gateway
-from serving.gateway.openapi import build_openapi, render_docs
+from serving.gateway.openapi import build_openapi, render_docs, render_locked_docs
 
 
 class ScoringEndpoints:
@@ -60,12 +60,14 @@ class ScoringEndpoints:
         return JSONResponse(build_openapi(*self.gateway.deployed(), api_keys=keys))
 
     async def docs(self, request: Request) -> Response:
-        """GET /docs: Swagger UI over /openapi.json and a summary of each model (API key).
+        """GET /docs: Swagger UI over /openapi.json and a summary of each model.
 
-        Its scripts and styles, served at /docs/assets, are public: they are
-        Swagger UI's own files and hold nothing about the deployed models.
+        Without a valid key while keys are on, the page asks for the key (a browser
+        cannot send a header on a page load) and shows nothing about the models
+        until /openapi.json accepts it. Its scripts and styles, served at
+        /docs/assets, are public: they are Swagger UI's own files.
         """
         if not self.gateway.authorized(request):
-            return self.gateway.unauthorized()
+            return HTMLResponse(render_locked_docs())
         keys = bool(self.gateway.config.api_keys)
         return HTMLResponse(render_docs(*self.gateway.deployed(), api_keys=keys))

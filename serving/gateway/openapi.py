@@ -337,7 +337,17 @@ def render_docs(
     Swagger's schemas, in a table a reader can scan without expanding anything.
     """
     models = [_docs_section(d, d is default) for d in deployments]
-    return _templates().get_template("docs.html").render(models=models, api_keys=api_keys)
+    return (
+        _templates()
+        .get_template("docs.html")
+        .render(models=models, api_keys=api_keys, locked=False)
+    )
+
+
+def render_locked_docs() -> str:
+    """The /docs page for a page load without a key while keys are on: it asks for the
+    key and then loads Swagger UI with it; it holds nothing about the deployed models."""
+    return _templates().get_template("docs.html").render(models=[], api_keys=True, locked=True)
 
 
 def swagger_ui_dir() -> Path:

@@ -325,6 +325,42 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(
     assert answer.status_code == 200
 
 
+def test_the_v2_grpc_port_serves_tls_and_refuses_clients_without_a_certificate(
+    pki: LocalPki, stranger: LocalPki, tmp_path: Path
+) -> None:
+    from serving.gateway.v2 import inference_pb2 as pb
+    from serving.gateway.v2 import inference_pb2_grpc as pb_grpc
+
+    grpc_port = free_port()
+    env = {**gateway_env(pki, True), "FLOWLINE_GRPC_PORT": str(grpc_port)}
+    address = f"127.0.0.1:{grpc_port}"
+    ca = pki.ca_cert.read_bytes()
+
+    def live(credentials: grpc.ChannelCredentials | None) -> bool:
+        channel = (
+            grpc.insecure_channel(address)
+            if credentials is None
+            else grpc.secure_channel(address, credentials)
+        )
+        with channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+
+    with https_service("serving.gateway", tmp_path / "gw", env, "/ping"):
+        trusted = grpc.ssl_channel_credentials(ca, pki.key.read_bytes(), pki.cert.read_bytes())
+        assert live(trusted)
+        for refused in (
+            None,  # plain gRPC to the TLS port
+            grpc.ssl_channel_credentials(ca),  # no client certificate
+            grpc.ssl_channel_credentials(
+                ca, stranger.key.read_bytes(), stranger.cert.read_bytes()
+            ),  # one the CA did not sign
+        ):
+            with pytest.raises(grpc.RpcError) as failure:
+                live(refused)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_the_controllers_gateway_client_works_under_mutual_tls(
     mtls_gateway: Service, pki: LocalPki, stranger: LocalPki
 ) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -40,8 +41,13 @@ def create_app(
     config: GatewayConfig | None = None,
     table: RouteTable | None = None,
     on_scored: OnScored | None = None,
+    grpc_credentials: grpc.ServerCredentials | None = None,
 ) -> Starlette:
-    """Build the gateway app; `app.state.gateway` exposes its `Gateway` (and route table)."""
+    """Build the gateway app; `app.state.gateway` exposes its `Gateway` (and route table).
+
+    With `config.grpc_port` set, the app's lifespan also serves the V2 gRPC service,
+    over TLS when `grpc_credentials` are given (`common.tls.grpc_server_credentials`).
+    """
     gateway = Gateway(config, table, on_scored)
     scoring = ScoringEndpoints(gateway)
     admin = AdminEndpoints(gateway)
@@ -66,7 +72,7 @@ def create_app(
     routes += V2Endpoints(gateway).routes()
     app = Starlette(
         routes=routes,
-        lifespan=lambda _app: _lifespan(gateway),
+        lifespan=lambda _app: _lifespan(gateway, grpc_credentials),
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     app.state.gateway = gateway
@@ -74,14 +80,16 @@ def create_app(
 
 
 @contextlib.asynccontextmanager
-async def _lifespan(gateway: Gateway) -> AsyncIterator[None]:
+async def _lifespan(
+    gateway: Gateway, grpc_credentials: grpc.ServerCredentials | None
+) -> AsyncIterator[None]:
     """The gateway's background work, and the V2 gRPC service when a port is set."""
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(gateway.running())
         config = gateway.config
         if config.grpc_port is not None:
             address = f"{url_host(config.grpc_host)}:{config.grpc_port}"
-            await stack.enter_async_context(grpc_serving(gateway, address))
+            await stack.enter_async_context(grpc_serving(gateway, address, grpc_credentials))
         yield
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import prometheus_client
 
 from common.servers import listening_socket, run_on_socket, url_host, write_port_file
-from common.tls import TlsSettings, scheme
+from common.tls import TlsSettings, grpc_server_credentials, scheme
 from serving.deployment import Deployment
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
@@ -78,12 +78,13 @@ def serve_gateway(
         table.loaded = restored or bool(deployments)
     for deployment in deployments or []:
         table.set_active(deployment)
-    app = create_app(config, table, on_scored)
+    tls = TlsSettings.from_env()  # FLOWLINE_TLS_*: HTTPS, and mutual TLS (docs/tls.md)
+    # The gRPC port (when on) serves with the same certificate and client CA.
+    app = create_app(config, table, on_scored, grpc_server_credentials(tls))
 
     sock = listening_socket(host, port, LISTEN_BACKLOG)
     bound = sock.getsockname()[1]
     runtime = fast_runtime()
-    tls = TlsSettings.from_env()  # FLOWLINE_TLS_*: HTTPS, and mutual TLS (docs/tls.md)
     logger.warning(
         "flowline gateway on %s://%s:%d (%s)", scheme(tls), url_host(host), bound, runtime
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -90,6 +91,11 @@ def serve_gateway(
     )
     if port_file is not None:
         write_port_file(port_file, bound)
+    # Everything imported and built so far (pandas, numpy, the app: 100k+ objects) lives
+    # as long as the process: frozen, the collector stops rescanning it in every full
+    # collection, which requests in flight (batched ones, V2's tensors) otherwise trigger.
+    gc.collect()
+    gc.freeze()
     run_on_socket(
         app,
         sock,

@@ -6,10 +6,12 @@ status back, the monitor reads the baseline tag and tags its own runs. Each of
 those names is spelled here once, so that a writer and its readers cannot drift
 apart. Tags are documented in docs/serving.md and docs/monitoring.md.
 
-This module imports nothing: every package may import it.
+This module imports nothing of flowline's or MLflow's: every package may import it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 TAG_PREFIX = "flowline."
 
@@ -50,6 +52,36 @@ RESOURCES_MODEL_TAG = "flowline.resources"
 # --- on a model version: the rollout's outcome (written by the controller) -------------
 STATUS_TAG = "flowline.deployment.status"
 REASON_TAG = "flowline.deployment.reason"
+
+# --- on a model version: the champion/challenger gate (written by training, read by the
+# controller; the override is set by a person, in the registry UI) -------------------------
+GATE_TAG = "flowline.gate"  # passed | failed | skipped
+GATE_REASON_TAG = "flowline.gate.reason"
+GATE_METRIC_TAG = "flowline.gate.metric"
+GATE_CHALLENGER_TAG = "flowline.gate.challenger_score"
+GATE_CHAMPION_TAG = "flowline.gate.champion_score"
+GATE_CHAMPION_VERSION_TAG = "flowline.gate.champion_version"
+GATE_TOLERANCE_TAG = "flowline.gate.tolerance"
+GATE_OVERRIDE_TAG = "flowline.gate.override"  # "true" lets a failed version through
+
+
+def production_version(model: Any) -> str | None:
+    """The version a registered model (mlflow's RegisteredModel) serves in production:
+    the one with the alias ``production``, else the newest in the legacy stage."""
+    version = model.aliases.get(PRODUCTION_ALIAS) if model.aliases else None
+    if version is None:
+        staged = [v for v in model.latest_versions or [] if v.current_stage == PRODUCTION_STAGE]
+        if staged:
+            version = max(staged, key=lambda v: int(v.version)).version
+    return None if version is None else str(version)
+
+
+def gate_blocks(tags: dict[str, str]) -> bool:
+    """Whether a version's tags keep it out of production: its gate failed and nobody
+    set the override."""
+    failed = tags.get(GATE_TAG) == "failed"
+    return failed and tags.get(GATE_OVERRIDE_TAG, "").strip().lower() != "true"
+
 
 # --- on runs of other jobs ---------------------------------------------------------------
 BATCH_MODEL_TAG = "flowline.model"

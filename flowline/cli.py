@@ -20,7 +20,14 @@ import pandas as pd
 import requests
 
 from common.processes import port_in_use, venv_bin, venv_first_path
-from common.registry import DEMO_MODEL, PRODUCTION_ALIAS
+from common.registry import (
+    DEMO_MODEL,
+    GATE_OVERRIDE_TAG,
+    GATE_REASON_TAG,
+    GATE_TAG,
+    PRODUCTION_ALIAS,
+    gate_blocks,
+)
 from common.settings import SettingsError
 from common.tls import LocalPki, TlsSettings, client_tls, generate_local_pki
 from flowline.auth import ADMIN_USER, Auth, is_loopback
@@ -420,6 +427,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             client.search_model_versions("name='flowline-demo'"), key=lambda v: int(v.version)
         )
         show_version(tracking, DEMO_MODEL)
+        gate = latest.tags.get(GATE_TAG)
+        _say(f"champion/challenger gate: {gate} ({latest.tags.get(GATE_REASON_TAG, '')})")
+        if gate_blocks(latest.tags):
+            # A re-run on the same home can train a worse version than the one serving;
+            # the demo lets it through the way a person would in the registry UI.
+            _say(f"the demo sets {GATE_OVERRIDE_TAG}=true on it, as a person would in the UI")
+            client.set_model_version_tag(DEMO_MODEL, latest.version, GATE_OVERRIDE_TAG, "true")
         _say(
             f"2/5 promote: alias 'production' -> version {latest.version} "
             "(what 'Add alias' in the registry UI does)"

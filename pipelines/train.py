@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from common import registry
 from monitoring.profile import baseline, column_types
-from pipelines import keras_family, sklearn_family
+from pipelines import gate, keras_family, sklearn_family
 from pipelines.columns import ColumnPlan
 from pipelines.data import DEMO_DATA, TrainingData, load_training_data
 from pipelines.errors import UserError
@@ -54,6 +55,9 @@ class TrainConfig:
     epochs: int = keras_family.DEFAULT_EPOCHS
     spark: str = ""  # empty: trials one after another; else a Spark master (SparkTrials)
     parallelism: int = 2
+    # How much worse than the production version (on the metric, on this version's test
+    # split) the new version may score and still pass the gate (pipelines/gate.py).
+    gate_tolerance: float = 0.005
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -68,6 +72,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"epochs must be at least 1 (got {config.epochs})")
     if config.parallelism < 1:
         raise UserError(f"parallelism must be at least 1 (got {config.parallelism})")
+    if not math.isfinite(config.gate_tolerance):
+        raise UserError(f"gate_tolerance must be a finite number (got {config.gate_tolerance})")
     if config.spark:
         check_master(config.spark)
         check_java()
@@ -287,10 +293,22 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 pip_requirements=_requirements(config.family),
                 code_paths=model_code_paths(Path(tmp)),
             )
+        verdict = gate.evaluate(
+            mlflow.MlflowClient(),
+            name,
+            data.task,
+            metric,
+            test_scores[metric],
+            X_test,
+            y_test,
+            config.gate_tolerance,
+        )
+        report(f"champion/challenger gate: {verdict.verdict} ({verdict.reason})")
         version_ = mlflow.register_model(
             info.model_uri,
             name,
             tags={
+                **verdict.tags(),
                 registry.FAMILY_TAG: config.family,
                 registry.TASK_TAG: data.task,
                 registry.METRIC_TAG: metric,

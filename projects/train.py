@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "--spark", default=defaults.spark, help="Spark master for parallel trials, e.g. local[*]"
     )
     parser.add_argument("--parallelism", type=_whole_number, default=defaults.parallelism)
+    parser.add_argument(
+        "--gate-tolerance",
+        type=float,
+        default=defaults.gate_tolerance,
+        help="how much worse than production the new version may score and pass the gate",
+    )
     args = parser.parse_args(argv)
     return TrainConfig(**{k: v for k, v in vars(args).items()})
 

@@ -83,6 +83,17 @@ CASES = {
         lambda p: ["--data", str(_write(p, _frame())), "--target", "label", "--max-evals", "0"],
         "max_evals must be at least 1",
     ),
+    "gate tolerance not a number": (
+        lambda p: [
+            "--data",
+            str(_write(p, _frame())),
+            "--target",
+            "label",
+            "--gate-tolerance",
+            "nan",
+        ],  # fmt: skip
+        "gate_tolerance must be a finite number",
+    ),
     "unreadable parquet": (
         lambda p: ["--data", str(_touch(p / "data.parquet", b"garbage")), "--target", "label"],
         "cannot read parquet file",

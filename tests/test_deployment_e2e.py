@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -21,8 +22,20 @@ import requests
 from mlflow import MlflowClient
 
 from common.processes import free_port, free_port_block
+from common.registry import (
+    GATE_CHALLENGER_TAG,
+    GATE_CHAMPION_TAG,
+    GATE_CHAMPION_VERSION_TAG,
+    GATE_METRIC_TAG,
+    GATE_OVERRIDE_TAG,
+    GATE_REASON_TAG,
+    GATE_TAG,
+    gate_blocks,
+)
 from flowline.config import Ports
 from flowline.platform import Platform
+from pipelines import gate
+from pipelines.data import DEMO_DATA
 from pipelines.train import TrainConfig, train
 from serving.controller.webhooks import signature
 from tests.conftest import BIN, subprocess_env, wait_for
@@ -179,6 +192,73 @@ def test_failed_smoke_test_keeps_the_old_version_and_tags_the_reason(platform: P
         f"http://{platform.host}:{platform.ports.controller}/status", timeout=5
     ).json()
     assert f"version {broken}" in status["errors"][name]
+
+
+def test_a_worse_challenger_is_held_back_by_the_gate_until_a_person_overrides_it(
+    platform: Platform, tmp_path: Path
+) -> None:
+    name = f"gated-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    # Two halves of the demo table: the champion learns from 1,200 rows, the challenger
+    # from 75 (test_size 0.95), then both score the challenger's 1,425 held-out rows.
+    frame = pd.read_csv(DEMO_DATA)
+    champion_file, challenger_file = tmp_path / "champion.csv", tmp_path / "challenger.csv"
+    frame.iloc[:1500].to_csv(champion_file, index=False)
+    frame.iloc[1500:].to_csv(challenger_file, index=False)
+
+    def trained(data: Path, **params: Any) -> str:
+        config = TrainConfig(data=str(data), target="churned", registered_model=name, **params)
+        return train(config, report=lambda _: None).version
+
+    champion = trained(champion_file, max_evals=2, seed=1)
+    first = client.get_model_version(name, champion).tags
+    assert first[GATE_TAG] == "passed" and "no champion" in first[GATE_REASON_TAG]
+    client.set_registered_model_alias(name, "production", champion)
+    _wait_for(lambda: _served_version(platform, name) == champion, "the champion")
+
+    challenger = trained(challenger_file, max_evals=1, seed=2, test_size=0.95)
+    tags = client.get_model_version(name, challenger).tags
+    assert tags[GATE_TAG] == "failed", tags
+    assert tags[GATE_CHAMPION_VERSION_TAG] == champion
+    metric = tags[GATE_METRIC_TAG]
+    assert metric == client.get_model_version(name, challenger).tags["flowline.metric"]
+    # Greater is better for the classification defaults (roc_auc, average_precision).
+    assert float(tags[GATE_CHAMPION_TAG]) > float(tags[GATE_CHALLENGER_TAG])
+
+    client.set_registered_model_alias(name, "production", challenger)
+    status_url = f"http://{platform.host}:{platform.ports.controller}/status"
+
+    def held_back() -> str | None:
+        error = requests.get(status_url, timeout=5).json()["errors"].get(name, "")
+        return error if "champion/challenger gate" in error else None
+
+    error = _wait_for(held_back, "the gate to hold the challenger back")
+    assert error.startswith(f"version {challenger}: held back") and metric in error
+    assert _served_version(platform, name) == champion
+    assert _status_tag(client, name, challenger) is None  # never started
+
+    client.set_model_version_tag(name, challenger, GATE_OVERRIDE_TAG, "true")
+    _wait_for(lambda: _served_version(platform, name) == challenger, "the overridden version")
+    # The route switches first, then the controller tags the version.
+    _wait_for(lambda: _status_tag(client, name, challenger) == "deployed", "the deployed tag")
+
+
+def test_a_champion_that_cannot_score_skips_the_gate(platform: Platform) -> None:
+    name = f"ungated-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    broken = log_broken_version(name)
+    client.set_registered_model_alias(name, "production", broken)
+    frame = pd.read_csv(DEMO_DATA).head(50)
+    result = gate.evaluate(
+        client, name, "classification", "roc_auc", 0.8,
+        frame.drop(columns=["churned"]), frame["churned"], 0.005,
+    )  # fmt: skip
+    assert result.verdict == "skipped" and result.champion_version == broken
+    # Its schema does not take the demo columns; the reason keeps the rows out of the tag.
+    assert result.reason == (
+        f"champion version {broken} cannot score the test split: Failed to enforce schema"
+    )
+    assert not gate_blocks(result.tags())
 
 
 def test_killed_replica_is_routed_around_and_restarted(platform: Platform) -> None:

@@ -25,6 +25,9 @@ from mlflow.exceptions import MlflowException
 import serving.controller.reconciler as reconciler_module
 from common.registry import (
     CACHE_MODEL_TAG,
+    GATE_OVERRIDE_TAG,
+    GATE_REASON_TAG,
+    GATE_TAG,
     PRODUCTION_ALIAS,
     PRODUCTION_STAGE,
     RATE_LIMIT_MODEL_TAG,
@@ -32,6 +35,7 @@ from common.registry import (
     REPLICAS_MODEL_TAG,
     STATUS_TAG,
     TIMEOUT_MODEL_TAG,
+    gate_blocks,
 )
 from serving.backends.base import BackendError, Replica
 from serving.controller.gateway_client import GatewayError
@@ -647,3 +651,45 @@ def test_the_rate_limit_and_cache_tags_reach_the_route_and_bad_ones_fail_the_rol
         world.registry.models["m"].tags[tag] = (
             "50/second" if tag == RATE_LIMIT_MODEL_TAG else '{"ttl_s": 60}'
         )
+
+
+def test_a_version_failed_by_the_gate_is_held_back_until_a_person_overrides_it(
+    world: World,
+) -> None:
+    world.registry.add_version("m", "1")
+    (old,) = world.settled("m", "1")
+    world.registry.add_version("m", "2")
+    reason = "roc_auc 0.61 vs champion version 1 0.93 on this version's test split: worse"
+    world.registry.tags("m", "2").update({GATE_TAG: "failed", GATE_REASON_TAG: reason})
+    world.registry.promote("m", "2")
+    world.reconciler.reconcile()
+    world.reconciler.retry("m", "2")  # the promotion's webhook: no way past the gate
+    world.reconciler.reconcile()
+
+    # Nothing started, nothing tagged, the champion still serves; status says why.
+    assert not [e for e in world.events if e[0] in ("start", "put", "tag")]
+    assert world.gateway.table["m"].version == "1" and world.backend.alive == {old}
+    error = world.reconciler.status()["errors"]["m"]
+    assert error == f"version 2: held back by the champion/challenger gate: {reason}"
+
+    for override, deployed in (("yes", False), ("TRUE", True)):
+        world.registry.tags("m", "2")[GATE_OVERRIDE_TAG] = override
+        world.reconciler.reconcile()
+        assert (world.gateway.table["m"].version == "2") is deployed, override
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "deployed"
+    assert "m" not in world.reconciler.status()["errors"]
+
+
+@pytest.mark.parametrize(
+    ("tags", "blocks"),
+    [
+        ({}, False),
+        ({GATE_TAG: "passed"}, False),
+        ({GATE_TAG: "skipped"}, False),
+        ({GATE_TAG: "failed"}, True),
+        ({GATE_TAG: "failed", GATE_OVERRIDE_TAG: "false"}, True),
+        ({GATE_TAG: "failed", GATE_OVERRIDE_TAG: " true "}, False),
+    ],
+)
+def test_gate_blocks(tags: dict[str, str], blocks: bool) -> None:
+    assert gate_blocks(tags) is blocks

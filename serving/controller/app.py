@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serving.controller.desired import PRODUCTION_ALIAS
+from common.registry import PRODUCTION_ALIAS
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import ALIAS_EVENTS, WebhookRejected, WebhookVerifier
 

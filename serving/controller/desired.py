@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from common.registry import PRODUCTION_ALIAS, PRODUCTION_STAGE
+from common.registry import production_version
 
 
 def desired_versions(client: MlflowClient) -> dict[str, str]:
@@ -19,15 +19,9 @@ def desired_versions(client: MlflowClient) -> dict[str, str]:
     while True:
         page = client.search_registered_models(max_results=200, page_token=token)
         for model in page:
-            version = model.aliases.get(PRODUCTION_ALIAS) if model.aliases else None
-            if version is None:
-                staged = [
-                    v for v in model.latest_versions or [] if v.current_stage == PRODUCTION_STAGE
-                ]
-                if staged:
-                    version = max(staged, key=lambda v: int(v.version)).version
+            version = production_version(model)
             if version is not None:
-                wanted[model.name] = str(version)
+                wanted[model.name] = version
         token = page.token
         if not token:
             return wanted

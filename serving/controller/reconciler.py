@@ -26,11 +26,13 @@ from mlflow.exceptions import MlflowException
 from common.registry import (
     BATCHING_MODEL_TAG,
     CACHE_MODEL_TAG,
+    GATE_REASON_TAG,
     RATE_LIMIT_MODEL_TAG,
     REASON_TAG,
     REPLICAS_MODEL_TAG,
     STATUS_TAG,
     TIMEOUT_MODEL_TAG,
+    gate_blocks,
 )
 from serving.backends.base import Backend, BackendError, Replica
 from serving.controller.desired import desired_versions
@@ -197,14 +199,24 @@ class Reconciler:
         return max(known) if known else None
 
     def _may_roll_out(self, model: str, version: str) -> bool:
-        with self._retry_lock:
-            if (model, version) in self._retry:
-                self._retry.discard((model, version))
-                return True
         try:
             tags = self.client.get_model_version(model, version).tags
         except MlflowException:
             return False
+        if gate_blocks(tags):
+            # Before the retry below: promoting again does not get past the gate. Checked
+            # on every pass, so flowline.gate.override=true (set by a person, in the
+            # registry UI) lets the version through at the next one.
+            reason = tags.get(GATE_REASON_TAG, "")
+            message = f"version {version}: held back by the champion/challenger gate: {reason}"
+            if self.last_error.get(model) != message:
+                log.warning("%s/%s %s", model, version, message.split(": ", 1)[1])
+            self.last_error[model] = message
+            return False
+        with self._retry_lock:
+            if (model, version) in self._retry:
+                self._retry.discard((model, version))
+                return True
         return tags.get(STATUS_TAG) != "failed"
 
     def _model_settings(self, model: str) -> ModelSettings:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import struct
 import subprocess
@@ -153,6 +154,58 @@ def test_malformed_requests_are_client_errors(payload: dict[str, Any], message: 
     with pytest.raises(TensorError, match=re.escape(message)):
         request = parse_rest_request(json.dumps(payload).encode())
         invocation_body(request, _deployment(COLUMNS))
+
+
+_ATOMS: list[Any] = [None, True, 0, 1, -1, 1.5, float("nan"), "", "age", "x", [], {}, [1],
+                     [[1]], [2, 0], [0, 2], [2, 1], [-1], "FP64", "BYTES", "BF16"]  # fmt: skip
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    roll = rng.random()
+    if depth > 2 or roll < 0.4:
+        return rng.choice(_ATOMS)
+    if roll < 0.7:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = ["name", "datatype", "shape", "data", "parameters", "inputs", "binary_data_size"]
+    return {rng.choice(keys): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _random_input(rng: random.Random) -> dict[str, Any]:
+    item = {
+        "name": rng.choice(["age", "fare", "x", 3]),
+        "datatype": rng.choice(["FP64", "INT64", "BYTES", "BOOL", "BF16", None, ["FP64"]]),
+        "shape": rng.choice([[1], [2], [1, 2], [2, 1], [0], [2, 0], [], [-1], "3", [True]]),
+        "data": _random_value(rng, 1),
+        "parameters": rng.choice([None, {}, [], {"binary_data_size": rng.choice([0, 8, -1])}]),
+    }
+    # Now and then any field is replaced by anything at all.
+    return {k: _random_value(rng, 1) if rng.random() < 0.3 else v for k, v in item.items()}
+
+
+@pytest.mark.parametrize("signature", [True, False])
+def test_random_requests_are_mapped_or_refused_as_client_errors(signature: bool) -> None:
+    """No request, however malformed, raises anything but TensorError (a 400), never a 500."""
+    rng = random.Random(20261204)
+    deployment = _deployment({"age": "integer", "fare": "float"})
+    if not signature:
+        deployment = Deployment(model="m", version="1", replicas=("http://127.0.0.1:1",))
+    mapped = 0
+    for _ in range(3000):
+        payload: Any = {"inputs": [_random_input(rng) for _ in range(rng.randint(0, 3))]}
+        for key in ("outputs", "parameters", "id"):
+            if rng.random() < 0.25:
+                payload[key] = _random_value(rng, 1)
+        if rng.random() < 0.1:
+            payload = _random_value(rng)
+        body, length = json.dumps(payload).encode(), None
+        if rng.random() < 0.2:  # the binary extension, with stray bytes after the header
+            length, body = str(len(body)), body + bytes(rng.randint(0, 16))
+        try:
+            invocation_body(parse_rest_request(body, length), deployment)
+            mapped += 1
+        except TensorError:
+            pass
+    assert mapped > 0  # some of them are valid requests
 
 
 def test_a_body_that_is_not_json_is_a_client_error() -> None:

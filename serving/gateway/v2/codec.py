@@ -245,6 +245,8 @@ def _rows(inputs: list[InputTensor], columns: list[str]) -> tuple[list[str], lis
     if len(inputs) == 1 and inputs[0].name not in columns and len(inputs[0].shape) == 2:
         tensor = inputs[0]
         width = tensor.shape[1]
+        if width == 0:
+            raise TensorError(f"input '{tensor.name}' has no columns (shape {tensor.shape})")
         if columns and width != len(columns):
             raise TensorError(
                 f"input '{tensor.name}' has {width} columns per row; the model takes "

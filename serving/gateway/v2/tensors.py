@@ -44,7 +44,7 @@ class TensorError(ClientError):
 
 def check_datatype(name: str, datatype: Any) -> str:
     """`datatype` when the protocol defines it (BF16 and unknown names are refused)."""
-    if datatype not in _KNOWN:
+    if not isinstance(datatype, str) or datatype not in _KNOWN:
         raise TensorError(
             f"input '{name}': unsupported datatype {datatype!r}; use one of {', '.join(DATATYPES)}"
         )

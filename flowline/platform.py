@@ -79,7 +79,15 @@ class Platform:
             "gateway (POST /invocations)": self.url(self.ports.gateway),
             "controller (GET /status)": self.url(self.ports.controller),
             "drift monitor (GET /drift)": self.url(self.ports.monitor),
+            **self._grpc_url(),
         }
+
+    def _grpc_url(self) -> dict[str, str]:
+        # The gateway reads FLOWLINE_GRPC_PORT itself (it inherits this environment).
+        port = os.environ.get("FLOWLINE_GRPC_PORT", "").strip()
+        if not port or port == "0":
+            return {}
+        return {"gateway gRPC (Open Inference Protocol)": f"{self.host}:{port}"}
 
     def _env(self) -> dict[str, str]:
         env = dict(

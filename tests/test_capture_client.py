@@ -22,7 +22,7 @@ from monitoring.capture.client import (
 )
 from monitoring.capture.record import CaptureRecord, MalformedRecord, rows_from_body
 from monitoring.service.store import MonitorStore
-from serving.deployment import Deployment
+from serving.deployment import CacheSettings, Deployment
 from serving.gateway import RouteTable, create_app
 from serving.gateway.capture import CapturedRequest
 from tests.conftest import wait_for
@@ -266,28 +266,40 @@ def test_the_gateway_calls_the_async_hook_with_the_raw_request(
     scorer.release.set()
     client = make_client(monitor.url, tmp_path)
     table = RouteTable()
-    table.set_active(Deployment(model="m", version="3", replicas=(scorer.url,)))
+    # With the response cache on: the second, identical request is answered from it.
+    deployment = Deployment(model="m", version="3", replicas=(scorer.url,), cache=CacheSettings())
+    table.set_active(deployment)
     app = create_app(table=table, on_scored=client.on_scored)
     body = {"dataframe_records": [{"x": 1.5, "c": "a"}]}
 
-    async def scenario() -> int:
+    async def scenario() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as gateway:
-            answer = await gateway.post("/models/m/invocations", json=body)
+            answers = [await gateway.post("/models/m/invocations", json=body) for _ in range(2)]
             await app.state.gateway.capture.drain()
         await app.state.gateway.replicas.aclose()
-        return answer.status_code
+        return answers
 
     try:
-        assert asyncio.run(scenario()) == 200
+        answers = asyncio.run(scenario())
+        assert [a.status_code for a in answers] == [200, 200]
         assert client.flush(10)
     finally:
         client.close()
         scorer.stop()
-    [record] = [CaptureRecord.from_dict(r) for r in monitor.records]
-    assert (record.model, record.version) == ("m", "3")
-    assert record.rows() == [{"x": 1.5, "c": "a"}]
-    assert record.predictions == [0]
+    records = [CaptureRecord.from_dict(r) for r in monitor.records]
+    assert len(records) == 2
+    for record in records:
+        assert (record.model, record.version) == ("m", "3")
+        assert record.rows() == [{"x": 1.5, "c": "a"}]
+        assert record.predictions == [0]
+    # Each answer names its request id, and capture stores the row under it.
+    ids = [a.headers["x-flowline-request-id"] for a in answers]
+    assert len(set(ids)) == 2 and all(ids)
+    assert sorted(r.request_id or "" for r in records) == sorted(ids)
+    by_id = {r.request_id: r for r in records}
+    assert [a.headers["x-flowline-cache"] for a in answers] == ["miss", "hit"]
+    assert (by_id[ids[0]].cached, by_id[ids[1]].cached) == (False, True)
 
 
 def test_async_hook_on_a_full_queue_spills_and_keeps_every_record(tmp_path: Path) -> None:

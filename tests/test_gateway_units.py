@@ -570,6 +570,8 @@ def test_scoring_endpoints_alone() -> None:
         assert prompt.status_code == 200 and b'id="key-form"' in prompt.body
         refused = await scoring.invocations(make_request("POST", "/invocations"))
         assert refused.status_code == 401
+        # Every scoring answer, refusals too, names the request (a new id each time).
+        first_id = refused.headers["x-flowline-request-id"]
         gateway.table.set_active(deployment("1", ("http://127.0.0.1:9",)))
         models = await scoring.models(make_request("GET", "/models", token="key"))
         [state] = decoded(models)["models"]
@@ -594,6 +596,9 @@ def test_scoring_endpoints_alone() -> None:
         )
         assert unknown.status_code == 404
         assert decoded(unknown)["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+        second_id = unknown.headers["x-flowline-request-id"]
+        assert first_id != second_id
+        assert first_id.split("-")[0] == second_id.split("-")[0]  # this gateway's prefix
         metrics = await scoring.metrics(make_request("GET", "/metrics"))
         assert b'flowline_gateway_rejected_total{reason="unauthorized"} 3.0' in metrics.body
         await gateway.replicas.aclose()

@@ -217,3 +217,38 @@ def test_batch_ingest_is_fast_enough_for_a_smoke_check(store: MonitorStore) -> N
     elapsed = time.perf_counter() - started
     assert result.rows == 5000
     assert elapsed < 10.0, f"5000 rows took {elapsed:.1f}s"
+
+
+def test_request_ids_and_cached_answers_are_stored(store: MonitorStore) -> None:
+    m = model_name()
+    raw = [
+        {**record(m, 0), "request_id": "3f9c2a1b-1a"},
+        {**record(m, 1), "request_id": "3f9c2a1b-1b", "cached": True},
+    ]
+    assert store.ingest(raw).new_records == 2
+    first, last = store.pending(m, "1", 0, 10)
+    stored = store.records(m, "1", first.id, last.id)
+    assert [(r.request_id, r.cached) for r in stored] == [
+        ("3f9c2a1b-1a", False),
+        ("3f9c2a1b-1b", True),
+    ]
+    assert stored[1].capture_record(m, "1").cached is True
+    assert store.ingest([{**record(m, 2), "cached": "yes"}]).rejected == 1
+
+
+def test_a_store_made_before_the_cached_column_gets_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    MonitorStore(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as db:  # the table as an older flowline created it
+        db.execute("ALTER TABLE flowline_mon_captured_records DROP COLUMN cached")
+    m = model_name()
+    reopened = MonitorStore(f"sqlite:///{path}")
+    try:
+        assert reopened.ingest([{**record(m, 0), "cached": True}]).new_records == 1
+        [pending] = reopened.pending(m, "1", 0, 10)
+        [stored] = reopened.records(m, "1", pending.id, pending.id)
+        assert stored.cached is True or stored.cached == 1
+    finally:
+        reopened.close()

@@ -426,6 +426,7 @@ def test_rest_predictions_equal_invocations_on_real_rows(served: Served) -> None
     answer = _infer(served, {"id": "req-7", "inputs": inputs})
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-flowline-model-version"] == f"{MODEL}/1"
+    assert answer.headers["x-flowline-request-id"]  # flowline's id; "id" stays the client's
     payload = answer.json()
     assert (payload["model_name"], payload["model_version"], payload["id"]) == (MODEL, "1", "req-7")
     [output] = payload["outputs"]
@@ -504,6 +505,7 @@ def test_grpc_with_flowline_stub(served: Served) -> None:
         answer, call = stub.ModelInfer.with_call(request, metadata=metadata)
         assert (answer.model_name, answer.model_version, answer.id) == (MODEL, "1", "g-1")
         assert ("x-flowline-model-version", f"{MODEL}/1") in call.initial_metadata()
+        assert "x-flowline-request-id" in dict(call.initial_metadata())
         [output] = answer.outputs
         labels = to_values(output.datatype, answer.raw_output_contents[0], len(rows))
         assert labels == _invocations(served, rows)

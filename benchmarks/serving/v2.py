@@ -30,9 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The repository root replaces this script's folder on sys.path: the folder's limits.py
-# (a benchmark) would hide the `limits` package that the gateway modules imported here use.
-sys.path[0] = str(Path(__file__).resolve().parents[2])
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import harness  # noqa: E402
 from common.processes import free_port  # noqa: E402

@@ -416,9 +416,10 @@ class CaptureClient:
             version,
             getattr(request, "received_at", None) or time.time(),
             getattr(request, "content_type", None),
-            None,  # the gateway's CapturedRequest carries no request id
+            getattr(request, "request_id", None),
             predictions,
             request.body,
+            cached=bool(getattr(request, "cached", False)),
         )
         return SpooledRecord(seq, rid, payload)
 

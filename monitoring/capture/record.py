@@ -127,6 +127,8 @@ class CaptureRecord:
     content_type: str | None = None
     body_encoding: str | None = None
     rows_hint: int | None = None
+    # Answered from the gateway's response cache: the rows are real traffic all the same.
+    cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``None`` fields left out)."""
@@ -144,6 +146,8 @@ class CaptureRecord:
             out["body_encoding"] = self.body_encoding
         if self.rows_hint:
             out["rows"] = self.rows_hint
+        if self.cached:
+            out["cached"] = True
         return out
 
     @classmethod
@@ -185,6 +189,9 @@ class CaptureRecord:
         encoding = data.get("body_encoding")
         if encoding not in (None, "", "base64"):
             raise MalformedRecord("record body_encoding must be 'base64' or absent")
+        cached = data.get("cached", False)
+        if type(cached) is not bool:
+            raise MalformedRecord("record cached must be true or false")
         hint = data.get("rows")
         if hint is not None and (type(hint) is not int or not 1 <= hint <= MAX_ROWS_PER_RECORD):
             raise MalformedRecord(f"record rows must be an integer in [1, {MAX_ROWS_PER_RECORD}]")
@@ -200,6 +207,7 @@ class CaptureRecord:
             content_type=content_type,
             body_encoding=encoding or None,
             rows_hint=hint,
+            cached=cached,
         )
 
     def rows(self) -> list[dict[str, Any]]:
@@ -262,6 +270,7 @@ def encode_record(
     request_id: Any,
     predictions: Any,
     body: bytes,
+    cached: bool = False,
 ) -> bytes:
     """One scored request as the JSON text of :meth:`CaptureRecord.to_dict`.
 
@@ -275,6 +284,8 @@ def encode_record(
         text, extra = base64.b64encode(body).decode("ascii"), ',"body_encoding":"base64"'
     if request_id is not None:
         extra += f',"request_id":{_quote(str(request_id))}'
+    if cached:
+        extra += ',"cached":true'
     try:
         preds = _dumps(predictions)
     except (TypeError, ValueError):

@@ -49,8 +49,10 @@ from sqlalchemy import (
     and_,
     create_engine,
     delete,
+    false,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -84,6 +86,8 @@ captured_records = Table(
     Column("inputs", Text),  # JSON rows, for records sent with inputs instead of a body
     Column("predictions", Text),  # JSON
     Column("error", Text),  # why the record cannot be read (a schema violation)
+    # Answered from the gateway's response cache (still real traffic, so still in drift).
+    Column("cached", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("record_id", name=f"{PREFIX}uq_record_id"),
     Index(f"{PREFIX}ix_records_stream", "model", "version", "id"),
     Index(f"{PREFIX}ix_records_captured_at", "captured_at"),
@@ -204,6 +208,8 @@ class StoredRecord:
     inputs: str | None
     predictions: str | None
     error: str | None
+    request_id: str | None = None
+    cached: bool = False
 
     def capture_record(self, model: str, version: str) -> CaptureRecord:
         """The record in its contract form, to parse its rows."""
@@ -217,6 +223,8 @@ class StoredRecord:
             body=self.body,
             content_type=self.content_type,
             body_encoding=self.body_encoding,
+            request_id=self.request_id,
+            cached=bool(self.cached),
         )
 
 
@@ -357,6 +365,7 @@ class MonitorStore:
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5)
         metadata.create_all(self.engine)
+        _add_new_columns(self.engine)
         # One writer at a time in this process: SQLite needs it, and it makes the
         # duplicate check of ingest race-free (the unique key is the final guard).
         self._write_lock = threading.Lock()
@@ -768,6 +777,21 @@ class MonitorStore:
         return counts
 
 
+# Columns added after the first release, as (table, column, DDL type and default): a store
+# created before them gets them at start (create_all only creates missing tables).
+_NEW_COLUMNS = ((captured_records, "cached", "BOOLEAN NOT NULL DEFAULT FALSE"),)
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of `_NEW_COLUMNS` an existing table lacks."""
+    inspector = inspect(engine)
+    for table, column, ddl in _NEW_COLUMNS:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        if column not in present:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column} {ddl}")
+
+
 def _compiled_insert(conn: Connection) -> tuple[str, list[str] | None]:
     """The record INSERT for this dialect, skipping stored record ids, and its parameter order."""
     name = conn.dialect.name
@@ -830,4 +854,5 @@ def _record_row(prepared: PreparedRecord, now: float) -> dict[str, Any]:
         "inputs": encode(record.inputs) if record.inputs is not None else None,
         "predictions": encode(record.predictions) if record.predictions is not None else None,
         "error": prepared.error,
+        "cached": record.cached,
     }

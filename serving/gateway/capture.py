@@ -26,12 +26,14 @@ class CapturedRequest:
     """A scored request as the client sent it.
 
     cached: the answer came from the gateway's response cache, not from a replica.
+    request_id: the id the gateway gave the request (its x-flowline-request-id).
     """
 
     body: bytes
     content_type: str | None
     received_at: float = field(default_factory=time.time)
     cached: bool = False
+    request_id: str | None = None
 
     def to_frame(self, input_schema: Any = None) -> Any:
         """Parse the body exactly as the stock scorer does (DataFrame, ndarray, dict ...).

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -43,6 +44,9 @@ from serving.gateway.wire import BatchSchema, is_json_content_type, parse_tabula
 logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Flowline-Model-Version"
+# On every scoring answer (errors too): the id the request is captured under, the key
+# that label feedback will refer to.
+REQUEST_ID_HEADER = "X-Flowline-Request-Id"
 BATCH_HEADER = "X-Flowline-Batch-Size"
 # "hit" or "miss" on the answers of models with a response cache (absent otherwise).
 CACHE_HEADER = "X-Flowline-Cache"
@@ -83,6 +87,9 @@ class Gateway:
         )
         self.capture = CaptureDispatcher(on_scored, self.metrics.capture_dropped.inc)
         self._inflight = 0
+        # Request ids: unique across restarts and gateway processes by the random prefix.
+        self._request_prefix = secrets.token_hex(4)
+        self._request_count = 0
         self._api_keys = sorted(self.config.api_keys)
         self._rejected = {reason: self.metrics.rejected.labels(reason) for reason in REJECT_REASONS}
         # Budgets are keyed by a hash of the key; hash each configured key once.
@@ -185,16 +192,27 @@ class Gateway:
         """Authenticate, read, limit, route and forward one scoring request."""
         started = time.perf_counter()
         if self._api_keys and not self.authorized(request):
-            return self.unauthorized()
+            return self._with_request_id(self.unauthorized(), self.next_request_id())
         # The body is read before taking an in-flight slot, under its own deadline, so
         # slow senders cannot hold the slots that requests with a body need.
         body = await self.read_body(request)
         if isinstance(body, Response):
-            return body
+            return self._with_request_id(body, self.next_request_id())
         headers = request.headers
         return await self.score_body(
             model, body, headers.get("content-type"), headers.get("authorization"), started
         )
+
+    def next_request_id(self) -> str:
+        """A new request id: this gateway process's random prefix and a counter."""
+        self._request_count += 1
+        return f"{self._request_prefix}-{self._request_count:x}"
+
+    @staticmethod
+    def _with_request_id(response: Response, request_id: str) -> Response:
+        if REQUEST_ID_HEADER not in response.headers:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
 
     async def score_body(
         self,
@@ -210,8 +228,25 @@ class Gateway:
         `body` is the `/invocations` body, or a function that makes it from the
         deployment the request was routed to (the V2 protocol maps its inputs onto
         that version's signature); a `ClientError` it raises is answered with 400.
-        `version` pins the model version: another one deployed answers 404.
+        `version` pins the model version: another one deployed answers 404. Every
+        answer carries a new request id (`REQUEST_ID_HEADER`), which capture stores.
         """
+        request_id = self.next_request_id()
+        response = await self._score_body(
+            model, body, content_type, authorization, started, version, request_id
+        )
+        return self._with_request_id(response, request_id)
+
+    async def _score_body(
+        self,
+        model: str | None,
+        body: bytes | BodyFor,
+        content_type: str | None,
+        authorization: str | None,
+        started: float,
+        version: str | None,
+        request_id: str,
+    ) -> Response:
         if self._inflight >= self.config.max_inflight:
             return self.reject(
                 "overloaded",
@@ -276,7 +311,7 @@ class Gateway:
                     self.metrics.cache_lookups.labels(deployment.model, cached).inc()
             finally:
                 self.table.release(route)
-            return self._answer(route, body, content_type, outcome, started, cached)
+            return self._answer(route, body, content_type, outcome, started, cached, request_id)
         finally:
             self._inflight -= 1
 
@@ -383,9 +418,12 @@ class Gateway:
         outcome: Outcome,
         started: float,
         cached: str | None = None,
+        request_id: str | None = None,
     ) -> Response:
         deployment = route.deployment
         headers = {VERSION_HEADER: deployment.label}
+        if request_id is not None:
+            headers[REQUEST_ID_HEADER] = request_id
         if cached is not None:
             headers[CACHE_HEADER] = cached
         if outcome.content_type is not None:
@@ -401,7 +439,7 @@ class Gateway:
             self.capture.submit(
                 deployment.model,
                 deployment.version,
-                CapturedRequest(body, content_type, cached=cached == "hit"),
+                CapturedRequest(body, content_type, cached=cached == "hit", request_id=request_id),
                 outcome.body,
                 outcome.predictions,
             )

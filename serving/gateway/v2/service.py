@@ -18,6 +18,7 @@ from serving.deployment import Deployment
 from serving.gateway.core import (
     BATCH_HEADER,
     CACHE_HEADER,
+    REQUEST_ID_HEADER,
     VERSION_HEADER,
     Gateway,
     message_of,
@@ -37,7 +38,7 @@ from serving.gateway.v2.tensors import TensorError
 
 SERVER_NAME = "flowline"
 # Headers of the /invocations answer that a V2 answer keeps.
-KEPT_HEADERS = (VERSION_HEADER, CACHE_HEADER, BATCH_HEADER, "retry-after")
+KEPT_HEADERS = (VERSION_HEADER, REQUEST_ID_HEADER, CACHE_HEADER, BATCH_HEADER, "retry-after")
 
 
 @dataclass

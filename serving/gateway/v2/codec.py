@@ -186,7 +186,7 @@ def parse_rest_request(body: bytes, json_length: str | None = None) -> InferRequ
     return InferRequest(
         inputs,
         _request_id(payload.get("id")),
-        _parameters(payload.get("parameters")),
+        model_parameters(payload.get("parameters")),
         _requested_outputs(payload.get("outputs")),
     )
 
@@ -199,7 +199,8 @@ def _request_id(value: Any) -> str | None:
     return value
 
 
-def _parameters(value: Any) -> dict[str, Any]:
+def model_parameters(value: Any) -> dict[str, Any]:
+    """A request's `parameters` as MLflow params: the protocol's own keys left out."""
     if value is None:
         return {}
     if not isinstance(value, dict):

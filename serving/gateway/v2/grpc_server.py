@@ -22,7 +22,7 @@ import grpc
 from serving.gateway.core import Gateway
 from serving.gateway.v2 import inference_pb2 as pb
 from serving.gateway.v2 import inference_pb2_grpc as pb_grpc
-from serving.gateway.v2.codec import RESERVED_PARAMETERS, InferRequest, input_tensor
+from serving.gateway.v2.codec import InferRequest, input_tensor, model_parameters
 from serving.gateway.v2.service import InferenceService, InferResult
 from serving.gateway.v2.tensors import BYTES, TensorError, check_datatype, from_raw, to_raw
 
@@ -77,7 +77,8 @@ def infer_request(message: pb.ModelInferRequest) -> InferRequest:
             count = 1
             for dim in shape:
                 count *= max(dim, 0)
-            values = from_raw(tensor.name, _checked(tensor), raw[index], count)
+            datatype = check_datatype(tensor.name, tensor.datatype)
+            values = from_raw(tensor.name, datatype, raw[index], count)
         else:
             field = _CONTENTS.get(tensor.datatype)
             if field is None:
@@ -89,20 +90,12 @@ def infer_request(message: pb.ModelInferRequest) -> InferRequest:
         inputs.append(input_tensor(tensor.name, tensor.datatype, shape, values))
     parameters = {k: _parameter(v) for k, v in message.parameters.items()}
     outputs = [o.name for o in message.outputs] or None
-    return InferRequest(inputs, message.id or None, _model_parameters(parameters), outputs)
-
-
-def _checked(tensor: Any) -> str:
-    return check_datatype(tensor.name, tensor.datatype)
+    return InferRequest(inputs, message.id or None, model_parameters(parameters), outputs)
 
 
 def _parameter(value: pb.InferParameter) -> Any:
     choice = value.WhichOneof("parameter_choice")
     return None if choice is None else getattr(value, choice)
-
-
-def _model_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in parameters.items() if k not in RESERVED_PARAMETERS}
 
 
 def infer_response(result: InferResult, request_id: str | None) -> pb.ModelInferResponse:

@@ -462,7 +462,8 @@ def test_v2_health_metadata_and_refusals(served: Served) -> None:
     signature_columns = {i["name"] for i in _v2_inputs(served, served.rows)}
     assert {"age", "signup", "vip", "member", "city"} <= signature_columns
     inputs = _v2_inputs(served, served.rows.head(2))
-    assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"inputs": inputs}).status_code == 401
+    no_key = httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"inputs": inputs})
+    assert no_key.status_code == 401 and no_key.headers["x-flowline-request-id"]
     wrong = _infer(served, {"inputs": inputs}, "/versions/2")
     assert wrong.status_code == 404 and "version '1' is" in wrong.json()["error"]
     unknown = httpx.post(f"{url}/v2/models/nope/infer", json={"inputs": inputs}, headers=AUTH)
@@ -470,6 +471,8 @@ def test_v2_health_metadata_and_refusals(served: Served) -> None:
     short = [dict(inputs[0], shape=[3])]
     bad = _infer(served, {"inputs": short})
     assert bad.status_code == 400 and "elements" in bad.json()["error"]
+    # Refusals name their request too, each with its own id.
+    assert bad.headers["x-flowline-request-id"] != no_key.headers["x-flowline-request-id"]
     # A value the model cannot read is the replica's 400, passed on in the V2 shape.
     typo = [dict(i, data=["lots", "few"]) if i["name"] == "fare" else i for i in inputs]
     rejected = _infer(served, {"inputs": typo})
@@ -512,6 +515,7 @@ def test_grpc_with_flowline_stub(served: Served) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(request)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "x-flowline-request-id" in dict(refused.value.trailing_metadata())
         request.inputs[0].shape[0] = 99
         with pytest.raises(grpc.RpcError) as bad:
             stub.ModelInfer(request, metadata=metadata)

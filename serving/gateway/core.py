@@ -192,12 +192,12 @@ class Gateway:
         """Authenticate, read, limit, route and forward one scoring request."""
         started = time.perf_counter()
         if self._api_keys and not self.authorized(request):
-            return self._with_request_id(self.unauthorized(), self.next_request_id())
+            return self.with_request_id(self.unauthorized(), self.next_request_id())
         # The body is read before taking an in-flight slot, under its own deadline, so
         # slow senders cannot hold the slots that requests with a body need.
         body = await self.read_body(request)
         if isinstance(body, Response):
-            return self._with_request_id(body, self.next_request_id())
+            return self.with_request_id(body, self.next_request_id())
         headers = request.headers
         return await self.score_body(
             model, body, headers.get("content-type"), headers.get("authorization"), started
@@ -209,7 +209,8 @@ class Gateway:
         return f"{self._request_prefix}-{self._request_count:x}"
 
     @staticmethod
-    def _with_request_id(response: Response, request_id: str) -> Response:
+    def with_request_id(response: Response, request_id: str) -> Response:
+        """`response` with `request_id` as its request id, unless it already has one."""
         if REQUEST_ID_HEADER not in response.headers:
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
@@ -235,7 +236,7 @@ class Gateway:
         response = await self._score_body(
             model, body, content_type, authorization, started, version, request_id
         )
-        return self._with_request_id(response, request_id)
+        return self.with_request_id(response, request_id)
 
     async def _score_body(
         self,

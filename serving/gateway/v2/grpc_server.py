@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from serving.gateway.core import Gateway
+from serving.gateway.core import REQUEST_ID_HEADER, Gateway
 from serving.gateway.v2 import inference_pb2 as pb
 from serving.gateway.v2 import inference_pb2_grpc as pb_grpc
 from serving.gateway.v2.codec import InferRequest, input_tensor, model_parameters
@@ -155,11 +155,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         """Score the request's inputs through the gateway's scoring path."""
         started = time.perf_counter()
-        authorization = await self._authenticate(context)
+        authorization = await self._authenticate(context, scoring=True)
         try:
             parsed = infer_request(request)
         except TensorError as exc:
             self.gateway.reject("bad_request", 400, "BAD_REQUEST", str(exc))
+            self._set_new_request_id(context)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = await self.service.infer(
             request.model_name, request.model_version or None, parsed, authorization, started
@@ -171,10 +172,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await context.send_initial_metadata(metadata)
         return infer_response(result, parsed.id)
 
-    async def _authenticate(self, context: Any) -> str | None:
+    def _set_new_request_id(self, context: Any) -> None:
+        # A scoring refusal before the scoring path still names its request.
+        request_id = self.gateway.next_request_id()
+        context.set_trailing_metadata(((REQUEST_ID_HEADER.lower(), request_id),))
+
+    async def _authenticate(self, context: Any, scoring: bool = False) -> str | None:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         if not self.gateway.authorization_valid(authorization):
             self.gateway.unauthorized()  # counts the refusal
+            if scoring:
+                self._set_new_request_id(context)
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "Missing or invalid API key: send 'authorization: Bearer <key>' metadata.",

@@ -91,17 +91,23 @@ class V2Endpoints:
     async def infer(self, request: Request) -> Response:
         """POST /v2/models/{name}[/versions/{v}]/infer: score the inputs."""
         started = time.perf_counter()
-        if not self.gateway.authorized(request):
-            return _unauthorized(self.gateway)
-        body = await self.gateway.read_body(request)
+        gateway = self.gateway
+
+        def refused(response: Response) -> Response:
+            # A refusal before the scoring path: it gets a request id all the same.
+            return gateway.with_request_id(_as_v2_error(response), gateway.next_request_id())
+
+        if not gateway.authorized(request):
+            return refused(gateway.unauthorized())
+        body = await gateway.read_body(request)
         if isinstance(body, Response):
-            return _as_v2_error(body)
+            return refused(body)
         name, version = _model_of(request)
         try:
             parsed = parse_rest_request(body, request.headers.get(HEADER_LENGTH))
         except TensorError as exc:
             # Counted in flowline_gateway_rejected_total like every refusal.
-            return _as_v2_error(self.gateway.reject("bad_request", 400, BAD_REQUEST, str(exc)))
+            return refused(gateway.reject("bad_request", 400, BAD_REQUEST, str(exc)))
         authorization = request.headers.get("authorization")
         result = await self.service.infer(name, version, parsed, authorization, started)
         if result.error is not None:

@@ -23,7 +23,7 @@ from mlflow.types.schema import AnyType
 from sklearn.model_selection import train_test_split
 
 from common import registry
-from monitoring.profile import baseline, column_types
+from monitoring.profile import baseline, column_types, performance
 from pipelines import gate, keras_family, sklearn_family
 from pipelines.columns import ColumnPlan
 from pipelines.data import DEMO_DATA, TrainingData, load_training_data
@@ -198,6 +198,41 @@ def model_code_paths(staging: Path) -> list[str]:
     return [str(Path(__file__).resolve().parent), str(package)]
 
 
+def performance_profile(
+    pipeline: Any,
+    task: str,
+    metric: str,
+    test_scores: dict[str, float],
+    X_test: pd.DataFrame,
+    y_test: pd.Series,
+    report: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The baseline's ``performance`` section: the test metrics and, for a classifier, its
+    probabilities calibrated on the test split (what the monitor's CBPE estimate uses).
+
+    Calibration is an extra for the monitor, so it never fails the training job: on odd
+    data (a class missing from the test split, a model without ``predict_proba``) the
+    section is written without it and the job reports a warning.
+    """
+    if task != "classification":
+        return performance.performance_section(task, metric, test_scores, len(X_test))
+    classes = getattr(pipeline, "classes_", None)
+    calibration = None
+    try:
+        proba = pipeline.predict_proba(X_test)
+        calibration = performance.fit_calibration(classes, proba, y_test)
+    except Exception as exc:  # whatever the model or data throw: the job goes on
+        report(f"warning: no probability calibration for performance estimation: {exc}")
+    return performance.performance_section(
+        task,
+        metric,
+        test_scores,
+        len(X_test),
+        None if classes is None else list(classes),
+        calibration,
+    )
+
+
 def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVersion:
     """Run the whole job and return the registered model version.
 
@@ -278,11 +313,11 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
         train_predictions = pipeline.predict(X_train)
         with tempfile.TemporaryDirectory() as tmp:
             profile_path = os.path.join(tmp, baseline.FILE_NAME)
-            Path(profile_path).write_text(
-                baseline.dumps(
-                    baseline.build_profile(X_train, train_predictions, plan.types, plan.dropped)
-                )
+            profile = baseline.build_profile(X_train, train_predictions, plan.types, plan.dropped)
+            profile["performance"] = performance_profile(
+                pipeline, data.task, metric, test_scores, X_test, y_test, report
             )
+            Path(profile_path).write_text(baseline.dumps(profile))
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=TabularModel(pipeline, data.task),

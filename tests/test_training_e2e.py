@@ -117,6 +117,11 @@ def test_sklearn_project_tunes_logs_and_registers(tracking_server) -> None:
     baseline = _assert_model_files(f"models:/{name}/{mv.version}", raw)
     _assert_baseline(baseline, raw, int(mv.tags["flowline.training_rows"]))
     assert set(baseline["prediction"]["top"]) <= {"yes", "no"}
+    performance = baseline["performance"]
+    assert performance["task"] == "classification" and performance["metric"] == "roc_auc"
+    assert performance["test"]["roc_auc"] == pytest.approx(parent.data.metrics["test_roc_auc"])
+    assert performance["classes"] == ["no", "yes"]
+    assert performance["calibration"]["curves"][0]["class"] == "yes"
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}")
     rows = (
@@ -171,6 +176,9 @@ def test_keras_project_on_parquet_regression(tracking_server, diabetes_parquet: 
     raw = pd.read_parquet(diabetes_parquet).drop(columns=["target"])
     baseline = _assert_model_files(f"models:/{name}/{mv.version}", raw)
     _assert_baseline(baseline, raw, int(mv.tags["flowline.training_rows"]))
+    assert baseline["performance"]["task"] == "regression"
+    assert baseline["performance"]["classes"] is None
+    assert baseline["performance"]["calibration"] is None
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}")
     rows = raw.head(3).astype({"region": object})

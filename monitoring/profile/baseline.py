@@ -13,7 +13,8 @@ Format ``flowline.baseline`` version 1 (see docs/baseline-format.md)::
       "schema": [{"name": "age", "dtype": "float64", "kind": "numeric", "type": "integer"}, ...],
       "features": {"age": <numeric stats>, "city": <categorical stats>},
       "ignored": {"customer_id": "id_like"},
-      "prediction": <numeric or categorical stats of the model's training predictions>
+      "prediction": <numeric or categorical stats of the model's training predictions>,
+      "performance": <optional: test metrics and calibration, monitoring/profile/performance.py>
     }
 
 Each feature's ``type`` says how raw values map into the profiled space, the same way in
@@ -22,7 +23,8 @@ numbers; ``boolean`` values are the strings "true"/"false"; ``datetime`` values 
 since 1970-01-01 (kind numeric); ``string`` values are text. A profile without ``type``
 (written before it existed) reads as integer/float or string by kind. ``ignored`` lists the
 columns the model does not use, with the reason, so that the monitor does not count them
-as extra columns.
+as extra columns. ``performance`` is optional: :func:`loads` accepts profiles without it
+(all written before it existed).
 
 numeric stats: kind, count (non-null), nulls, null_rate, mean, std, min, max,
   kll {k, n, sketch (base64 of a kll_floats_sketch)}

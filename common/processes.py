@@ -40,6 +40,35 @@ def venv_first_path(path: str | None = None) -> str:
     return venv_bin() + os.pathsep + rest
 
 
+# What model code inherits (a replica, the monitor's probability scorer): enough to run
+# `mlflow models serve` and nothing else. Model code runs there, so no platform secret
+# (admin token, tracking credentials, webhook secrets, API keys) may be in its
+# environment: an allowlist, not a denylist.
+REPLICA_ENV_NAMES = ("HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME")
+# Building an environment (virtualenv, uv, conda) also needs the package index settings.
+ENV_BUILDER_NAMES = tuple(
+    """PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CERT UV_INDEX_URL SSL_CERT_FILE REQUESTS_CA_BUNDLE
+    HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy
+    MLFLOW_ENV_ROOT MLFLOW_CONDA_HOME CONDA_EXE PYENV_ROOT""".split()
+)
+
+
+def replica_environment(
+    tracking_uri: str, env_manager: str = "local", source: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a replica: PATH with this venv's bin first, locale, HOME, and
+    the tracking URI it loads ``models:/`` from; never a flowline or MLflow secret."""
+    source = os.environ if source is None else source
+    names = REPLICA_ENV_NAMES + (ENV_BUILDER_NAMES if env_manager != "local" else ())
+    env = {k: source[k] for k in names if k in source}
+    env.update({k: v for k, v in source.items() if k.startswith("LC_")})
+    # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: use this venv's.
+    env["PATH"] = venv_first_path(source.get("PATH", os.defpath))
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def option_args(options: Mapping[str, object]) -> list[str]:
     """Command-line options as argv words: ``{"--port": 80}`` gives ``["--port", "80"]``."""
     return [word for name, value in options.items() for word in (name, str(value))]

@@ -36,6 +36,7 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
+from common.processes import replica_environment
 from common.registry import (
     BACKEND_MODEL_TAG,
     PRODUCTION_ALIAS,
@@ -48,7 +49,6 @@ from common.settings import FlowlineBaseSettings
 from serving.backends.base import BackendError
 from serving.backends.docker import Resources
 from serving.backends.factory import BACKENDS
-from serving.backends.local import replica_environment
 from serving.served import served_models, wait_until_served
 
 # What `mlflow deployments create/update --config KEY=VALUE` may set.

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,6 +164,30 @@ def send_rows(
         if own:
             client.close()
     return sent
+
+
+def capture_records(
+    frame: Any, predictions: list[Any], per: int = 1, model: str = "churn"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Capture records of ``per``-row dataframe_split requests (version 1, each with a
+    request id), and each row's id for feedback (``<request id>:<row>`` past one row)."""
+    out, row_ids = [], []
+    for start in range(0, len(frame), per):
+        chunk = frame.iloc[start : start + per]
+        request_id = f"feedc0de-{start:x}"
+        body = {
+            "dataframe_split": {
+                "columns": list(chunk.columns),
+                "data": json.loads(chunk.to_json(orient="values")),
+            }
+        }
+        out.append({
+            "id": uuid.uuid4().hex, "model": model, "version": "1", "time": 1.8e9 + start,
+            "body": json.dumps(body), "content_type": "application/json",
+            "predictions": list(predictions[start : start + per]), "request_id": request_id,
+        })  # fmt: skip
+        row_ids += [request_id if per == 1 else f"{request_id}:{i}" for i in range(len(chunk))]
+    return out, row_ids
 
 
 # --- the gateway wrapper ------------------------------------------------------------------

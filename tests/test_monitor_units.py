@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from monitoring.service.baselines import BaselineCache
 from monitoring.service.monitor import Monitor
 from monitoring.service.server import MAX_INGEST_BYTES, MonitorEndpoints, create_app
 from monitoring.service.settings import MonitorSettings
-from tests.helpers_monitor import CHURN, FEATURES, LoopbackServer, shifted
+from tests.helpers_monitor import CHURN, FEATURES, LoopbackServer, capture_records, shifted
 
 WINDOW = 200
 
@@ -52,21 +51,7 @@ def records(
     frame: pd.DataFrame, predictions: list[Any], model: str = "churn", per: int = 20
 ) -> list[dict]:
     """Capture records of dataframe_split requests, ``per`` rows each."""
-    out = []
-    for start in range(0, len(frame), per):
-        chunk = frame.iloc[start : start + per]
-        body = {
-            "dataframe_split": {
-                "columns": list(chunk.columns),
-                "data": json.loads(chunk.to_json(orient="values")),
-            }
-        }
-        out.append({
-            "id": uuid.uuid4().hex, "model": model, "version": "1", "time": 1.8e9 + start,
-            "body": json.dumps(body), "content_type": "application/json",
-            "predictions": list(predictions[start : start + per]),
-        })  # fmt: skip
-    return out
+    return capture_records(frame, predictions, per, model)[0]
 
 
 def sample(data: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, list[str]]:

@@ -157,7 +157,8 @@ def render_report(window: dict[str, Any], stored: dict[str, Any]) -> str:
     ``window`` holds the summary fields (model, version, window_index, rows,
     started_at, ended_at, closed_by, drifted, reasons, schema_violations);
     ``stored`` is the stored report document: {"drift": WindowReport.to_dict(),
-    "plots": {...}, "violations": {...}}.
+    "plots": {...}, "violations": {...}, "estimate": CBPE or None}, and "performance":
+    the window's realized metrics from labels (added by the monitor when it renders).
     """
     drift = stored.get("drift") or {}
     plots = stored.get("plots") or {}
@@ -187,4 +188,21 @@ def render_report(window: dict[str, Any], stored: dict[str, Any]) -> str:
         extra_columns=schema.get("extra", []),
         violations={k: v for k, v in (stored.get("violations") or {}).items() if v},
         cards=cards,
+        performance=_performance_rows(stored),
+        labelled_rows=(stored.get("performance") or {}).get("labelled_rows", 0),
+        estimate_source=(stored.get("estimate") or {}).get("probabilities"),
     )
+
+
+def _performance_rows(stored: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
+    """(metric, estimated, realized, test) rows of the report's performance table."""
+    estimated = stored.get("estimate") or {}
+    performance = stored.get("performance") or {}
+    realized = performance.get("realized") or {}
+    test = performance.get("test") or {}
+    names = ("accuracy", "f1", "roc_auc", "rmse", "mae", "r2")
+    return [
+        (m, estimated.get(m), realized.get(m), test.get(m))
+        for m in names
+        if m in estimated or m in realized
+    ]

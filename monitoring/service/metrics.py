@@ -115,6 +115,30 @@ class MonitorMetrics:
         self.alerts = counter(
             "flowline_monitor_alert_deliveries", "Webhook deliveries by outcome.", ("outcome",)
         )
+        self.feedback_labels = counter(
+            "flowline_monitor_feedback_labels",
+            "Labels received by POST /feedback: new, updated, unchanged (a redelivery) or "
+            "unknown (no captured request with that id yet).",
+            ("model", "outcome"),
+        )
+        self.labelled_rows = gauge(
+            "flowline_monitor_labelled_rows", "Captured rows with a label (joined feedback)."
+        )
+        self.realized = gauge(
+            "flowline_monitor_realized_performance",
+            "The version's realized metric over every labelled row (accuracy, f1, roc_auc, "
+            "rmse, mae, r2).",
+            (*STREAM, "metric"),
+        )
+        self.estimated = gauge(
+            "flowline_monitor_estimated_performance",
+            "CBPE estimate of the latest window, without labels (accuracy, roc_auc).",
+            (*STREAM, "metric"),
+        )
+        self.performance_degraded = gauge(
+            "flowline_monitor_performance_degraded",
+            "1 when the realized metric is worse than the test metric by more than the margin.",
+        )
 
     def touch(self, model: str, version: str) -> None:
         """Make a stream's counters visible at 0 (so rows_dropped shows an explicit 0)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from typing import Any
 
 from common import registry
@@ -144,9 +145,10 @@ class MonitoringRuns:
 
         run_id = self.run_id(summary.model, summary.version)
         timestamp = int(summary.closed_at * 1000)
+        values = window_metrics(summary, stored.get("drift") or {})
+        values.update(_performance_metrics("estimated", stored.get("estimate")))
         metrics = [
-            Metric(key, value, timestamp, summary.window_index)
-            for key, value in window_metrics(summary, stored.get("drift") or {}).items()
+            Metric(key, value, timestamp, summary.window_index) for key, value in values.items()
         ]
         for start in range(0, len(metrics), 1000):  # MLflow's per-call limit
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
@@ -157,3 +159,30 @@ class MonitoringRuns:
             report_artifact(summary.window_index).replace(".html", ".json"),
         )
         return run_id
+
+    def log_performance(
+        self, model: str, version: str, windows: list[tuple[int, dict[str, Any]]]
+    ) -> None:
+        """Log windows' realized metrics (``performance.realized.<metric>``, step = window
+        index) and their labelled rows; a window logged again as labels arrive gets its
+        newest values at the same step."""
+        from mlflow.entities import Metric
+
+        run_id = self.run_id(model, version)
+        now = int(time.time() * 1000)
+        metrics = []
+        for index, window in windows:
+            values = _performance_metrics("realized", window.get("realized"))
+            values["performance.labelled_rows"] = float(window["labelled_rows"])
+            metrics.extend(Metric(k, v, now, index) for k, v in values.items())
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _performance_metrics(kind: str, values: dict[str, Any] | None) -> dict[str, float]:
+    """``{"performance.<kind>.<metric>": value}`` for the numeric metrics of ``values``."""
+    out = {}
+    for name, value in (values or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "rows":
+            out[metric_key("performance", kind, name)] = float(value)
+    return out

@@ -10,7 +10,9 @@ all progress lives in the store:
   one transaction; hourly it applies the retention setting;
 * publisher: logs stored windows to the version's MLflow monitoring run,
   oldest first, retrying while the tracking server is unreachable;
-* alerter: delivers the webhook outbox.
+* alerter: delivers the webhook outbox;
+* performance: joins label feedback with captured predictions and re-evaluates the
+  realized performance of models whose labels changed (monitoring.service.performance).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from monitoring.drift.evaluate import DriftConfig, PreparedBaseline, evaluate_wi
 from monitoring.drift.report_html import render_report
 from monitoring.service.alerts import AlertSender, alert_body
 from monitoring.service.baselines import BaselineCache, BaselineUnavailable, fetch_from_registry
+from monitoring.service.feedback import FeedbackItem, check_labels, parse_feedback
+from monitoring.service.feedback_store import FeedbackResult, FeedbackStore
 from monitoring.service.ingest_checks import (
     MAX_RECORDS_PER_BATCH,
     IngestRefused,
@@ -35,6 +39,13 @@ from monitoring.service.ingest_checks import (
 )
 from monitoring.service.metrics import MonitorMetrics
 from monitoring.service.mlflow_runs import MonitoringRuns
+from monitoring.service.performance import (
+    PerformanceSpec,
+    PerformanceTracker,
+    estimate_window,
+    performance_alert_body,
+)
+from monitoring.service.proba_scorer import ProbaScorer
 from monitoring.service.settings import MonitorSettings
 from monitoring.service.store import (
     IngestResult,
@@ -111,7 +122,18 @@ class Monitor:
         self.gate = StreamGate(settings.max_streams, registry_lookup(settings.tracking_uri))
         self.alerts = AlertSender(self.store, settings, self.metrics)
         self.public_url = (settings.public_url or public_url).rstrip("/")
+        self.feedback = FeedbackStore(self.store)
+        self.performance = PerformanceTracker(
+            self.store,
+            self.feedback,
+            self.performance_spec,
+            settings.performance_margin,
+            settings.performance_min_rows,
+        )
+        self.scorer = ProbaScorer(settings.tracking_uri) if settings.estimate_enabled else None
+        self._logged_performance: dict[tuple[str, str, Any], int] = {}
         self._stop = threading.Event()
+        self._wake_performance = threading.Event()
         self._wake_detector = threading.Event()
         self._wake_publisher = threading.Event()
         self._wake_alerter = threading.Event()
@@ -174,6 +196,96 @@ class Monitor:
             m.rejected.inc(result.rejected)
         if result.new_records:
             self._wake_detector.set()
+
+    # --- feedback and performance ---------------------------------------------------------
+
+    def performance_spec(self, model: str, version: str) -> PerformanceSpec | None:
+        """What training recorded of a version's performance (None: not known yet)."""
+        try:
+            profile = self.baselines.get(model, version).profile
+        except BaselineUnavailable:
+            return None
+        return PerformanceSpec.from_profile(profile)
+
+    def _label_spec(self, model: str) -> PerformanceSpec | None:
+        # Labels name no version: their type is the newest monitored version's.
+        versions = sorted(
+            (s.version for s in self.store.streams() if s.model == model),
+            key=lambda v: (len(v), v),
+            reverse=True,
+        )
+        for version in versions:
+            spec = self.performance_spec(model, version)
+            if spec is not None:
+                return spec
+        return None
+
+    def feedback_body(self, model: str, body: bytes, content_type: str | None) -> FeedbackResult:
+        """POST /feedback/{model}: parse, type-check and store labels (idempotent).
+
+        Raises BadFeedback (400) for a malformed body and WrongLabels (422) for labels
+        of another type than the model's; unknown request ids are counted, and kept.
+        """
+        items: list[FeedbackItem] = parse_feedback(body, content_type)
+        spec = self._label_spec(model)
+        items = check_labels(items, spec.task if spec else None, spec.classes if spec else None)
+        result = self.feedback.add(model, items)
+        for outcome in ("new", "updated", "unchanged", "unknown"):
+            count = getattr(result, outcome)
+            if count:
+                self.metrics.feedback_labels.labels(model, outcome).inc(count)
+        self._wake_performance.set()
+        return result
+
+    def performance_view(self, model: str) -> dict[str, Any] | None:
+        """GET /performance/{model}."""
+        view = self.performance.view(model)
+        if view is not None:
+            view["feedback_url"] = f"{self.public_url}/feedback/{quote(model, safe='')}"
+        return view
+
+    def refresh_performance(self, now: float | None = None) -> int:
+        """One pass of the performance thread (see PerformanceTracker.refresh)."""
+        done = self.performance.refresh(now, self._observe_performance, self._performance_alerts)
+        if done:
+            self._wake_alerter.set()
+        if self.scorer is not None:
+            self.scorer.stop_idle()
+        return done
+
+    def _performance_alerts(
+        self, event: str, model: str, decision: dict[str, Any]
+    ) -> list[tuple[str, str]]:
+        url = f"{self.public_url}/performance/{quote(model, safe='')}"
+        body = performance_alert_body(self.settings.alert_format, event, model, decision, url)
+        return [(hook, body) for hook in self.settings.alert_webhooks]
+
+    def _observe_performance(self, model: str, version: dict[str, Any]) -> None:
+        """Gauges of a version's realized performance, and its windows' MLflow metrics."""
+        v = version["version"]
+        m = self.metrics
+        for metric, value in version["realized"].items():
+            m.realized.labels(model, v, metric).set(value)
+        m.labelled_rows.labels(model, v).set(version["labelled_rows"])
+        m.performance_degraded.labels(model, v).set(1 if version["degraded"] else 0)
+        if self.runs is None:
+            return
+        steps = []
+        for window in version["windows"]:
+            index = window["window_index"]
+            key = (model, v, index)
+            if index == "open" or self._logged_performance.get(key) == window["labelled_rows"]:
+                continue
+            steps.append((index, window))
+        if not steps:
+            return
+        try:
+            self.runs.log_performance(model, v, steps)
+        except Exception as exc:  # the tracking server may be down: next change retries
+            logger.warning("could not log performance of %s/%s to MLflow: %s", model, v, exc)
+            return
+        for index, window in steps:
+            self._logged_performance[(model, v, index)] = window["labelled_rows"]
 
     # --- windows ------------------------------------------------------------------------
 
@@ -239,6 +351,14 @@ class Monitor:
         window = build_window(records, model, version, list(baseline.columns))
         report = evaluate_window(baseline, window.frame, window.predictions, self.config)
         drift = report.to_dict()
+        estimate = estimate_window(
+            PerformanceSpec.from_profile(baseline.profile),
+            model,
+            version,
+            window.frame,
+            window.predictions,
+            self.scorer.proba if self.scorer is not None else None,
+        )
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         violations = {kind: int(window.violations.get(kind, 0)) for kind in VIOLATION_KINDS}
         violations["invalid_value"] = int(sum(drift["schema"]["invalid_values"].values()))
@@ -247,6 +367,7 @@ class Monitor:
             "plots": plot_data(baseline, window),
             "violations": violations,
             "error_examples": window.examples,
+            "estimate": estimate,
         }
         times = [r.captured_at for r in records]
         new = NewWindow(
@@ -264,6 +385,7 @@ class Monitor:
             reasons=list(report.reasons),
             schema_violations=sum(violations.values()),
             report=stored,
+            estimate=estimate,
         )
         summary, event = self.store.record_window(new, self._alert_builder(new))
         m = self.metrics
@@ -273,6 +395,9 @@ class Monitor:
                 m.schema_violations.labels(model, version, kind).inc(n)
         m.windows.labels(model, version, str(report.drifted).lower()).inc()
         m.observe_window(model, version, summary.window_index, window.rows, now, drift)
+        for metric, value in (estimate or {}).items():
+            if metric in ("accuracy", "roc_auc"):
+                m.estimated.labels(model, version, metric).set(value)
         if event:
             logger.warning(
                 "%s: %s v%s at window %d (%s)",
@@ -334,6 +459,7 @@ class Monitor:
             return {}
         now = time.time() if now is None else now
         counts = self.store.apply_retention(now - days * 86400.0)
+        counts["labels"] = self.feedback.apply_retention(now - days * 86400.0)
         if any(counts.values()):
             logger.info("retention (%g days) deleted %s", days, counts)
         return counts
@@ -344,7 +470,8 @@ class Monitor:
         if found is None or found[0].model != model:
             return None
         summary, stored = found
-        return render_report(summary.__dict__, stored)
+        realized = self.performance.window_performance(model, summary.version, window_id)
+        return render_report(summary.__dict__, {**stored, "performance": realized})
 
     def window_json(self, model: str, window_id: int) -> dict[str, Any] | None:
         """A window's summary and full stored report, or None."""
@@ -451,6 +578,7 @@ class Monitor:
         loops: list[tuple[str, Callable[[], None], threading.Event, float]] = [
             ("detector", self._detect_once, self._wake_detector, self.settings.poll_interval_s),
             ("alerter", self._alert_once, self._wake_alerter, 1.0),
+            ("performance", self.refresh_performance, self._wake_performance, 2.0),
         ]
         if self.runs is not None:
             loops.append(("publisher", self._publish_once, self._wake_publisher, 2.0))
@@ -468,12 +596,15 @@ class Monitor:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the threads (finishing the current step) and close HTTP clients."""
         self._stop.set()
-        for event in (self._wake_detector, self._wake_publisher, self._wake_alerter):
+        wakes = (self._wake_detector, self._wake_publisher, self._wake_alerter)
+        for event in (*wakes, self._wake_performance):
             event.set()
         for thread in self._threads:
             thread.join(timeout)
         self._threads = []
         self.alerts.close()
+        if self.scorer is not None:
+            self.scorer.close()
 
     def _loop(
         self, name: str, step: Callable[[], None], wake: threading.Event, interval: float

@@ -3,6 +3,9 @@
 POST /ingest                      captured records from the gateway's capture client
                                   (bearer token: monitoring.capture.token; checks:
                                   monitoring.service.ingest_checks, monitoring.service.stream_gate)
+POST /feedback/{model}            ground-truth labels, JSON or CSV (bearer token:
+                                  monitoring.service.feedback.feedback_token)
+GET  /performance/{model}         realized and estimated performance per version and window
 GET  /drift                       every monitored model and its versions' states
 GET  /drift/{model}               latest state per version and the window history
 GET  /drift/{model}/windows/{id}  one window's full report (JSON)
@@ -34,6 +37,7 @@ from common.servers import listening_socket, run_on_socket, url_host, write_port
 from common.tls import TlsSettings, scheme
 from monitoring.capture.record import MAX_MODEL_CHARS
 from monitoring.capture.token import bearer_matches, monitor_token
+from monitoring.service.feedback import BadFeedback, WrongLabels, feedback_token
 from monitoring.service.ingest_checks import IngestRefused
 from monitoring.service.monitor import BadIngest, Monitor
 from monitoring.service.settings import DEFAULT_HOST, DEFAULT_PORT, MonitorSettings
@@ -70,9 +74,12 @@ class MonitorEndpoints:
     runs in worker threads, off the event loop.
     """
 
-    def __init__(self, monitor: Monitor, ingest_token: str | None = None) -> None:
+    def __init__(
+        self, monitor: Monitor, ingest_token: str | None = None, feedback_token: str | None = None
+    ) -> None:
         self.monitor = monitor
         self._ingest_token = ingest_token or ""
+        self._feedback_token = feedback_token or ""
         # Ingest batches run one at a time: the store writes under one lock anyway, and
         # concurrent batches only add GIL contention (measured: 4 senders ingested 30%
         # fewer rows per CPU-second than 1). Reads keep the shared thread pool.
@@ -104,6 +111,45 @@ class MonitorEndpoints:
             except IngestRefused as exc:
                 return JSONResponse(exc.to_dict(), status_code=exc.status)
         return JSONResponse(result.to_dict())
+
+    async def feedback(self, request: Request) -> Response:
+        """POST /feedback/{model}: store labels of captured requests (idempotent)."""
+        if not bearer_matches(request.headers.get("authorization"), self._feedback_token):
+            answer = _error(
+                401, "feedback needs the monitor's feedback token: Authorization: Bearer <token>"
+            )
+            answer.headers["www-authenticate"] = 'Bearer realm="flowline-monitor"'
+            return answer
+        model = request.path_params["model"]
+        if not _known_name(model):
+            return _error(400, "the model name must be 1 to 255 printable characters")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_INGEST_BYTES:
+            return _error(413, f"feedback body larger than {MAX_INGEST_BYTES} bytes")
+        body = await request.body()
+        content_type = request.headers.get("content-type")
+        async with self._ingest_limiter:
+            try:
+                result = await anyio.to_thread.run_sync(
+                    self.monitor.feedback_body, model, body, content_type
+                )
+            except BadFeedback as exc:
+                return _error(400, str(exc))
+            except WrongLabels as exc:
+                return _error(422, str(exc))
+        return JSONResponse(result.to_dict())
+
+    async def performance(self, request: Request) -> Response:
+        """GET /performance/{model}: realized and estimated performance per version."""
+        model = request.path_params["model"]
+        view = (
+            await run_in_threadpool(self.monitor.performance_view, model)
+            if _known_name(model)
+            else None
+        )
+        if view is None:
+            return _error(404, f"no labels and no captured traffic for model {model!r}")
+        return JSONResponse(view)
 
     async def drift_models(self, request: Request) -> Response:
         """GET /drift: every monitored model and its versions' states."""
@@ -183,17 +229,23 @@ def _lifespan(monitor: Monitor, manage_threads: bool) -> Lifespan[Starlette]:
 
 
 def create_app(
-    monitor: Monitor, manage_threads: bool = True, ingest_token: str | None = None
+    monitor: Monitor,
+    manage_threads: bool = True,
+    ingest_token: str | None = None,
+    feedback_token: str | None = None,
 ) -> Starlette:
     """The monitor's Starlette app (routes: the module docstring; handlers: MonitorEndpoints).
 
     Its lifespan starts and stops the monitor's threads unless ``manage_threads``
-    is False; ``ingest_token`` is the bearer token POST /ingest requires.
+    is False; ``ingest_token`` is the bearer token POST /ingest requires, and
+    ``feedback_token`` the one POST /feedback requires (without one, neither accepts).
     """
-    api = MonitorEndpoints(monitor, ingest_token)
+    api = MonitorEndpoints(monitor, ingest_token, feedback_token)
     routes = [
         Route("/", api.index, methods=["GET"]),
         Route("/ingest", api.ingest, methods=["POST"]),
+        Route("/feedback/{model}", api.feedback, methods=["POST"]),
+        Route("/performance/{model}", api.performance, methods=["GET"]),
         Route("/drift", api.drift_models, methods=["GET"]),
         Route("/drift/{model}", api.drift_model, methods=["GET"]),
         Route("/drift/{model}/windows/{window_id:int}", api.window_json, methods=["GET"]),
@@ -227,7 +279,11 @@ def serve_monitor(
     bound = sock.getsockname()[1]
     base_url = f"{scheme(tls)}://{url_host(host)}:{bound}"
     monitor = Monitor(settings, public_url=base_url)
-    app = create_app(monitor, ingest_token=monitor_token(settings.home))
+    app = create_app(
+        monitor,
+        ingest_token=monitor_token(settings.home),
+        feedback_token=feedback_token(settings.home),
+    )
     store_url = monitor.store.engine.url.render_as_string(hide_password=True)
     logger.warning("flowline monitor on %s (store %s)", base_url, store_url)
     if port_file is not None:

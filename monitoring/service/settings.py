@@ -27,6 +27,8 @@ DEFAULT_WINDOW_ROWS = 1000
 DEFAULT_WINDOW_SECONDS = 300.0
 DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_EXPERIMENT = "flowline-monitoring"
+DEFAULT_PERFORMANCE_MARGIN = 0.05
+DEFAULT_PERFORMANCE_MIN_ROWS = 50
 ALERT_FORMATS = ("json", "slack")
 
 
@@ -49,6 +51,10 @@ class MonitorSettings:
     max_streams: FLOWLINE_MONITOR_MAX_STREAMS, the most (model, version) streams
         the monitor takes on (see monitoring.service.stream_gate).
     experiment: MLflow experiment holding the monitoring runs.
+    performance_margin: how much worse than its test value (in the metric's units) a
+        version's realized metric may be before it is degraded and alerted.
+    performance_min_rows: labelled rows a window needs before its realized metric counts.
+    estimate_enabled: FLOWLINE_MONITOR_ESTIMATE; off: no probability scoring, no CBPE.
     """
 
     home: Path = field(default_factory=lambda: Path(".flowline").resolve())
@@ -67,6 +73,9 @@ class MonitorSettings:
     poll_interval_s: float = 0.5
     mlflow_enabled: bool = True
     max_streams: int = DEFAULT_MAX_STREAMS
+    performance_margin: float = DEFAULT_PERFORMANCE_MARGIN
+    performance_min_rows: int = DEFAULT_PERFORMANCE_MIN_ROWS
+    estimate_enabled: bool = True
 
     def __post_init__(self) -> None:
         if self.window_rows < 1:
@@ -77,6 +86,10 @@ class MonitorSettings:
             raise ValueError(f"FLOWLINE_ALERT_FORMAT must be one of {ALERT_FORMATS}")
         if self.max_streams < 1:
             raise ValueError("FLOWLINE_MONITOR_MAX_STREAMS must be >= 1")
+        if not 0 <= self.performance_margin < float("inf"):
+            raise ValueError("FLOWLINE_PERFORMANCE_MARGIN must be a finite number >= 0")
+        if self.performance_min_rows < 1:
+            raise ValueError("FLOWLINE_PERFORMANCE_MIN_ROWS must be >= 1")
 
     @property
     def store_url(self) -> str:
@@ -132,6 +145,11 @@ class MonitorEnvSettings(HomeSettings):
     )
     max_streams: EnvInt = Field(
         DEFAULT_MAX_STREAMS, validation_alias="FLOWLINE_MONITOR_MAX_STREAMS"
+    )
+    performance_margin: EnvFloat = DEFAULT_PERFORMANCE_MARGIN
+    performance_min_rows: EnvInt = DEFAULT_PERFORMANCE_MIN_ROWS
+    estimate_enabled: Annotated[bool, BeforeValidator(_switch)] = Field(
+        True, validation_alias="FLOWLINE_MONITOR_ESTIMATE"
     )
 
 

@@ -125,6 +125,8 @@ windows = Table(
     Column("reasons", Text, nullable=False),  # JSON list
     Column("schema_violations", Integer, nullable=False),
     Column("report", Text, nullable=False),  # JSON: drift report, plots, violations
+    # JSON: the performance estimated without labels (CBPE, classifiers), or NULL.
+    Column("estimate", Text),
     Column("mlflow_logged", Boolean, nullable=False, default=False),
     UniqueConstraint("model", "version", "window_index", name=f"{PREFIX}uq_window_index"),
     Index(f"{PREFIX}ix_windows_closed_at", "closed_at"),
@@ -299,6 +301,7 @@ class NewWindow(WindowFields):
     """A window the monitor evaluated, ready to be stored."""
 
     report: dict[str, Any]
+    estimate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,20 @@ class WindowSummary(WindowFields):
     id: int
     window_index: int
     mlflow_logged: bool
+
+
+@dataclass(frozen=True)
+class WindowSpan:
+    """Which captured records a window holds, and what was estimated for it."""
+
+    id: int
+    window_index: int
+    first_record_id: int
+    last_record_id: int
+    rows: int
+    started_at: float | None
+    ended_at: float | None
+    estimate: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -593,6 +610,7 @@ class MonitorStore:
                 **{name: json.dumps(window[name]) for name in _JSON_LIST_COLUMNS},
                 "window_index": index,
                 "report": json.dumps(new.report, separators=(",", ":"), allow_nan=False),
+                "estimate": None if new.estimate is None else json.dumps(new.estimate),
                 "mlflow_logged": False,
             }
             window_id = int(conn.execute(insert(windows).values(**row)).inserted_primary_key[0])
@@ -674,6 +692,29 @@ class MonitorStore:
         query = select(*_SUMMARY_COLUMNS).where(and_(*cond)).order_by(c.id.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [_summary(row) for row in conn.execute(query)]
+
+    def window_spans(self, model: str, version: str) -> list[WindowSpan]:
+        """Every stored window of a stream with its record range and estimate, oldest first."""
+        c = windows.c
+        query = (
+            select(
+                c.id,
+                c.window_index,
+                c.first_record_id,
+                c.last_record_id,
+                c.rows,
+                c.started_at,
+                c.ended_at,
+                c.estimate,
+            )
+            .where(and_(c.model == model, c.version == version))
+            .order_by(c.first_record_id)
+        )
+        with self.engine.connect() as conn:
+            return [
+                WindowSpan(*row[:-1], json.loads(row[-1]) if row[-1] else None)
+                for row in conn.execute(query)
+            ]
 
     def window(self, window_id: int) -> tuple[WindowSummary, dict[str, Any]] | None:
         """One window with its full report."""
@@ -779,7 +820,10 @@ class MonitorStore:
 
 # Columns added after the first release, as (table, column, DDL type and default): a store
 # created before them gets them at start (create_all only creates missing tables).
-_NEW_COLUMNS = ((captured_records, "cached", "BOOLEAN NOT NULL DEFAULT FALSE"),)
+_NEW_COLUMNS = (
+    (captured_records, "cached", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (windows, "estimate", "TEXT"),
+)
 
 
 def _add_new_columns(engine: Engine) -> None:

@@ -8,44 +8,22 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
 
-from common.processes import ManagedProcess, option_args, venv_bin, venv_first_path
+from common.processes import (
+    ManagedProcess,
+    option_args,
+    replica_environment,
+    venv_bin,
+)
 from serving.backends.artifacts import download_version
 from serving.backends.base import BackendError, Replica
 from serving.backends.ports import PORT_ATTEMPTS, PortPool, PortTaken
 
 STARTUP_TIMEOUT_SECONDS = 120.0
-# What a replica inherits: enough to run `mlflow models serve` and nothing else. Model
-# code runs in the replica, so no platform secret (admin token, tracking credentials,
-# webhook secrets, API keys) may be in its environment: an allowlist, not a denylist.
-REPLICA_ENV_NAMES = ("HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME")
-# Building an environment (virtualenv, uv, conda) also needs the package index settings.
-ENV_BUILDER_NAMES = tuple(
-    """PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CERT UV_INDEX_URL SSL_CERT_FILE REQUESTS_CA_BUNDLE
-    HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy
-    MLFLOW_ENV_ROOT MLFLOW_CONDA_HOME CONDA_EXE PYENV_ROOT""".split()
-)
-
-
-def replica_environment(
-    tracking_uri: str, env_manager: str = "local", source: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment of a replica: PATH with this venv's bin first, locale, HOME, and
-    the tracking URI it loads ``models:/`` from; never a flowline or MLflow secret."""
-    source = os.environ if source is None else source
-    names = REPLICA_ENV_NAMES + (ENV_BUILDER_NAMES if env_manager != "local" else ())
-    env = {k: source[k] for k in names if k in source}
-    env.update({k: v for k, v in source.items() if k.startswith("LC_")})
-    # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: use this venv's.
-    env["PATH"] = venv_first_path(source.get("PATH", os.defpath))
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 class LocalProcessBackend:

@@ -224,6 +224,23 @@ def test_realized_classification_equals_sklearn() -> None:
     assert "roc_auc" not in realized_classification(y, predicted, None, classes)
 
 
+def test_realized_classification_takes_labels_as_feedback_holds_them() -> None:
+    # Object arrays of numbers (JSON labels as the monitor collects them), which sklearn
+    # calls "unknown" targets, and labels of another type than the predictions.
+    y = np.array([0, 1, 1, 0, 1], dtype=object)
+    predicted = np.array([0, 1, 0, 0, 1], dtype=object)
+    proba = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1], [0.2, 0.8]])
+    got = realized_classification(y, predicted, proba, [0, 1])
+    plain_y, plain_predicted = y.astype(int), predicted.astype(int)
+    assert got == {
+        "accuracy": pytest.approx(skm.accuracy_score(plain_y, plain_predicted)),
+        "f1": pytest.approx(skm.f1_score(plain_y, plain_predicted, average="weighted")),
+        "roc_auc": pytest.approx(skm.roc_auc_score(plain_y, proba[:, 1])),
+    }
+    mixed = realized_classification(np.array(["0", 1], dtype=object), [0, 1], None, [0, 1])
+    assert mixed == {"accuracy": 0.5, "f1": 0.5}  # "0" is not 0: one of two right
+
+
 def test_realized_classification_degenerate_inputs_do_not_raise() -> None:
     proba = np.array([[0.9, 0.1], [0.7, 0.3]])
     assert realized_classification([], [], np.empty((0, 2)), [0, 1]) == {}

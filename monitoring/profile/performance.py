@@ -263,21 +263,27 @@ def realized_classification(
     and ROC AUC needs probabilities, rows of both classes (binary) or of at least one
     class and its complement (multiclass), and no label outside ``classes``.
     """
-    y = np.asarray(y_true)
-    predicted = np.asarray(y_pred)
+    y = np.asarray(y_true, dtype=object)
+    predicted = np.asarray(y_pred, dtype=object)
     if len(y) != len(predicted):
         raise ValueError(f"{len(y)} labels for {len(predicted)} predictions")
     if len(y) == 0:
         return {}
+    # sklearn refuses object arrays of numbers ("unknown" targets) and mixed label types,
+    # which label feedback can hold; both metrics only ask whether two labels are equal,
+    # so they are computed on integer codes of the labels, with the same result.
+    codes: dict[Any, int] = {}
+    y_codes = np.array([codes.setdefault(v, len(codes)) for v in y])
+    predicted_codes = np.array([codes.setdefault(v, len(codes)) for v in predicted])
     scores = {
-        "accuracy": float(skm.accuracy_score(y, predicted)),
-        "f1": float(skm.f1_score(y, predicted, average="weighted", zero_division=0)),
+        "accuracy": float(skm.accuracy_score(y_codes, predicted_codes)),
+        "f1": float(skm.f1_score(y_codes, predicted_codes, average="weighted", zero_division=0)),
     }
     if proba is not None:
         labels = [_json_scalar(c) for c in classes]
         # Compared as objects, element by element: a label of another type than the
         # classes (a string "1" against class 1) matches none rather than erroring.
-        auc = _roc_auc(y.astype(object), _check_proba(proba, len(labels)), labels)
+        auc = _roc_auc(y, _check_proba(proba, len(labels)), labels)
         if auc is not None:
             scores["roc_auc"] = auc
     return scores

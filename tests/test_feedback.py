@@ -352,3 +352,37 @@ def test_labels_of_the_wrong_type_get_422(tmp_path: Path, churn_model: dict[str,
             assert monitor.feedback.counts("churn") == {"matched": 0, "unknown": 0}  # none stored
 
     asyncio.run(scenario())
+
+
+def test_a_closing_window_of_a_classifier_is_estimated_from_captured_probabilities(
+    tmp_path: Path, churn_model: dict[str, Any]
+) -> None:
+    classes = churn_model["classes"]
+    answers = [dict(zip(classes, row, strict=True)) for row in churn_model["proba"].tolist()]
+    monitor = make_monitor(tmp_path, churn_model["profile"])
+    monitor.ingest(capture_records(churn_model["live"], answers, per=20)[0])
+    assert len(monitor.close_windows()) == 2
+    spans = monitor.store.window_spans("churn", "1")
+    for span, (lo, hi) in zip(spans, [(0, 500), (500, 1000)], strict=True):
+        estimate = span.estimate
+        assert estimate["method"] == "cbpe" and estimate["probabilities"] == "captured"
+        assert estimate["rows"] == 500
+        # Within CBPE's error of the accuracy the labels give (test_cbpe.py bounds it).
+        realized = skm.accuracy_score(
+            churn_model["labels"][lo:hi], np.asarray(classes)[churn_model["proba"][lo:hi].argmax(1)]
+        )
+        assert abs(estimate["accuracy"] - realized) < 0.06
+        assert 0.5 < estimate["roc_auc"] <= 1.0
+    latest = monitor.performance_view("churn")["versions"][0]["estimated"]
+    assert latest["window_index"] == 1 and latest["accuracy"] == spans[1].estimate["accuracy"]
+    page = monitor.report_html("churn", spans[0].id)
+    assert "estimated (CBPE, no labels)" in page and "the callers were answered" in page
+
+
+def test_without_a_calibration_or_probabilities_nothing_is_estimated(
+    tmp_path: Path, churn_model: dict[str, Any]
+) -> None:
+    monitor = make_monitor(tmp_path, churn_model["profile"])  # no scorer: estimate_enabled off
+    monitor.ingest(capture_records(churn_model["live"], churn_model["predicted"], per=20)[0])
+    monitor.close_windows()
+    assert [s.estimate for s in monitor.store.window_spans("churn", "1")] == [None, None]

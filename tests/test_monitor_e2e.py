@@ -30,11 +30,14 @@ from serving.model_metadata import deployment_from_model_dir
 from tests.conftest import Service, wait_for
 from tests.helpers_monitor import (
     AUTH,
+    CHURN,
+    FEATURES,
     INGEST_TOKEN,
     LoopbackServer,
     churn_features,
     send_rows,
     shifted,
+    split_body,
     start_capture_gateway,
     start_monitor,
 )
@@ -42,7 +45,8 @@ from tests.helpers_serving import start_scoring_server
 
 pytestmark = pytest.mark.slow
 WINDOW = 200
-SCENARIOS = ("calm", "shift", "restart")
+SCENARIOS = ("calm", "shift", "restart", "feedback")
+FEEDBACK_TOKEN = "test-feedback-token"
 
 
 @dataclass
@@ -126,6 +130,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "FLOWLINE_ALERT_WEBHOOKS": f"{receiver.url}/hook",
                 "FLOWLINE_ALERT_BACKOFF_S": "0.2",
                 "FLOWLINE_MONITOR_POLL_S": "0.2",
+                "FLOWLINE_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
             },
             gateway_env={
                 "FLOWLINE_HOME": str(workdir / "gateway-home"),
@@ -198,6 +203,100 @@ def test_training_traffic_raises_no_drift_and_lands_in_an_mlflow_run(stack: Stac
     )
     page = Path(local).read_text()
     assert "<svg" in page and "tenure_months" in page
+
+
+def test_labels_give_the_realized_accuracy_beside_the_cbpe_estimate_in_mlflow(
+    stack: Stack,
+) -> None:
+    """Scored through the gateway, estimated without labels by the version itself (in the
+    monitor's sandboxed scorer), then labelled by request id: realized equals sklearn's."""
+    import pandas as pd
+    from sklearn.metrics import accuracy_score
+
+    name = stack.names["feedback"]
+    data = pd.read_csv(CHURN).sample(2 * WINDOW, random_state=21)
+    pairs: list[tuple[str, str, str]] = []  # row id, label, what the caller was answered
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(data), 20):
+            chunk = data.iloc[start : start + 20]
+            answer = client.post(
+                stack.score_url("feedback"),
+                content=split_body(chunk[FEATURES]),
+                headers={"content-type": "application/json"},
+            )
+            assert answer.status_code == 200, answer.text
+            request_id = answer.headers["x-flowline-request-id"]
+            predicted = answer.json()["predictions"]
+            labels = chunk["churned"].tolist()
+            pairs += [
+                (f"{request_id}:{i}", y, p)
+                for i, (y, p) in enumerate(zip(labels, predicted, strict=True))
+            ]
+    windows_of(stack, "feedback", 2)
+    performance_url = f"{stack.monitor.url}/performance/{name}"
+
+    def estimated() -> list[dict] | None:
+        view = httpx.get(performance_url, timeout=10).json()
+        windows = view["versions"][0]["windows"]
+        return windows if all(w["estimated"] for w in windows) else None
+
+    before = wait_for(estimated, "CBPE estimates of both windows")
+    for w in before:
+        assert w["estimated"]["probabilities"] == "scored" and w["labelled_rows"] == 0
+        assert 0.5 < w["estimated"]["accuracy"] <= 1 and 0.5 < w["estimated"]["roc_auc"] <= 1
+
+    auth = {"authorization": f"Bearer {FEEDBACK_TOKEN}"}
+    half = len(pairs) // 2
+    csv = "request_id,label\n" + "".join(f"{r},{y}\n" for r, y, _ in pairs[:half])
+    sent = httpx.post(
+        f"{stack.monitor.url}/feedback/{name}",
+        content=csv.encode(),
+        headers={**auth, "content-type": "text/csv"},
+        timeout=30,
+    )
+    assert sent.status_code == 200 and sent.json()["matched"] == half, sent.text
+    rest = [{"request_id": r, "label": y} for r, y, _ in pairs[half:]]
+    sent = httpx.post(f"{stack.monitor.url}/feedback/{name}", json=rest, headers=auth, timeout=30)
+    assert sent.json() == {
+        "received": len(rest), "new": len(rest), "updated": 0, "unchanged": 0,
+        "matched": len(rest), "unknown": 0,
+    }  # fmt: skip
+    again = httpx.post(f"{stack.monitor.url}/feedback/{name}", json=rest, headers=auth, timeout=30)
+    assert again.json()["unchanged"] == len(rest)
+
+    def labelled() -> dict | None:
+        version = httpx.get(performance_url, timeout=10).json()["versions"][0]
+        return version if version["labelled_rows"] == len(pairs) else None
+
+    version = wait_for(labelled, "every label joined")
+    expected = accuracy_score([y for _, y, _ in pairs], [p for _, _, p in pairs])
+    assert version["realized"]["accuracy"] == pytest.approx(expected, abs=1e-12)
+    for w in version["windows"]:
+        assert w["labelled_rows"] == WINDOW
+        # CBPE tracks the truth: a loose bound for 200-row windows of a ~0.8 model.
+        assert abs(w["estimated"]["accuracy"] - w["realized"]["accuracy"]) < 0.15
+
+    def logged() -> list[Any] | None:
+        [run] = monitoring_run(stack, "feedback") or [None]
+        if run is None:
+            return None
+        client = MlflowClient(stack.tracking_uri)
+        realized = client.get_metric_history(run.info.run_id, "performance.realized.accuracy")
+        estimated = client.get_metric_history(run.info.run_id, "performance.estimated.accuracy")
+        steps = ({m.step for m in realized}, {m.step for m in estimated})
+        return [realized, estimated] if steps == ({0, 1}, {0, 1}) else None
+
+    realized_history, _ = wait_for(logged, "realized and estimated accuracy in MLflow")
+    last = {m.step: m.value for m in sorted(realized_history, key=lambda m: m.timestamp)}
+    assert last == {
+        w["window_index"]: pytest.approx(w["realized"]["accuracy"]) for w in version["windows"]
+    }
+    metrics = httpx.get(f"{stack.monitor.url}/metrics", timeout=10).text
+    assert f'flowline_monitor_labelled_rows{{model="{name}",version="1"}} {len(pairs)}.0' in metrics
+    assert (
+        f'flowline_monitor_estimated_performance{{metric="accuracy",model="{name}",version="1"}}'
+        in metrics
+    )
 
 
 def test_shifted_traffic_drifts_on_the_right_features_and_alerts_once_per_change(

@@ -356,7 +356,7 @@ class Monitor:
             model,
             version,
             window.frame,
-            window.predictions,
+            window.answered or [],
             self.scorer.proba if self.scorer is not None else None,
         )
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)

@@ -51,6 +51,9 @@ class WindowInput:
     rows: int  # captured rows in the window, readable or not
     violations: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # a few error messages, for the report
+    # What the callers were answered, one per frame row (labels or class probabilities),
+    # or None when some row's answer is missing.
+    answered: list[Any] | None = None
 
 
 def build_window(
@@ -100,7 +103,8 @@ def build_window(
     frame = frame.loc[:, ordered]
     usable = predictions if predictions and all_scalar else None
     rows_total = sum(r.rows for r in records)
-    return WindowInput(frame, usable, rows_total, violations, examples)
+    answered = predictions if predictions and len(predictions) == len(frame) else None
+    return WindowInput(frame, usable, rows_total, violations, examples, answered)
 
 
 def _is_positional(row: dict[str, Any]) -> bool:

@@ -40,8 +40,8 @@ from monitoring.capture.record import loads_text
 from monitoring.service.feedback import FeedbackItem
 from monitoring.service.store import PREFIX, MonitorStore, RowId, captured_records, metadata
 
-# Ids looked up per query: far below SQLite's 32766 bound parameters.
-CHUNK = 900
+# Ids looked up per query: below SQLite's 32766 bound parameters.
+CHUNK = 5000
 # How long an unmatched label is looked for in new captures (capture is seconds late at
 # most; a week covers a monitor that was down).
 MATCH_WINDOW_S = 7 * 86400.0
@@ -160,7 +160,7 @@ class FeedbackStore:
                 else:
                     result.unchanged += 1
             if inserts:
-                conn.execute(feedback.insert(), inserts)
+                _insert_many(conn, inserts)
             if updates:
                 f = feedback.c
                 conn.execute(
@@ -186,14 +186,10 @@ class FeedbackStore:
     def _stored_labels(
         self, conn: Connection, model: str, request_ids: list[str]
     ) -> dict[tuple[str, int], str]:
-        f = feedback.c
         found: dict[tuple[str, int], str] = {}
-        for chunk in _chunks(request_ids):
-            query = select(f.request_id, f.row_index, f.label).where(
-                and_(f.model == model, f.request_id.in_(chunk))
-            )
-            for rid, row, label in conn.execute(query):
-                found[(rid, row)] = label
+        columns = "request_id, row_index, label"
+        for rid, row, label in _rows_for_ids(conn, feedback.name, columns, model, request_ids):
+            found[(rid, row)] = label
         return found
 
     def match(self, now: float | None = None, limit: int = 50_000) -> int:
@@ -258,10 +254,17 @@ class FeedbackStore:
             .order_by(f.version, f.record_pk)
         )
         with self.engine.connect() as conn:
-            return [
-                LabelledPrediction(v, pk, json.loads(label), loads_text(pred), at)
-                for v, pk, label, pred, at in conn.execute(query)
-            ]
+            rows = conn.execute(query).all()
+        if not rows:
+            return []
+        # One JSON document per column instead of two parses per label: 3x faster, and
+        # this runs over every label of a model each time its labels change.
+        labels = json.loads("[" + ",".join(r[2] for r in rows) + "]")
+        predictions = json.loads("[" + ",".join(r[3] or "null" for r in rows) + "]")
+        return [
+            LabelledPrediction(r[0], r[1], label, prediction, r[4])
+            for r, label, prediction in zip(rows, labels, predictions, strict=True)
+        ]
 
     def counts(self, model: str) -> dict[str, int]:
         """Labels stored for ``model``: matched with a prediction, and still unknown."""
@@ -303,17 +306,51 @@ Capture = tuple[str, int, int, str | None]  # version, record pk, rows, predicti
 
 def _captures(conn: Connection, model: str, request_ids: Sequence[str]) -> dict[str, Capture]:
     """The stored capture of each request id (the first one, should a record repeat it)."""
-    c = captured_records.c
     found: dict[str, Capture] = {}
-    for chunk in _chunks(request_ids):
-        query = (
-            select(c.request_id, c.version, c.id, c.rows, c.predictions)
-            .where(and_(c.model == model, c.request_id.in_(chunk)))
-            .order_by(c.id)
-        )
-        for rid, version, pk, rows, predictions in conn.execute(query):
-            found.setdefault(rid, (version, pk, rows, predictions))
+    columns = "request_id, version, id, rows, predictions"
+    rows = _rows_for_ids(conn, captured_records.name, columns, model, request_ids)
+    for rid, version, pk, count, predictions in sorted(rows, key=lambda r: r[2]):
+        found.setdefault(rid, (version, pk, count, predictions))
     return found
+
+
+def _placeholder(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
+def _rows_for_ids(
+    conn: Connection, table: str, columns: str, model: str, request_ids: Sequence[str]
+) -> list[Any]:
+    """``columns`` of the rows of ``table`` for ``model`` whose request id is one of these.
+
+    Plain DB-API statements: SQLAlchemy's expanding IN parameters cost more than the
+    indexed lookups themselves (0.3 s per 10,000 ids); the table and column names are
+    this module's constants, the values are bound parameters.
+    """
+    mark = _placeholder(conn)
+    out: list[Any] = []
+    for chunk in _chunks(request_ids):
+        marks = ",".join([mark] * len(chunk))
+        sql = f"SELECT {columns} FROM {table} WHERE model = {mark} AND request_id IN ({marks})"
+        out.extend(conn.exec_driver_sql(sql, (model, *chunk)).fetchall())
+    return out
+
+
+_INSERT_COLUMNS = (
+    "model", "request_id", "row_index", "label", "received_at", "updated_at", "version",
+    "record_pk", "prediction",
+)  # fmt: skip
+
+
+def _insert_many(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """One DB-API executemany of new labels (SQLAlchemy's per-row parameter handling
+    would cost as much as the insert)."""
+    mark = _placeholder(conn)
+    sql = (
+        f"INSERT INTO {feedback.name} ({', '.join(_INSERT_COLUMNS)}) "
+        f"VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})"
+    )
+    conn.exec_driver_sql(sql, [tuple(r[c] for c in _INSERT_COLUMNS) for r in rows])
 
 
 def _prediction_of(capture: Capture | None, row: int) -> tuple[str, int, str] | None:

@@ -60,6 +60,7 @@ from monitoring.service.window_frame import VIOLATION_KINDS, build_window, plot_
 logger = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_S = 3600.0
+PERFORMANCE_S = 10.0  # how often changed labels are re-evaluated (gauges, MLflow, alerts)
 PUBLISH_RETRY_S = 5.0
 
 
@@ -234,7 +235,8 @@ class Monitor:
             count = getattr(result, outcome)
             if count:
                 self.metrics.feedback_labels.labels(model, outcome).inc(count)
-        self._wake_performance.set()
+        # No wake-up of the performance thread: it re-reads every label of a changed
+        # model, so it runs on its interval, not once per body of a label upload.
         return result
 
     def performance_view(self, model: str) -> dict[str, Any] | None:
@@ -578,7 +580,7 @@ class Monitor:
         loops: list[tuple[str, Callable[[], None], threading.Event, float]] = [
             ("detector", self._detect_once, self._wake_detector, self.settings.poll_interval_s),
             ("alerter", self._alert_once, self._wake_alerter, 1.0),
-            ("performance", self.refresh_performance, self._wake_performance, 2.0),
+            ("performance", self.refresh_performance, self._wake_performance, PERFORMANCE_S),
         ]
         if self.runs is not None:
             loops.append(("publisher", self._publish_once, self._wake_publisher, 2.0))

@@ -344,12 +344,46 @@ def _curl(url: str, body_file: Path) -> None:
     print(flush=True)
 
 
-def _send_rows(url: str, frame: pd.DataFrame, rows_per_request: int = 50) -> None:
+def _send_rows(url: str, frame: pd.DataFrame, rows_per_request: int = 50) -> list[str]:
+    """Score the rows in requests of ``rows_per_request``; each row's id for feedback."""
+    row_ids = []
     for start in range(0, len(frame), rows_per_request):
         split = json.loads(
             frame.iloc[start : start + rows_per_request].to_json(orient="split", index=False)
         )
-        requests.post(url, json={"dataframe_split": split}, timeout=30).raise_for_status()
+        answer = requests.post(url, json={"dataframe_split": split}, timeout=30)
+        answer.raise_for_status()
+        request_id = answer.headers["x-flowline-request-id"]
+        row_ids += [f"{request_id}:{i}" for i in range(len(split["data"]))]
+    return row_ids
+
+
+def demo_feedback(monitor: str, name: str, row_ids: list[str], labels: list) -> None:
+    """Send the true labels of scored rows and show realized beside estimated accuracy."""
+    from monitoring.service.feedback import feedback_token
+
+    body = [{"request_id": r, "label": y} for r, y in zip(row_ids, labels, strict=True)]
+    headers = {"Authorization": f"Bearer {feedback_token(home())}"}
+    answer = requests.post(f"{monitor}/feedback/{name}", json=body, headers=headers, timeout=60)
+    _say(
+        f"$ curl -X POST {monitor}/feedback/{name} -H 'Authorization: Bearer <feedback-token>' "
+        f'-d \'[{{"request_id": "{row_ids[0]}", "label": ...}}, ...]\'  '
+        f"({len(body)} labels) -> {answer.status_code} {answer.text}"
+    )
+    view = requests.get(f"{monitor}/performance/{name}", timeout=30).json()
+    version = max(view["versions"], key=lambda v: v["labelled_rows"])
+    window = next((w for w in version["windows"] if w["labelled_rows"]), None)
+    if window is None:
+        return
+    estimated = (window.get("estimated") or {}).get("accuracy")
+    _say(
+        f"window {window['window_index']}: realized accuracy "
+        f"{window['realized'].get('accuracy', float('nan')):.3f} on {window['labelled_rows']} "
+        "labelled rows; estimated without labels (CBPE) "
+        + (f"{estimated:.3f}" if estimated is not None else "n/a")
+        + f"; test split {(version.get('test') or {}).get('accuracy', float('nan')):.3f}"
+    )
+    _say(f"performance per window (JSON): {monitor}/performance/{name}")
 
 
 def _next_window(monitor: str, name: str, seen: int, timeout: float = 120) -> dict:
@@ -371,11 +405,13 @@ def demo_drift(platform: Platform, name: str) -> None:
     gateway = platform.urls()["gateway (POST /invocations)"]
     monitor = platform.urls()["drift monitor (GET /drift)"]
     window = PlatformSettings.from_env().window_rows
-    rows = pd.read_csv(DEMO_DATA).drop(columns=[DEMO_TARGET])
+    data = pd.read_csv(DEMO_DATA)
+    rows = data.drop(columns=[DEMO_TARGET])
     answer = requests.get(f"{monitor}/drift/{name}", timeout=5)
     seen = len(answer.json()["windows"]) if answer.status_code == 200 else 0
-    calm = rows.sample(window, random_state=1, replace=len(rows) < window)
-    _send_rows(f"{gateway}/invocations", calm)
+    calm_rows = data.sample(window, random_state=1, replace=len(data) < window)
+    calm = calm_rows.drop(columns=[DEMO_TARGET])
+    calm_ids = _send_rows(f"{gateway}/invocations", calm)
     verdict = _next_window(monitor, name, seen)
     _say(f"{window} rows like the training data: drifted={verdict['drifted']}")
     shifted = rows.sample(window, random_state=2, replace=len(rows) < window)
@@ -394,6 +430,8 @@ def demo_drift(platform: Platform, name: str) -> None:
         f"run 'monitor-{name}-v{verdict['version']}': its metrics chart drift per window, "
         "and reports/ holds each window's HTML report"
     )
+    _say("the true labels of the training-like rows arrive: POST /feedback")
+    demo_feedback(monitor, name, calm_ids, calm_rows[DEMO_TARGET].tolist())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

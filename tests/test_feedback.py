@@ -97,6 +97,10 @@ def test_json_and_csv_bodies_parse_to_the_same_labels() -> None:
         b"\xef\xbb\xbfrequest_id,label\r\na-1,yes\r\na-2:3,no\r\n", "text/csv"
     )
     assert from_json == from_csv == [FeedbackItem("a-1", 0, "yes"), FeedbackItem("a-2", 3, "no")]
+    curl_default = parse_feedback(
+        b'[{"request_id": "a-1", "label": "yes"}]', "application/x-www-form-urlencoded"
+    )
+    assert curl_default == from_json[:1]  # curl -d's type, with the JSON the user typed
     extra_column = parse_feedback(b"label,note,request_id\n1,late,r-9\n", "text/csv; charset=utf-8")
     assert extra_column == [FeedbackItem("r-9", 0, "1")]
 

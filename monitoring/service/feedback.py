@@ -35,6 +35,8 @@ TOKEN_FILE = "feedback-token"
 MAX_FEEDBACK_ITEMS = 1_000_000
 ROW_SEPARATOR = ":"
 CSV_TYPES = ("text/csv", "application/csv")
+# curl -d sends its default form type: the body is still the JSON the user typed.
+JSON_TYPES = ("application/json", "", "application/x-www-form-urlencoded")
 # How many offending items an error message names.
 SHOWN = 3
 
@@ -90,7 +92,7 @@ def parse_feedback(body: bytes, content_type: str | None) -> list[FeedbackItem]:
     media = (content_type or "application/json").split(";", 1)[0].strip().lower()
     if media in CSV_TYPES:
         pairs = _csv_pairs(body)
-    elif media in ("application/json", ""):
+    elif media in JSON_TYPES:
         pairs = _json_pairs(body)
     else:
         raise BadFeedback(f"unsupported Content-Type {media!r}: send application/json or text/csv")

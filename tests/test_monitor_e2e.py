@@ -214,11 +214,14 @@ def test_labels_give_the_realized_accuracy_beside_the_cbpe_estimate_in_mlflow(
     from sklearn.metrics import accuracy_score
 
     name = stack.names["feedback"]
-    data = pd.read_csv(CHURN).sample(2 * WINDOW, random_state=21)
+    data = pd.read_csv(CHURN).sample(5 * WINDOW, random_state=21)  # 1,000 requests' rows
     pairs: list[tuple[str, str, str]] = []  # row id, label, what the caller was answered
     with httpx.Client(timeout=30) as client:
-        for start in range(0, len(data), 20):
-            chunk = data.iloc[start : start + 20]
+        # 600 single-row requests (labelled by their bare id), then 20 requests of 20 rows
+        # (labelled "<id>:<row>"): 620 requests, 1,000 rows.
+        starts = [*range(600), *range(600, len(data), 20)]
+        for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
+            chunk = data.iloc[start:end]
             answer = client.post(
                 stack.score_url("feedback"),
                 content=split_body(chunk[FEATURES]),
@@ -228,11 +231,13 @@ def test_labels_give_the_realized_accuracy_beside_the_cbpe_estimate_in_mlflow(
             request_id = answer.headers["x-flowline-request-id"]
             predicted = answer.json()["predictions"]
             labels = chunk["churned"].tolist()
-            pairs += [
-                (f"{request_id}:{i}", y, p)
-                for i, (y, p) in enumerate(zip(labels, predicted, strict=True))
-            ]
-    windows_of(stack, "feedback", 2)
+            ids = (
+                [request_id]
+                if len(chunk) == 1
+                else [f"{request_id}:{i}" for i in range(len(chunk))]
+            )
+            pairs += list(zip(ids, labels, predicted, strict=True))
+    windows_of(stack, "feedback", 5)
     performance_url = f"{stack.monitor.url}/performance/{name}"
 
     def estimated() -> list[dict] | None:
@@ -240,7 +245,7 @@ def test_labels_give_the_realized_accuracy_beside_the_cbpe_estimate_in_mlflow(
         windows = view["versions"][0]["windows"]
         return windows if all(w["estimated"] for w in windows) else None
 
-    before = wait_for(estimated, "CBPE estimates of both windows")
+    before = wait_for(estimated, "CBPE estimates of every window")
     for w in before:
         assert w["estimated"]["probabilities"] == "scored" and w["labelled_rows"] == 0
         assert 0.5 < w["estimated"]["accuracy"] <= 1 and 0.5 < w["estimated"]["roc_auc"] <= 1
@@ -284,7 +289,8 @@ def test_labels_give_the_realized_accuracy_beside_the_cbpe_estimate_in_mlflow(
         realized = client.get_metric_history(run.info.run_id, "performance.realized.accuracy")
         estimated = client.get_metric_history(run.info.run_id, "performance.estimated.accuracy")
         steps = ({m.step for m in realized}, {m.step for m in estimated})
-        return [realized, estimated] if steps == ({0, 1}, {0, 1}) else None
+        every = set(range(5))
+        return [realized, estimated] if steps == (every, every) else None
 
     realized_history, _ = wait_for(logged, "realized and estimated accuracy in MLflow")
     last = {m.step: m.value for m in sorted(realized_history, key=lambda m: m.timestamp)}

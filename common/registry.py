@@ -94,3 +94,19 @@ MONITOR_VERSION_TAG = "flowline.monitor.version"
 # --- model metadata (MLmodel), beside the signature: each input column's type (one of
 # monitoring.profile.column_types.TYPES), written by training, read for the OpenAPI page.
 INPUT_TYPES_METADATA = "flowline.input_types"
+
+# --- canary analysis (serving/controller/analysis.py; docs/serving.md) ---------------------
+# On a registered model: JSON thresholds of the automatic canary analysis, e.g.
+# {"interval_s": 60, "max_error_rate_increase": 0.01, "promote_after": 5}.
+ANALYSIS_MODEL_TAG = "flowline.analysis"
+# On a model version, written by the controller:
+ANALYSIS_VERDICT_TAG = "flowline.analysis.verdict"  # passing | failed | promoted
+ANALYSIS_CHECK_TAG = "flowline.analysis.check"  # the failing check: error_rate, p99, ...
+ANALYSIS_REASON_TAG = "flowline.analysis.reason"  # the check's numbers, in words
+ANALYSIS_PASSED_TAG = "flowline.analysis.passed"  # passing intervals in a row
+
+
+def analysis_blocks(tags: dict[str, str]) -> bool:
+    """Whether a version was rolled back by the canary analysis (it takes no canary or
+    shadow traffic again until a person removes ``flowline.analysis.verdict``)."""
+    return tags.get(ANALYSIS_VERDICT_TAG) == "failed"

@@ -258,3 +258,81 @@ class HeldScorer:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+
+
+class RowScorer:
+    """A stub replica that scores each row with `predict(row)`, over real HTTP.
+
+    Light enough for throughput tests (thousands of requests, no model loading) and
+    row-aligned like the stock scorer, so the gateway batches requests to it: POST
+    /invocations takes `dataframe_split` or `dataframe_records` JSON and answers
+    {"predictions": [predict(row) for each row]}; with `fail`, every call gets 500 in
+    MLflow's error shape. `calls` counts the POSTs it answered.
+    """
+
+    def __init__(self, predict: Any = None, fail: bool = False) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.predict = predict or (lambda row: row[0])
+        self.fail = fail
+        self.calls = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server naming
+                self._answer(200, b"\n")
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                with lock:
+                    outer.calls += 1
+                if outer.fail:
+                    error = {"error_code": "BAD_REQUEST", "message": "this shadow fails"}
+                    self._answer(500, json.dumps(error).encode())
+                    return
+                if "dataframe_split" in body:
+                    rows = body["dataframe_split"]["data"]
+                else:
+                    rows = [list(r.values()) for r in body["dataframe_records"]]
+                answer = {"predictions": [outer.predict(row) for row in rows]}
+                self._answer(200, json.dumps(answer).encode())
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+
+def one_column_deployment(
+    model: str, version: str, replicas: list[str], batching: bool = True
+) -> dict[str, Any]:
+    """A deployment (admin JSON) of one double column `x`, batched unless told not to."""
+    inputs = [{"type": "double", "name": "x", "required": True}]
+    return {
+        "version": version,
+        "replicas": replicas,
+        "signature": {"inputs": json.dumps(inputs), "outputs": None, "params": None},
+        "input_example": {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}},
+        "batching": {"enabled": batching},
+    }

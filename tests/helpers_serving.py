@@ -206,78 +206,18 @@ def dumps(payload: Any) -> bytes:
     return json.dumps(payload).encode()
 
 
-class HeldScorer:
-    """A stub replica whose POST /invocations answers only once released.
+class StubReplica:
+    """A stub replica over real HTTP: GET answers 200, POST /invocations `respond(body)`.
 
-    Lets a test hold requests in flight deterministically (concurrency limits,
-    draining). Runs a ThreadingHTTPServer on a free loopback port in a thread;
-    held requests give up after `hold_timeout` so nothing can hang forever.
+    Runs a ThreadingHTTPServer on a free loopback port in a thread (one thread per
+    request), so tests get a real replica without loading a model. Subclasses say how
+    to answer a POST.
     """
 
-    def __init__(self, hold_timeout: float = 30.0) -> None:
+    def __init__(self) -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.release = threading.Event()
-        self.received = 0
-        lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                self._answer(b"\n")
-
-            def do_POST(self) -> None:  # noqa: N802 - http.server naming
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                with lock:
-                    outer.received += 1
-                outer.release.wait(hold_timeout)
-                self._answer(b'{"predictions": [0]}')
-
-            def _answer(self, body: bytes) -> None:
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Release held requests and stop serving."""
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=10)
-
-
-class RowScorer:
-    """A stub replica that scores each row with `predict(row)`, over real HTTP.
-
-    Light enough for throughput tests (thousands of requests, no model loading) and
-    row-aligned like the stock scorer, so the gateway batches requests to it: POST
-    /invocations takes `dataframe_split` or `dataframe_records` JSON and answers
-    {"predictions": [predict(row) for each row]}; with `fail`, every call gets 500 in
-    MLflow's error shape. `calls` counts the POSTs it answered.
-    """
-
-    def __init__(self, predict: Any = None, fail: bool = False) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.predict = predict or (lambda row: row[0])
-        self.fail = fail
-        self.calls = 0
-        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -287,19 +227,8 @@ class RowScorer:
                 self._answer(200, b"\n")
 
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
-                with lock:
-                    outer.calls += 1
-                if outer.fail:
-                    error = {"error_code": "BAD_REQUEST", "message": "this shadow fails"}
-                    self._answer(500, json.dumps(error).encode())
-                    return
-                if "dataframe_split" in body:
-                    rows = body["dataframe_split"]["data"]
-                else:
-                    rows = [list(r.values()) for r in body["dataframe_records"]]
-                answer = {"predictions": [outer.predict(row) for row in rows]}
-                self._answer(200, json.dumps(answer).encode())
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                self._answer(*outer.respond(body))
 
             def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)
@@ -317,11 +246,71 @@ class RowScorer:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
+    def respond(self, body: bytes) -> tuple[int, bytes]:
+        """(status, JSON body) for one POST."""
+        raise NotImplementedError
+
     def stop(self) -> None:
         """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+
+
+class HeldScorer(StubReplica):
+    """A stub replica whose POST /invocations answers only once released.
+
+    Lets a test hold requests in flight deterministically (concurrency limits,
+    draining). Held requests give up after `hold_timeout` so nothing can hang forever.
+    """
+
+    def __init__(self, hold_timeout: float = 30.0) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.received = 0
+        self.hold_timeout = hold_timeout
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def respond(self, body: bytes) -> tuple[int, bytes]:
+        """Count the request, wait for the release, answer one prediction."""
+        with self._lock:
+            self.received += 1
+        self.release.wait(self.hold_timeout)
+        return 200, b'{"predictions": [0]}'
+
+    def stop(self) -> None:
+        """Release held requests and stop serving."""
+        self.release.set()
+        super().stop()
+
+
+class RowScorer(StubReplica):
+    """A stub replica that scores each row with `predict(row)`.
+
+    Light enough for throughput tests (thousands of requests, no model loading) and
+    row-aligned like the stock scorer, so the gateway batches requests to it: POST
+    /invocations takes `dataframe_split` or `dataframe_records` JSON and answers
+    {"predictions": [predict(row) for each row]}; with `fail`, every call gets 500 in
+    MLflow's error shape.
+    """
+
+    def __init__(self, predict: Any = None, fail: bool = False) -> None:
+        self.predict = predict or (lambda row: row[0])
+        self.fail = fail
+        super().__init__()
+
+    def respond(self, body: bytes) -> tuple[int, bytes]:
+        """Score the rows of a dataframe_split or dataframe_records body."""
+        if self.fail:
+            return 500, b'{"error_code": "BAD_REQUEST", "message": "this replica fails"}'
+        payload = json.loads(body)
+        if "dataframe_split" in payload:
+            rows = payload["dataframe_split"]["data"]
+        else:
+            rows = [list(r.values()) for r in payload["dataframe_records"]]
+        return 200, json.dumps({"predictions": [self.predict(row) for row in rows]}).encode()
 
 
 def one_column_deployment(

@@ -231,3 +231,40 @@ def test_canary_answers_are_captured_under_their_version_and_shadow_answers_not(
     finally:
         production.stop()
         other.stop()
+
+
+def test_a_v2_request_pinned_to_the_canary_version_gets_it() -> None:
+    production, other = RowScorer(lambda row: 0), RowScorer(lambda row: 1)
+
+    async def scenario() -> None:
+        table = RouteTable()
+        prod = one_column_deployment("m", "1", [production.url])
+        table.set_active(Deployment.from_dict(prod, model="m"))
+        pinned = Deployment.from_dict(one_column_deployment("m", "2", [other.url]), model="m")
+        table.set_variant(Variant("canary", pinned, 0))  # weight 0: only pinned requests
+        app = create_app(GatewayConfig(), table)
+        transport = httpx.ASGITransport(app=app)
+        infer = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1.0]}]}
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            for version, status in (("2", 200), ("1", 200), ("7", 404)):
+                answer = await client.post(f"/v2/models/m/versions/{version}/infer", json=infer)
+                assert answer.status_code == status, answer.text
+                if status == 200:
+                    assert answer.headers["x-flowline-model-version"] == f"m/{version}"
+                    assert answer.json()["outputs"][0]["data"] == [int(version == "2")]
+            assert (await client.get("/v2/models/m/versions/2")).status_code == 200
+            plain = await client.post("/v2/models/m/infer", json=infer)
+            assert plain.headers["x-flowline-model-version"] == "m/1"  # weight 0
+        await app.state.gateway.replicas.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        production.stop()
+        other.stop()
+
+
+def test_the_shadow_bound_is_configured() -> None:
+    assert GatewayConfig.from_env({"FLOWLINE_SHADOW_MAX_INFLIGHT": "4"}).shadow_max_inflight == 4
+    with pytest.raises(ValueError):
+        GatewayConfig.from_env({"FLOWLINE_SHADOW_MAX_INFLIGHT": "0"})

@@ -88,7 +88,9 @@ class Gateway:
             self.config.upstream,
         )
         self.capture = CaptureDispatcher(on_scored, self.metrics.capture_dropped.inc)
-        self.shadow = ShadowMirror(self.table, self.dispatch, self.metrics)
+        self.shadow = ShadowMirror(
+            self.table, self.dispatch, self.metrics, self.config.shadow_max_inflight
+        )
         self._inflight = 0
         # Request ids: unique across restarts and gateway processes by the random prefix.
         self._request_prefix = secrets.token_hex(4)

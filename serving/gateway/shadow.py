@@ -30,12 +30,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serving.gateway.batching import Outcome
+from serving.gateway.config import DEFAULT_SHADOW_MAX_INFLIGHT
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.routes import ModelRoute, RouteTable
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_INFLIGHT = 32
 Dispatch = Callable[[ModelRoute, bytes, str | None], Awaitable[Outcome]]
 
 
@@ -103,7 +103,7 @@ class ShadowMirror:
         table: RouteTable,
         dispatch: Dispatch,
         metrics: GatewayMetrics,
-        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_inflight: int = DEFAULT_SHADOW_MAX_INFLIGHT,
     ) -> None:
         self.table = table
         self.dispatch = dispatch

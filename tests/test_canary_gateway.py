@@ -53,6 +53,8 @@ def scorers() -> Iterator[dict[str, RowScorer]]:
         "label1": RowScorer(lambda row: int(row[0] > 0.5)),
         "label3": RowScorer(lambda row: int(row[0] > 0.7)),
         "broken": RowScorer(fail=True),
+        "regress1": RowScorer(lambda row: row[0] * 2.0),
+        "regress3": RowScorer(lambda row: row[0] * 2.0 + 0.25),
     }
     try:
         yield made
@@ -175,6 +177,29 @@ def test_a_shadow_never_changes_an_answer_and_its_agreement_is_reported(
     assert metric(values_now, "flowline_gateway_shadow_seconds_count", **labels) >= ok
     # Shadow calls are not production traffic in the request metrics.
     assert metric(values_now, "flowline_gateway_requests_total", **labels) == 0
+
+
+def test_a_regression_shadow_reports_the_mean_absolute_difference(
+    gateway: Service, scorers: dict[str, RowScorer]
+) -> None:
+    put(gateway, "regressed", "1", [scorers["regress1"].url])
+    assert put_variant(
+        gateway, "regressed", "shadow", "3", [scorers["regress3"].url], sample=1.0
+    ).is_success
+    url = f"{gateway.url}/models/regressed/invocations"
+    answers = asyncio.run(fire(url, [body(i + 0.5) for i in range(100)]))
+    assert [a.json()["predictions"] for a in answers] == [[(i + 0.5) * 2.0] for i in range(100)]
+
+    def compared() -> dict[str, Any] | None:
+        shadow = models(gateway)["regressed"]["shadow"]
+        return shadow if shadow["mirrored"] + shadow["dropped"] >= 100 else None
+
+    shadow = wait_for(compared, "the shadow to see every request", 30)
+    assert shadow["mirrored"] > 0 and shadow["agreement"] is None
+    assert shadow["mean_abs_diff"] == pytest.approx(0.25)
+    gauge = metric(metric_values(gateway), "flowline_gateway_shadow_mean_abs_diff",
+                   model="regressed")  # fmt: skip
+    assert gauge == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("failure", ["refused", "error"])

@@ -4,7 +4,10 @@ Desired state is read from the registry on every pass (`desired.py`); actual sta
 the running replicas and the gateway's routes. Nothing else is remembered between
 passes that the registry and the running processes could not rebuild: a deployment's
 outcome is written back to the model version as tags (`flowline.deployment.*`), which
-is also what stops a failed version from being retried in a loop.
+is also what stops a failed version from being retried in a loop. A model's canary and
+shadow versions (aliases ``canary`` / ``shadow``) are converged after its production
+version by ``serving/controller/variants.py``, with the same start, smoke test, heal,
+scale and drain steps; production's blue/green rollout does not depend on them.
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ def smoke_test(url: str, example: dict[str, Any] | None) -> None:
 
 
 class Reconciler:
-    """Converges replicas and gateway routes to the registry's production versions."""
+    """Converges replicas and gateway routes to the registry's production versions (and
+    their canary and shadow versions, through ``self.variants``)."""
 
     def __init__(
         self,

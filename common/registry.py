@@ -11,6 +11,9 @@ This module imports nothing of flowline's or MLflow's: every package may import 
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from typing import Any
 
 TAG_PREFIX = "flowline."
@@ -19,6 +22,11 @@ TAG_PREFIX = "flowline."
 PRODUCTION_ALIAS = "production"
 PRODUCTION_STAGE = "Production"  # the legacy stage, still honoured
 DEMO_MODEL = "flowline-demo"
+# A second and a third version beside production (docs/serving.md, "Canary and shadow"):
+# the canary answers a weighted share of the callers, the shadow gets a mirrored copy of
+# a sample of production's requests and never answers anyone.
+CANARY_ALIAS = "canary"
+SHADOW_ALIAS = "shadow"
 
 # --- written by training, on the parent run and on the registered version --------------
 TASK_TAG = "flowline.task"
@@ -48,6 +56,13 @@ RATE_LIMIT_MODEL_TAG = "flowline.rate_limit"
 CACHE_MODEL_TAG = "flowline.cache"
 BACKEND_MODEL_TAG = "flowline.backend"
 RESOURCES_MODEL_TAG = "flowline.resources"
+# JSON {"weight": 10} (percent of requests, 0-100), optional "sticky": "<header name>".
+CANARY_MODEL_TAG = "flowline.canary"
+# JSON {"sample": 0.25} (share of production's successful requests mirrored, 0-1).
+SHADOW_MODEL_TAG = "flowline.shadow"
+# Written by the controller when it refuses a canary or shadow (removed once it is fixed).
+CANARY_ERROR_MODEL_TAG = "flowline.canary.error"
+SHADOW_ERROR_MODEL_TAG = "flowline.shadow.error"
 
 # --- on a model version: the rollout's outcome (written by the controller) -------------
 STATUS_TAG = "flowline.deployment.status"
@@ -81,6 +96,76 @@ def gate_blocks(tags: dict[str, str]) -> bool:
     set the override."""
     failed = tags.get(GATE_TAG) == "failed"
     return failed and tags.get(GATE_OVERRIDE_TAG, "").strip().lower() != "true"
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """The canary's share of a model's requests (percent) and its optional sticky header."""
+
+    weight: float
+    sticky: str | None = None
+
+
+def _tag_object(text: str, tag: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{tag} is not JSON: {text[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{tag} must be a JSON object, not {text[:80]!r}")
+    return data
+
+
+def _number(value: Any, what: str, low: float, high: float) -> float:
+    # bool is an int to Python, but `true` is no weight.
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{what} must be a number from {low:g} to {high:g}, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be from {low:g} to {high:g}, not {value!r}")
+    return float(value)
+
+
+def canary_weight(value: Any) -> float:
+    """A canary weight: a number of percent from 0 to 100 (ValueError if not)."""
+    return _number(value, "the canary weight", 0, 100)
+
+
+def shadow_sample(value: Any) -> float:
+    """A shadow sample: a share of requests from 0 to 1 (ValueError if not)."""
+    return _number(value, "the shadow sample", 0, 1)
+
+
+def sticky_header(value: Any) -> str | None:
+    """A sticky header name, or None (ValueError for anything but a non-empty string)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in ":\r\n "):
+        raise ValueError(f"sticky must be an HTTP header name, not {value!r}")
+    return value.strip().lower()
+
+
+def parse_canary_tag(text: str | None) -> CanaryConfig:
+    """The `flowline.canary` tag's settings; ValueError (the reason) when it is missing or bad."""
+    if text is None:
+        raise ValueError(f'the canary needs the tag {CANARY_MODEL_TAG}, e.g. {{"weight": 10}}')
+    data = _tag_object(text, CANARY_MODEL_TAG)
+    unknown = set(data) - {"weight", "sticky"}
+    if unknown:
+        raise ValueError(f"{CANARY_MODEL_TAG} has unknown keys {sorted(unknown)}")
+    if "weight" not in data:
+        raise ValueError(f'{CANARY_MODEL_TAG} needs a "weight" (percent, 0-100)')
+    return CanaryConfig(canary_weight(data["weight"]), sticky_header(data.get("sticky")))
+
+
+def parse_shadow_tag(text: str | None) -> float:
+    """The `flowline.shadow` tag's sample (1.0 without the tag); ValueError when bad."""
+    if text is None:
+        return 1.0
+    data = _tag_object(text, SHADOW_MODEL_TAG)
+    unknown = set(data) - {"sample"}
+    if unknown:
+        raise ValueError(f"{SHADOW_MODEL_TAG} has unknown keys {sorted(unknown)}")
+    return shadow_sample(data.get("sample", 1.0))
 
 
 # --- on runs of other jobs ---------------------------------------------------------------

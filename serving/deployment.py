@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -215,6 +215,78 @@ class Deployment:
             cache=CacheSettings.from_dict(data.get("cache")),
             since=float(since) if since is not None else time.time(),
         )
+
+
+CANARY = "canary"
+SHADOW = "shadow"
+ROLES = (CANARY, SHADOW)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A second version of a model beside its production deployment.
+
+    role: "canary" (answers `weight` percent of the model's requests; with `sticky`,
+        the value of that request header decides, so one caller keeps one version)
+        or "shadow" (gets a copy of a `sample` share of production's successful
+        requests; its answers reach nobody).
+    deployment: the version and its replicas, like a production deployment.
+    share: the canary's weight (0-100) or the shadow's sample (0-1).
+    """
+
+    role: str
+    deployment: Deployment
+    share: float
+    sticky: str | None = None
+
+    def __post_init__(self) -> None:
+        # The registry contract's checks, so a tag and the admin API refuse the same values.
+        from common.registry import canary_weight, shadow_sample, sticky_header
+
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
+        check = canary_weight if self.role == CANARY else shadow_sample
+        object.__setattr__(self, "share", check(self.share))
+        if self.role == SHADOW and self.sticky is not None:
+            raise ValueError("a shadow has no sticky header")
+        object.__setattr__(self, "sticky", sticky_header(self.sticky))
+
+    @property
+    def model(self) -> str:
+        """The registered model's name."""
+        return self.deployment.model
+
+    def same_as(self, other: Variant | None) -> bool:
+        """Equal apart from when the deployment became active (idempotent puts)."""
+        if other is None:
+            return False
+        mine = replace(self, deployment=replace(self.deployment, since=0))
+        return mine == replace(other, deployment=replace(other.deployment, since=0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The admin API's JSON: {"deployment", "weight", "sticky"} or {"deployment", "sample"}."""
+        if self.role == CANARY:
+            return {
+                "deployment": self.deployment.to_dict(),
+                "weight": self.share,
+                "sticky": self.sticky,
+            }
+        return {"deployment": self.deployment.to_dict(), "sample": self.share}
+
+    @classmethod
+    def from_dict(cls, role: str, data: Any, model: str | None = None) -> Variant:
+        """Parse `to_dict`'s form for `role`; ValueError (a 400) when it is not that."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a {role} must be a JSON object")
+        share_key = "weight" if role == CANARY else "sample"
+        known = {"deployment", share_key} | ({"sticky"} if role == CANARY else set())
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {role} fields: {sorted(unknown)}")
+        if "deployment" not in data or (role == CANARY and share_key not in data):
+            raise ValueError(f"a {role} needs 'deployment' and '{share_key}'")
+        deployment = Deployment.from_dict(data["deployment"], model=model)
+        return cls(role, deployment, data.get(share_key, 1.0), data.get("sticky"))
 
 
 def parse_timeout(value: Any) -> float:

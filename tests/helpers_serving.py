@@ -206,38 +206,32 @@ def dumps(payload: Any) -> bytes:
     return json.dumps(payload).encode()
 
 
-class HeldScorer:
-    """A stub replica whose POST /invocations answers only once released.
+class StubReplica:
+    """A stub replica over real HTTP: GET answers 200, POST /invocations `respond(body)`.
 
-    Lets a test hold requests in flight deterministically (concurrency limits,
-    draining). Runs a ThreadingHTTPServer on a free loopback port in a thread;
-    held requests give up after `hold_timeout` so nothing can hang forever.
+    Runs a ThreadingHTTPServer on a free loopback port in a thread (one thread per
+    request), so tests get a real replica without loading a model. Subclasses say how
+    to answer a POST.
     """
 
-    def __init__(self, hold_timeout: float = 30.0) -> None:
+    def __init__(self) -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.release = threading.Event()
-        self.received = 0
-        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                self._answer(b"\n")
+                self._answer(200, b"\n")
 
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                with lock:
-                    outer.received += 1
-                outer.release.wait(hold_timeout)
-                self._answer(b'{"predictions": [0]}')
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                self._answer(*outer.respond(body))
 
-            def _answer(self, body: bytes) -> None:
-                self.send_response(200)
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
@@ -252,9 +246,82 @@ class HeldScorer:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
+    def respond(self, body: bytes) -> tuple[int, bytes]:
+        """(status, JSON body) for one POST."""
+        raise NotImplementedError
+
     def stop(self) -> None:
-        """Release held requests and stop serving."""
-        self.release.set()
+        """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+
+
+class HeldScorer(StubReplica):
+    """A stub replica whose POST /invocations answers only once released.
+
+    Lets a test hold requests in flight deterministically (concurrency limits,
+    draining). Held requests give up after `hold_timeout` so nothing can hang forever.
+    """
+
+    def __init__(self, hold_timeout: float = 30.0) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.received = 0
+        self.hold_timeout = hold_timeout
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def respond(self, body: bytes) -> tuple[int, bytes]:
+        """Count the request, wait for the release, answer one prediction."""
+        with self._lock:
+            self.received += 1
+        self.release.wait(self.hold_timeout)
+        return 200, b'{"predictions": [0]}'
+
+    def stop(self) -> None:
+        """Release held requests and stop serving."""
+        self.release.set()
+        super().stop()
+
+
+class RowScorer(StubReplica):
+    """A stub replica that scores each row with `predict(row)`.
+
+    Light enough for throughput tests (thousands of requests, no model loading) and
+    row-aligned like the stock scorer, so the gateway batches requests to it: POST
+    /invocations takes `dataframe_split` or `dataframe_records` JSON and answers
+    {"predictions": [predict(row) for each row]}; with `fail`, every call gets 500 in
+    MLflow's error shape.
+    """
+
+    def __init__(self, predict: Any = None, fail: bool = False) -> None:
+        self.predict = predict or (lambda row: row[0])
+        self.fail = fail
+        super().__init__()
+
+    def respond(self, body: bytes) -> tuple[int, bytes]:
+        """Score the rows of a dataframe_split or dataframe_records body."""
+        if self.fail:
+            return 500, b'{"error_code": "BAD_REQUEST", "message": "this replica fails"}'
+        payload = json.loads(body)
+        if "dataframe_split" in payload:
+            rows = payload["dataframe_split"]["data"]
+        else:
+            rows = [list(r.values()) for r in payload["dataframe_records"]]
+        return 200, json.dumps({"predictions": [self.predict(row) for row in rows]}).encode()
+
+
+def one_column_deployment(
+    model: str, version: str, replicas: list[str], batching: bool = True
+) -> dict[str, Any]:
+    """A deployment (admin JSON) of one double column `x`, batched unless told not to."""
+    inputs = [{"type": "double", "name": "x", "required": True}]
+    return {
+        "version": version,
+        "replicas": replicas,
+        "signature": {"inputs": json.dumps(inputs), "outputs": None, "params": None},
+        "input_example": {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}},
+        "batching": {"enabled": batching},
+    }

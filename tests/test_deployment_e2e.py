@@ -23,6 +23,9 @@ from mlflow import MlflowClient
 
 from common.processes import free_port, free_port_block
 from common.registry import (
+    CANARY_ALIAS,
+    CANARY_ERROR_MODEL_TAG,
+    CANARY_MODEL_TAG,
     GATE_CHALLENGER_TAG,
     GATE_CHAMPION_TAG,
     GATE_CHAMPION_VERSION_TAG,
@@ -30,6 +33,7 @@ from common.registry import (
     GATE_OVERRIDE_TAG,
     GATE_REASON_TAG,
     GATE_TAG,
+    SHADOW_ALIAS,
     gate_blocks,
 )
 from flowline.config import Ports
@@ -160,6 +164,94 @@ def test_alias_promotion_deploys_and_switches_without_failing_a_request(platform
     client.delete_registered_model_alias(name, "production")
     _wait_for(lambda: _served_version(platform, name) is None, "the undeploy")
     assert _score(platform, name, body).status_code == 404
+
+
+def _controller_status(platform: Platform) -> dict[str, Any]:
+    url = f"http://{platform.host}:{platform.ports.controller}/status"
+    return requests.get(url, timeout=5).json()
+
+
+def _model_state(platform: Platform, name: str) -> dict[str, Any] | None:
+    models = requests.get(f"{_gateway(platform)}/models", timeout=5).json()["models"]
+    return next((m for m in models if m["name"] == name), None)
+
+
+def _answering(platform: Platform, name: str, body: dict, count: int = 20) -> set[str]:
+    """The versions that answered `count` requests (each must succeed)."""
+    seen = set()
+    for _ in range(count):
+        answer = _score(platform, name, body)
+        assert answer.status_code == 200, answer.text
+        seen.add(answer.headers["x-flowline-model-version"])
+    return seen
+
+
+def _up(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/ping", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_a_canary_and_a_shadow_set_in_the_registry_serve_beside_production(
+    platform: Platform,
+) -> None:
+    name = f"canary-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    first, second = _train(name, seed=1), _train(name, seed=2)
+    body = _example(name, first)
+    client.set_registered_model_alias(name, "production", first)
+    _wait_for(lambda: _served_version(platform, name) == first, "production")
+
+    def refusal() -> str:
+        return client.get_registered_model(name).tags.get(CANARY_ERROR_MODEL_TAG, "")
+
+    # Refused: a weight of 150, then a canary alias on the production version itself.
+    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 150}')
+    client.set_registered_model_alias(name, CANARY_ALIAS, second)
+    _wait_for(lambda: "from 0 to 100" in refusal(), "the weight to be refused")
+    assert "from 0 to 100" in _controller_status(platform)["errors"][f"{name} (canary)"]
+    assert _answering(platform, name, body) == {f"{name}/{first}"}
+    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 50}')
+    client.set_registered_model_alias(name, CANARY_ALIAS, first)
+    _wait_for(lambda: "production version" in refusal(), "the alias to be refused")
+    assert _answering(platform, name, body) == {f"{name}/{first}"}
+
+    # A good canary: both versions answer, the refusal is gone.
+    client.set_registered_model_alias(name, CANARY_ALIAS, second)
+    both = {f"{name}/{first}", f"{name}/{second}"}
+    _wait_for(lambda: _answering(platform, name, body) == both, "both versions to answer")
+    _wait_for(lambda: refusal() == "", "the refusal tag to be removed")
+    assert _status_tag(client, name, second) == "canary"
+    (canary,) = [d for d in _controller_status(platform)["deployments"] if d["role"] == "canary"]
+    assert canary["version"] == second and canary["weight"] == 50
+    urls = [r["url"] for r in canary["replicas"]]
+
+    # The alias removed: the canary's replicas drain and stop; production alone answers.
+    client.delete_registered_model_alias(name, CANARY_ALIAS)
+    _wait_for(lambda: not any(_up(u) for u in urls), "the canary's replicas to stop")
+    assert _model_state(platform, name)["canary"] is None
+    assert _answering(platform, name, body) == {f"{name}/{first}"}
+    _wait_for(lambda: _status_tag(client, name, second) == "undeployed", "the undeployed tag")
+
+    # A shadow: callers only ever get production; its agreement is reported.
+    client.set_registered_model_alias(name, SHADOW_ALIAS, second)
+    _wait_for(lambda: (_model_state(platform, name) or {}).get("shadow"), "the shadow route")
+    assert _answering(platform, name, body, 30) == {f"{name}/{first}"}
+
+    def compared() -> dict[str, Any] | None:
+        shadow = _model_state(platform, name)["shadow"]
+        return shadow if shadow["mirrored"] >= 10 else None
+
+    shadow = _wait_for(compared, "the shadow to compare answers")
+    assert shadow["version"] == second and 0 <= shadow["agreement"] <= 1
+    shadow_urls = [
+        r["url"] for d in _controller_status(platform)["deployments"] if d["role"] == "shadow"
+        for r in d["replicas"]
+    ]  # fmt: skip
+    client.delete_registered_model_alias(name, "production")  # the shadow goes with it
+    _wait_for(lambda: _model_state(platform, name) is None, "the undeploy")
+    _wait_for(lambda: not any(_up(u) for u in shadow_urls), "the shadow's replicas to stop")
 
 
 def test_legacy_stage_promotion_deploys_and_archiving_undeploys(platform: Platform) -> None:

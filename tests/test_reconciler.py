@@ -25,6 +25,9 @@ from mlflow.exceptions import MlflowException
 import serving.controller.reconciler as reconciler_module
 from common.registry import (
     CACHE_MODEL_TAG,
+    CANARY_ALIAS,
+    CANARY_ERROR_MODEL_TAG,
+    CANARY_MODEL_TAG,
     GATE_OVERRIDE_TAG,
     GATE_REASON_TAG,
     GATE_TAG,
@@ -33,6 +36,9 @@ from common.registry import (
     RATE_LIMIT_MODEL_TAG,
     REASON_TAG,
     REPLICAS_MODEL_TAG,
+    SHADOW_ALIAS,
+    SHADOW_ERROR_MODEL_TAG,
+    SHADOW_MODEL_TAG,
     STATUS_TAG,
     TIMEOUT_MODEL_TAG,
     gate_blocks,
@@ -40,7 +46,7 @@ from common.registry import (
 from serving.backends.base import BackendError, Replica
 from serving.controller.gateway_client import GatewayError
 from serving.controller.reconciler import Reconciler
-from serving.deployment import Deployment
+from serving.deployment import Deployment, Variant
 
 Event = tuple[Any, ...]
 
@@ -114,6 +120,14 @@ class StubRegistry:
     def set_model_version_tag(self, name: str, version: str, key: str, value: str) -> None:
         self.events.append(("tag", name, version, key, value))
         self.get_model_version(name, version).tags[key] = value
+
+    def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        self.events.append(("model_tag", name, key, value))
+        self.models[name].tags[key] = value
+
+    def delete_registered_model_tag(self, name: str, key: str) -> None:
+        self.events.append(("model_tag_deleted", name, key))
+        self.models[name].tags.pop(key, None)
 
     # mlflow.artifacts.download_artifacts, for models:/NAME/VERSION/FILE
     def download_artifacts(self, artifact_uri: str, dst_path: str) -> str:
@@ -208,6 +222,7 @@ class StubGateway:
     def __init__(self, events: list[Event]) -> None:
         self.events = events
         self.table: dict[str, Deployment] = {}
+        self.variants: dict[tuple[str, str], Variant] = {}
         self.down = False
 
     def _answer(self) -> None:
@@ -223,10 +238,27 @@ class StubGateway:
         self._answer()
         self.events.append(("delete", model))
         self.table.pop(model, None)
+        for key in [k for k in self.variants if k[0] == model]:
+            del self.variants[key]  # the gateway drops a model's canary and shadow with it
+
+    def put_variant(self, variant: Variant) -> None:
+        self._answer()
+        assert variant.model in self.table, "a variant needs its production route first"
+        d = variant.deployment
+        self.events.append(("put_" + variant.role, d.model, d.version, d.replicas, variant.share))
+        self.variants[(variant.model, variant.role)] = variant
+
+    def delete_variant(self, model: str, role: str) -> None:
+        self._answer()
+        self.events.append(("delete_" + role, model))
+        self.variants.pop((model, role), None)
 
     def routes(self) -> dict[str, dict[str, Any]]:
         self._answer()
-        return {m: d.to_dict() for m, d in self.table.items()}
+        routes = {m: d.to_dict() for m, d in self.table.items()}
+        for (model, role), variant in self.variants.items():
+            routes[model][role] = variant.to_dict()
+        return routes
 
     def drain(self, replica_urls: list[str], timeout: float) -> bool:
         self._answer()
@@ -693,3 +725,203 @@ def test_a_version_failed_by_the_gate_is_held_back_until_a_person_overrides_it(
 )
 def test_gate_blocks(tags: dict[str, str], blocks: bool) -> None:
     assert gate_blocks(tags) is blocks
+
+
+# -- canary and shadow --------------------------------------------------------------------------
+
+
+def _with_canary(world: World, weight: str = '{"weight": 10}') -> tuple[str, ...]:
+    """m/1 in production, m/2 registered and named the canary with ``weight``; m/1's URLs."""
+    world.registry.add_version("m", "1")
+    world.registry.add_version("m", "2")
+    production = world.settled("m", "1")
+    world.registry.models["m"].aliases[CANARY_ALIAS] = "2"
+    world.registry.models["m"].tags[CANARY_MODEL_TAG] = weight
+    return production
+
+
+def test_a_canary_is_started_smoke_tested_and_routed_beside_production(world: World) -> None:
+    _with_canary(world, '{"weight": 10, "sticky": "X-User"}')
+    world.reconciler.reconcile()
+    (url,) = world.gateway.variants[("m", "canary")].deployment.replicas
+    assert [e[:3] for e in world.events if e[0] != "tag"] == [
+        ("start", "m", "2"),
+        ("smoke", url, EXAMPLE),
+        ("put_canary", "m", "2"),
+    ]
+    assert world.gateway.variants[("m", "canary")].share == 10
+    assert world.gateway.variants[("m", "canary")].sticky == "x-user"
+    assert world.gateway.table["m"].version == "1"  # production untouched
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "canary"
+    roles = {(d["version"], d["role"]) for d in world.reconciler.status()["deployments"]}
+    assert roles == {("1", "production"), ("2", "canary")}
+    world.events.clear()
+    world.reconciler.reconcile()
+    assert world.events == []  # converged: nothing to do
+
+
+def test_a_new_weight_is_pushed_without_new_replicas(world: World) -> None:
+    _with_canary(world)
+    world.reconciler.reconcile()
+    world.events.clear()
+    world.registry.models["m"].tags[CANARY_MODEL_TAG] = '{"weight": 50}'
+    world.reconciler.reconcile()
+    assert [e[0] for e in world.events] == ["put_canary"]
+    assert world.gateway.variants[("m", "canary")].share == 50
+
+
+def test_removing_the_canary_alias_unroutes_drains_and_stops_its_replicas(world: World) -> None:
+    _with_canary(world)
+    world.reconciler.reconcile()
+    (url,) = world.gateway.variants[("m", "canary")].deployment.replicas
+    world.events.clear()
+    del world.registry.models["m"].aliases[CANARY_ALIAS]
+    world.reconciler.reconcile()
+    assert [e for e in world.events if e[0] != "tag"] == [
+        ("delete_canary", "m"),
+        ("drain", (url,)),
+        ("stop", url),
+    ]
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "undeployed"
+    assert url not in world.backend.alive and world.gateway.table["m"].version == "1"
+
+
+@pytest.mark.parametrize(
+    ("tag", "reason"),
+    [
+        ('{"weight": 150}', "must be from 0 to 100"),
+        ('{"weight": -1}', "must be from 0 to 100"),
+        ('{"weight": "ten"}', "must be a number"),
+        ('{"weight": true}', "must be a number"),
+        ("{weight: 10", "is not JSON"),
+        ("[10]", "must be a JSON object"),
+        ('{"share": 10}', "unknown keys"),
+        (None, "needs the tag flowline.canary"),
+    ],
+)
+def test_bad_canary_settings_are_refused_with_the_reason_and_production_serves(
+    world: World, tag: str | None, reason: str
+) -> None:
+    production = _with_canary(world)
+    if tag is None:
+        del world.registry.models["m"].tags[CANARY_MODEL_TAG]
+    else:
+        world.registry.models["m"].tags[CANARY_MODEL_TAG] = tag
+    world.reconciler.reconcile()
+    assert not [e for e in world.events if e[0] in ("start", "put", "put_canary", "stop")]
+    assert world.urls("m") == production and world.backend.alive == set(production)
+    assert reason in world.registry.models["m"].tags[CANARY_ERROR_MODEL_TAG]
+    assert reason in world.reconciler.status()["errors"]["m (canary)"]
+    assert "m" not in world.reconciler.status()["errors"]  # production has no error
+
+    world.registry.models["m"].tags[CANARY_MODEL_TAG] = '{"weight": 5}'  # fixed
+    world.reconciler.reconcile()
+    assert world.gateway.variants[("m", "canary")].share == 5
+    assert CANARY_ERROR_MODEL_TAG not in world.registry.models["m"].tags
+    assert "m (canary)" not in world.reconciler.status()["errors"]
+
+
+@pytest.mark.parametrize("role", ["canary", "shadow"])
+def test_a_canary_or_shadow_alias_on_the_production_version_is_refused(
+    world: World, role: str
+) -> None:
+    world.registry.add_version("m", "1")
+    production = world.settled("m", "1")
+    world.registry.models["m"].aliases[role] = "1"
+    world.registry.models["m"].tags[CANARY_MODEL_TAG] = '{"weight": 10}'
+    world.reconciler.reconcile()
+    assert world.events == [
+        ("model_tag", "m", f"flowline.{role}.error",
+         f"the {role} alias is on the production version 1"),
+    ]  # fmt: skip
+    assert world.urls("m") == production and not world.gateway.variants
+
+
+def test_a_running_canary_whose_weight_turns_bad_is_removed_and_production_serves(
+    world: World,
+) -> None:
+    production = _with_canary(world)
+    world.reconciler.reconcile()
+    world.registry.models["m"].tags[CANARY_MODEL_TAG] = '{"weight": 150}'
+    world.reconciler.reconcile()
+    assert ("m", "canary") not in world.gateway.variants
+    assert world.backend.alive == set(production)
+    assert "from 0 to 100" in world.reconciler.status()["errors"]["m (canary)"]
+
+
+def test_the_gate_holds_a_canary_back_but_not_a_shadow(world: World) -> None:
+    _with_canary(world)
+    world.registry.tags("m", "2").update({GATE_TAG: "failed", GATE_REASON_TAG: "worse"})
+    world.registry.models["m"].aliases[SHADOW_ALIAS] = "2"
+    world.reconciler.reconcile()
+    assert ("m", "canary") not in world.gateway.variants
+    error = world.reconciler.status()["errors"]["m (canary)"]
+    assert error == "version 2: held back by the champion/challenger gate: worse"
+    shadow = world.gateway.variants[("m", "shadow")]
+    assert shadow.deployment.version == "2" and shadow.share == 1.0  # the default sample
+    world.registry.models["m"].tags[SHADOW_MODEL_TAG] = '{"sample": 2}'
+    world.reconciler.reconcile()
+    assert ("m", "shadow") not in world.gateway.variants
+    assert "from 0 to 1" in world.registry.models["m"].tags[SHADOW_ERROR_MODEL_TAG]
+
+
+def test_a_canary_failing_its_smoke_test_is_tagged_failed_and_not_retried(world: World) -> None:
+    production = _with_canary(world)
+    world.backend.broken.add(("m", "2"))
+    world.reconciler.reconcile()
+    assert world.registry.tags("m", "2")[STATUS_TAG] == "failed"
+    assert "broken on purpose" in world.registry.tags("m", "2")[REASON_TAG]
+    assert "broken on purpose" in world.reconciler.status()["errors"]["m (canary)"]
+    assert world.backend.alive == set(production) and not world.gateway.variants
+    world.events.clear()
+    world.reconciler.reconcile()
+    assert not [e for e in world.events if e[0] == "start"]
+    world.backend.broken.clear()
+    world.reconciler.retry("m", "2")  # the alias set again
+    world.reconciler.reconcile()
+    assert world.gateway.variants[("m", "canary")].deployment.version == "2"
+
+
+def test_undeploying_production_removes_its_canary_and_shadow(world: World) -> None:
+    _with_canary(world)
+    world.registry.add_version("m", "3")
+    world.registry.models["m"].aliases[SHADOW_ALIAS] = "3"
+    world.reconciler.reconcile()
+    assert set(world.gateway.variants) == {("m", "canary"), ("m", "shadow")}
+    world.registry.demote("m")
+    world.reconciler.reconcile()
+    assert not world.gateway.table and not world.gateway.variants
+    assert world.backend.alive == set()
+    assert world.reconciler.status()["deployments"] == []
+
+
+def test_a_dead_canary_replica_is_replaced_and_a_lost_canary_route_restored(world: World) -> None:
+    _with_canary(world)
+    world.reconciler.reconcile()
+    (url,) = world.gateway.variants[("m", "canary")].deployment.replicas
+    world.backend.alive.discard(url)
+    world.reconciler.reconcile()
+    (fresh,) = world.gateway.variants[("m", "canary")].deployment.replicas
+    assert fresh != url and fresh in world.backend.alive
+    world.gateway.variants.clear()  # a gateway restarted without its route file
+    world.reconciler.reconcile()
+    assert world.gateway.variants[("m", "canary")].deployment.replicas == (fresh,)
+
+
+def test_canary_replicas_running_at_start_are_adopted_in_their_role(world: World) -> None:
+    world.registry.add_version("m", "1")
+    world.registry.add_version("m", "2")
+    world.registry.promote("m", "1")
+    world.registry.models["m"].aliases[CANARY_ALIAS] = "2"
+    world.registry.models["m"].tags[CANARY_MODEL_TAG] = '{"weight": 20}'
+    # The canary's replica is listed first: it must not be taken for production.
+    world.backend.left_running = [
+        Replica("m", "2", "http://127.0.0.1:9102"),
+        Replica("m", "1", "http://127.0.0.1:9101"),
+    ]
+    world.reconciler.adopt(world.backend.adopt_running())
+    world.reconciler.reconcile()
+    assert not [e for e in world.events if e[0] in ("start", "stop")]
+    assert world.gateway.table["m"].replicas == ("http://127.0.0.1:9101",)
+    canary = world.gateway.variants[("m", "canary")]
+    assert canary.deployment.replicas == ("http://127.0.0.1:9102",) and canary.share == 20

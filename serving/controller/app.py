@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from common.registry import PRODUCTION_ALIAS
+from common.registry import CANARY_ALIAS, PRODUCTION_ALIAS, SHADOW_ALIAS
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import ALIAS_EVENTS, WebhookRejected, WebhookVerifier
 
@@ -55,6 +55,9 @@ class LoopControl:
 
     wake: threading.Event
     stop: threading.Event
+
+
+WATCHED_ALIASES = (PRODUCTION_ALIAS, CANARY_ALIAS, SHADOW_ALIAS)
 
 
 def run_loop(reconciler: Reconciler, control: LoopControl, interval: float) -> None:
@@ -100,7 +103,9 @@ def build_app(
         name = f"{event.get('entity')}.{event.get('action')}"
         data = event.get("data") or {}
         log.info("webhook %s %s", name, {k: data.get(k) for k in ("name", "alias", "version")})
-        if name in ALIAS_EVENTS and data.get("alias") == PRODUCTION_ALIAS:
+        # A canary or shadow alias is desired state too; setting it again retries a
+        # version that failed in that role, as for production.
+        if name in ALIAS_EVENTS and data.get("alias") in WATCHED_ALIASES:
             if name.endswith(".created") and data.get("name") and data.get("version"):
                 reconciler.retry(str(data["name"]), str(data["version"]))
             control.wake.set()

@@ -7,7 +7,7 @@ from typing import Any
 
 import requests
 
-from serving.deployment import Deployment
+from serving.deployment import Deployment, Variant
 
 
 class GatewayError(RuntimeError):
@@ -67,6 +67,15 @@ class GatewayClient:
     def delete(self, model: str) -> None:
         """Stop routing ``model``; absent already is fine."""
         self._call("DELETE", f"/admin/deployments/{model}")
+
+    def put_variant(self, variant: Variant) -> None:
+        """Make ``variant`` its model's canary or shadow (smoke-tested before, as ``put``)."""
+        path = f"/admin/deployments/{variant.model}/{variant.role}"
+        self._call("PUT", path, json=variant.to_dict())
+
+    def delete_variant(self, model: str, role: str) -> None:
+        """Remove the model's canary or shadow; absent already is fine."""
+        self._call("DELETE", f"/admin/deployments/{model}/{role}")
 
     def routes(self) -> dict[str, dict[str, Any]]:
         """{model: the gateway's view of its deployment}."""

@@ -4,7 +4,10 @@ Desired state is read from the registry on every pass (`desired.py`); actual sta
 the running replicas and the gateway's routes. Nothing else is remembered between
 passes that the registry and the running processes could not rebuild: a deployment's
 outcome is written back to the model version as tags (`flowline.deployment.*`), which
-is also what stops a failed version from being retried in a loop.
+is also what stops a failed version from being retried in a loop. A model's canary and
+shadow versions (aliases ``canary`` / ``shadow``) are converged after its production
+version by ``serving/controller/variants.py``, with the same start, smoke test, heal,
+scale and drain steps; production's blue/green rollout does not depend on them.
 """
 
 from __future__ import annotations
@@ -26,21 +29,30 @@ from mlflow.exceptions import MlflowException
 from common.registry import (
     BATCHING_MODEL_TAG,
     CACHE_MODEL_TAG,
+    CANARY_MODEL_TAG,
     GATE_REASON_TAG,
     RATE_LIMIT_MODEL_TAG,
     REASON_TAG,
     REPLICAS_MODEL_TAG,
+    SHADOW_MODEL_TAG,
     STATUS_TAG,
     TIMEOUT_MODEL_TAG,
     gate_blocks,
+    parse_canary_tag,
+    parse_shadow_tag,
+    production_version,
 )
 from serving.backends.base import Backend, BackendError, Replica
-from serving.controller.desired import desired_versions
+from serving.controller.desired import desired_state
 from serving.controller.gateway_client import GatewayClient, GatewayError
+from serving.controller.variants import Variants
 from serving.deployment import (
+    CANARY,
+    SHADOW,
     BatchingSettings,
     CacheSettings,
     Deployment,
+    Variant,
     parse_rate_limit,
     parse_timeout,
 )
@@ -66,15 +78,32 @@ class RolloutFailed(Exception):
     """A new version could not be made to serve; the reason goes on the version's tags."""
 
 
+# What a rollout may fail with; anything else is a bug and propagates.
+ROLLOUT_ERRORS = (RolloutFailed, GatewayError, MlflowException, OSError, ValueError)
+PRODUCTION = "production"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The first line of a rollout failure, short enough for a tag."""
+    return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+
+
 @dataclass
 class Deployed:
-    """A model version the controller has put behind the gateway."""
+    """A model version the controller has put behind the gateway, in one role."""
 
     model: str
     version: str
     replicas: list[Replica]
     deployment: Deployment
     since: float = field(default_factory=time.time)
+    role: str = PRODUCTION  # or "canary" / "shadow"
+    share: float = 0.0  # a canary's weight (percent) or a shadow's sample
+    sticky: str | None = None
+
+    def as_variant(self) -> Variant:
+        """The canary or shadow as the gateway's admin API takes it."""
+        return Variant(self.role, self.deployment, self.share, self.sticky)
 
 
 def smoke_test(url: str, example: dict[str, Any] | None) -> None:
@@ -102,7 +131,8 @@ def smoke_test(url: str, example: dict[str, Any] | None) -> None:
 
 
 class Reconciler:
-    """Converges replicas and gateway routes to the registry's production versions."""
+    """Converges replicas and gateway routes to the registry's production versions (and
+    their canary and shadow versions, through ``self.variants``)."""
 
     def __init__(
         self,
@@ -124,6 +154,7 @@ class Reconciler:
         # is work in progress, not a failure (see ``fresh_since``).
         self.working_since: float | None = None
         self._retry: set[tuple[str, str]] = set()
+        self.variants = Variants(self)
         # Held for a whole pass; the HTTP handlers never take it, so /status and
         # webhooks answer at once even while replicas are starting.
         self._lock = threading.RLock()
@@ -142,6 +173,18 @@ class Reconciler:
         for replica in replicas:
             groups.setdefault((replica.model, replica.version), []).append(replica)
         for (model, version), members in groups.items():
+            role = self._adopted_role(model, version)
+            if role is not None:
+                # A canary or shadow left running: the next pass keeps or retires it.
+                meta = self._metadata(model, version)
+                deployment = self._deployment(model, version, members, meta)
+                found = Deployed(model, version, members, deployment, role=role[0])
+                found.share, found.sticky = role[1], role[2]
+                self.variants.deployed[(model, role[0])] = found
+                log.info(
+                    "adopted %d replica(s) of the %s %s/%s", len(members), role[0], model, version
+                )
+                continue
             if model in self.deployed:
                 for replica in members:
                     self.backend.stop_replica(replica)
@@ -150,6 +193,36 @@ class Reconciler:
             deployment = self._deployment(model, version, members, meta)
             self.deployed[model] = Deployed(model, version, members, deployment)
             log.info("adopted %d running replica(s) of %s/%s", len(members), model, version)
+
+    def _adopted_role(self, model: str, version: str) -> tuple[str, float, str | None] | None:
+        """(role, share, sticky) when the registry names ``version`` the model's canary or
+        shadow (and not its production version); None otherwise."""
+        try:
+            registered = self.client.get_registered_model(model)
+        except MlflowException:
+            return None
+        aliases = {k: str(v) for k, v in (registered.aliases or {}).items()}
+        if production_version(registered) == version:
+            return None
+        tags = registered.tags or {}
+        try:
+            if aliases.get(CANARY) == version:
+                config = parse_canary_tag(tags.get(CANARY_MODEL_TAG))
+                return CANARY, config.weight, config.sticky
+            if aliases.get(SHADOW) == version:
+                return SHADOW, parse_shadow_tag(tags.get(SHADOW_MODEL_TAG)), None
+        except ValueError:
+            # Refused: adopted with no share, so the next pass removes it properly.
+            return (CANARY if aliases.get(CANARY) == version else SHADOW), 0.0, None
+        return None
+
+    def take_retry(self, model: str, version: str) -> bool:
+        """Consume a retry asked for ``version`` (a fresh promotion); True if there was one."""
+        with self._retry_lock:
+            if (model, version) in self._retry:
+                self._retry.discard((model, version))
+                return True
+        return False
 
     # -- the pass -------------------------------------------------------------------
 
@@ -163,7 +236,8 @@ class Reconciler:
 
     def _pass(self) -> None:
         started = time.time()
-        desired = desired_versions(self.client)
+        wanted = desired_state(self.client)
+        desired = {model: w.version for model, w in wanted.items()}
         self.working_since = started
         try:
             routes = self.gateway.routes()
@@ -182,6 +256,11 @@ class Reconciler:
                 self._upkeep(current, routes)
         for model in [m for m in self.deployed if m not in desired]:
             self._undeploy(model)
+        # After production: a canary's share is of production's traffic, and a variant
+        # needs production routed first.
+        with_variants = {m for m, _ in self.variants.deployed}
+        for model in sorted(set(wanted) | with_variants):
+            self.variants.converge(model, wanted.get(model), routes)
         self.last_pass = time.time()
 
     def _upkeep(self, current: Deployed, routes: dict[str, Any] | None) -> None:
@@ -213,10 +292,8 @@ class Reconciler:
                 log.warning("%s/%s %s", model, version, message.split(": ", 1)[1])
             self.last_error[model] = message
             return False
-        with self._retry_lock:
-            if (model, version) in self._retry:
-                self._retry.discard((model, version))
-                return True
+        if self.take_retry(model, version):
+            return True
         return tags.get(STATUS_TAG) != "failed"
 
     def _model_settings(self, model: str) -> ModelSettings:
@@ -280,23 +357,34 @@ class Reconciler:
             raise RolloutFailed(errors[0])
         return started
 
+    def start_tested(self, model: str, version: str) -> tuple[list[Replica], dict[str, Any]]:
+        """Start the model's replica count of ``version`` and smoke-test each; the replicas
+        and the version's metadata. On failure none is left running (ROLLOUT_ERRORS)."""
+        count = self._model_settings(model)[0]
+        meta = self._metadata(model, version)
+        new = self._start_replicas(model, version, count)
+        try:
+            for replica in new:
+                smoke_test(replica.url, meta["input_example"])
+        except RolloutFailed:
+            for replica in new:
+                self.backend.stop_replica(replica)
+            raise
+        return new, meta
+
     def _roll_out(self, model: str, version: str) -> None:
         """Blue/green: start and smoke-test the new replicas, switch, then drain the old."""
         log.info("deploying %s/%s", model, version)
         self._tag(model, version, "deploying", "")
         new: list[Replica] = []
         try:
-            count = self._model_settings(model)[0]
-            meta = self._metadata(model, version)
-            new = self._start_replicas(model, version, count)
-            for replica in new:
-                smoke_test(replica.url, meta["input_example"])
+            new, meta = self.start_tested(model, version)
             deployment = self._deployment(model, version, new, meta)
             self.gateway.put(deployment)
-        except (RolloutFailed, GatewayError, MlflowException, OSError, ValueError) as exc:
+        except ROLLOUT_ERRORS as exc:
             for replica in new:
                 self.backend.stop_replica(replica)
-            reason = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+            reason = failure_reason(exc)
             log.error("deployment of %s/%s failed: %s", model, version, reason)
             self.last_error[model] = f"version {version}: {reason}"
             self._tag(model, version, "failed", reason)
@@ -337,7 +425,10 @@ class Reconciler:
         current.replicas = replicas
         current.deployment = replace(current.deployment, replicas=tuple(r.url for r in replicas))
         try:
-            self.gateway.put(current.deployment)
+            if current.role == PRODUCTION:
+                self.gateway.put(current.deployment)
+            else:
+                self.gateway.put_variant(current.as_variant())
         except GatewayError as exc:
             log.warning("could not update the gateway: %s", exc)
             return False
@@ -424,29 +515,49 @@ class Reconciler:
         except MlflowException as exc:
             log.warning("could not tag %s/%s: %s", model, version, exc)
 
+    # The variants' entry points into the shared machinery.
+    publish = _publish
+    heal = _heal
+    scale = _scale
+    drain = _drain
+    deployment_of = _deployment
+
+    def tag(self, model: str, version: str, status: str, reason: str) -> None:
+        """Write a version's deployment status and reason (reason first)."""
+        self._tag(model, version, status, reason)
+
     def stop_all(self) -> None:
         """Stop every replica (clean shutdown); routes vanish with the gateway."""
         with self._lock:
-            for current in self.deployed.values():
+            for current in [*self.deployed.values(), *self.variants.all()]:
                 for replica in current.replicas:
                     self.backend.stop_replica(replica)
             self.deployed.clear()
+            self.variants.deployed.clear()
 
     def status(self) -> dict[str, Any]:
         """The controller's view, for `GET /status` and `flowline status` (lock-free)."""
-        deployed = list(self.deployed.values())
+        deployed = [*self.deployed.values(), *self.variants.all()]
+        errors = dict(self.last_error)
+        errors.update({f"{m} ({role})": e for (m, role), e in dict(self.variants.errors).items()})
         return {
             "last_reconcile": self.last_pass,
-            "deployments": [
-                {
-                    "model": d.model,
-                    "version": d.version,
-                    "since": d.since,
-                    "replicas": [
-                        {"url": r.url, "alive": self.backend.is_alive(r)} for r in list(d.replicas)
-                    ],
-                }
-                for d in deployed
-            ],
-            "errors": dict(self.last_error),
+            "deployments": [self._describe(d) for d in deployed],
+            "errors": errors,
         }
+
+    def _describe(self, d: Deployed) -> dict[str, Any]:
+        shown: dict[str, Any] = {
+            "model": d.model,
+            "version": d.version,
+            "role": d.role,
+            "since": d.since,
+            "replicas": [
+                {"url": r.url, "alive": self.backend.is_alive(r)} for r in list(d.replicas)
+            ],
+        }
+        if d.role == CANARY:
+            shown.update(weight=d.share, sticky=d.sticky)
+        elif d.role == SHADOW:
+            shown["sample"] = d.share
+        return shown

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from common import http_auth
-from serving.deployment import Deployment
+from serving.deployment import ROLES, Deployment, Variant
 from serving.gateway import errors
 from serving.gateway.core import Gateway
 from serving.gateway.routes import ModelRoute
@@ -106,6 +106,51 @@ class AdminEndpoints:
             )
         return JSONResponse(_describe(self.gateway, route))
 
+    async def put_variant(self, request: Request) -> Response:
+        """PUT /admin/deployments/{model}/{canary|shadow}: set the model's canary or shadow.
+
+        Body: {"deployment": <a deployment>, "weight": 0-100, "sticky": <header> | null}
+        for a canary, {"deployment": ..., "sample": 0-1} for a shadow; 400 when it is not
+        that, 404 when the model has no production deployment to stand beside.
+        Answers the variant now set and the one it replaced.
+        """
+        if (denied := self.check(request)) is not None:
+            return denied
+        model, role = request.path_params["model"], request.path_params["role"]
+        if role not in ROLES:
+            return _no_such_role(role)
+        body = await self.gateway.read_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            variant = Variant.from_dict(role, json.loads(body), model=model)
+        except (ValueError, TypeError) as exc:
+            return errors.error_response(400, errors.INVALID_PARAMETER_VALUE, str(exc))
+        try:
+            previous = self.table.set_variant(variant)
+        except KeyError:
+            return errors.error_response(
+                404,
+                errors.RESOURCE_DOES_NOT_EXIST,
+                f"Model '{model}' has no production deployment for a {role} to join.",
+            )
+        payload = {"role": role, **variant.to_dict()}
+        return JSONResponse({role: payload, "previous": previous.to_dict() if previous else None})
+
+    async def delete_variant(self, request: Request) -> Response:
+        """DELETE /admin/deployments/{model}/{canary|shadow}: remove it (404 if none)."""
+        if (denied := self.check(request)) is not None:
+            return denied
+        model, role = request.path_params["model"], request.path_params["role"]
+        if role not in ROLES:
+            return _no_such_role(role)
+        removed = self.table.remove_variant(model, role)
+        if removed is None:
+            return errors.error_response(
+                404, errors.RESOURCE_DOES_NOT_EXIST, f"Model '{model}' has no {role}."
+            )
+        return JSONResponse({"removed": removed.to_dict()})
+
     async def inflight(self, request: Request) -> Response:
         """GET /admin/inflight[?replica=URL]: requests in flight, per replica or for one."""
         if (denied := self.check(request)) is not None:
@@ -155,4 +200,15 @@ def _describe(gateway: Gateway, route: ModelRoute) -> dict[str, Any]:
             }
         )
     data["replica_states"] = states
+    for role in ROLES:
+        variant = gateway.table.variant(route.deployment.model, role)
+        data[role] = None
+        if variant is not None and variant.variant is not None:
+            data[role] = {**variant.variant.to_dict(), "admitted": variant.admitted}
     return data
+
+
+def _no_such_role(role: str) -> Response:
+    return errors.error_response(
+        404, errors.ENDPOINT_NOT_FOUND, f"No such deployment role '{role}': canary or shadow."
+    )

@@ -66,6 +66,8 @@ def create_app(
         Route("/admin/deployments/{model}", admin.put_deployment, methods=["PUT"]),
         Route("/admin/deployments/{model}", admin.get_deployment, methods=["GET"]),
         Route("/admin/deployments/{model}", admin.delete_deployment, methods=["DELETE"]),
+        Route("/admin/deployments/{model}/{role}", admin.put_variant, methods=["PUT"]),
+        Route("/admin/deployments/{model}/{role}", admin.delete_variant, methods=["DELETE"]),
         Route("/admin/inflight", admin.inflight, methods=["GET"]),
         Route("/admin/replicas/health", admin.replica_health, methods=["POST"]),
     ]

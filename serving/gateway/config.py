@@ -35,6 +35,8 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 ROUTES_FILE = Path("gateway") / "routes.json"
 # Keys the gateway writes to Redis (rate-limit windows, cached answers) start with this.
 DEFAULT_REDIS_PREFIX = "flowline:"
+# Mirrored shadow calls running at once; more are dropped (counted), never queued.
+DEFAULT_SHADOW_MAX_INFLIGHT = 32
 DEFAULT_GRPC_HOST = "127.0.0.1"
 
 
@@ -65,6 +67,7 @@ class GatewayConfig:
     grpc_port: the port of the Open Inference Protocol's gRPC service (0 picks a free
         one); None: no gRPC service.
     grpc_host: the address the gRPC service binds.
+    shadow_max_inflight: mirrored shadow calls at once; beyond it a mirror is dropped.
     routes_file: where the route table is persisted and restored from at start;
         None keeps it in memory only (the default in code; `from_env` sets
         $FLOWLINE_HOME/gateway/routes.json).
@@ -88,6 +91,7 @@ class GatewayConfig:
     grpc_port: int | None = None
     grpc_host: str = DEFAULT_GRPC_HOST
     routes_file: Path | None = None
+    shadow_max_inflight: int = DEFAULT_SHADOW_MAX_INFLIGHT
 
     def __post_init__(self) -> None:
         if self.rate_limits is not None:
@@ -96,7 +100,8 @@ class GatewayConfig:
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
-        for name in ("max_body_bytes", "max_inflight", "max_connections", "max_header_bytes"):
+        positive = ("max_body_bytes", "max_inflight", "max_connections", "max_header_bytes")
+        for name in (*positive, "shadow_max_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number")
         seconds = ("backend_timeout_s", "health_interval_s", "body_timeout_s", "header_timeout_s")
@@ -147,6 +152,7 @@ class GatewaySettings(HomeSettings):
     redis_prefix: str = DEFAULT_REDIS_PREFIX
     grpc_port: OptionalPort = None
     grpc_host: str = DEFAULT_GRPC_HOST
+    shadow_max_inflight: PositiveInt = DEFAULT_SHADOW_MAX_INFLIGHT
 
 
 def flowline_home(env: Mapping[str, str]) -> Path:

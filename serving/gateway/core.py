@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -25,6 +25,7 @@ from serving.deployment import Deployment
 from serving.gateway import errors
 from serving.gateway.batching import AdaptiveBatcher, Outcome
 from serving.gateway.cache import CachedAnswer, ResponseCache
+from serving.gateway.canary import chooser
 from serving.gateway.capture import CaptureDispatcher, CapturedRequest, OnScored
 from serving.gateway.config import GatewayConfig
 from serving.gateway.csv_bodies import (
@@ -39,6 +40,7 @@ from serving.gateway.limits import RateLimiter, cached_item, key_id
 from serving.gateway.metrics import GatewayMetrics, RouteMetrics
 from serving.gateway.replicas import ReplicaPool
 from serving.gateway.routes import ErrorNote, ModelRoute, RouteTable
+from serving.gateway.shadow import ShadowMirror
 from serving.gateway.wire import BatchSchema, is_json_content_type, parse_tabular, scrub_error_body
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ class Gateway:
             self.config.upstream,
         )
         self.capture = CaptureDispatcher(on_scored, self.metrics.capture_dropped.inc)
+        self.shadow = ShadowMirror(
+            self.table, self.dispatch, self.metrics, self.config.shadow_max_inflight
+        )
         self._inflight = 0
         # Request ids: unique across restarts and gateway processes by the random prefix.
         self._request_prefix = secrets.token_hex(4)
@@ -200,7 +205,12 @@ class Gateway:
             return self.with_request_id(body, self.next_request_id())
         headers = request.headers
         return await self.score_body(
-            model, body, headers.get("content-type"), headers.get("authorization"), started
+            model,
+            body,
+            headers.get("content-type"),
+            headers.get("authorization"),
+            started,
+            headers=headers,
         )
 
     def next_request_id(self) -> str:
@@ -223,18 +233,22 @@ class Gateway:
         authorization: str | None,
         started: float,
         version: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Response:
         """Limit, route and forward a request whose caller is already authenticated.
 
         `body` is the `/invocations` body, or a function that makes it from the
         deployment the request was routed to (the V2 protocol maps its inputs onto
         that version's signature); a `ClientError` it raises is answered with 400.
-        `version` pins the model version: another one deployed answers 404. Every
-        answer carries a new request id (`REQUEST_ID_HEADER`), which capture stores.
+        `version` pins the model version (production's or the canary's): another one
+        answers 404. Without it, a model with a canary sends its share there
+        (serving/gateway/canary.py), by the sticky header of `headers` when it names
+        one. Every answer carries a new request id (`REQUEST_ID_HEADER`), which capture
+        stores, and names the version that answered (`VERSION_HEADER`).
         """
         request_id = self.next_request_id()
         response = await self._score_body(
-            model, body, content_type, authorization, started, version, request_id
+            model, body, content_type, authorization, started, version, request_id, headers
         )
         return self.with_request_id(response, request_id)
 
@@ -247,6 +261,7 @@ class Gateway:
         started: float,
         version: str | None,
         request_id: str,
+        headers: Mapping[str, str] | None,
     ) -> Response:
         if self._inflight >= self.config.max_inflight:
             return self.reject(
@@ -258,7 +273,7 @@ class Gateway:
             )
         self._inflight += 1
         try:
-            route, reason = self.table.admit(model)
+            route, reason = self.table.admit(model, chooser(version, headers))
             if route is None:
                 return self._not_routed(reason)
             cached: str | None = None
@@ -444,6 +459,9 @@ class Gateway:
                 outcome.body,
                 outcome.predictions,
             )
+        if status == 200 and route.variant is None and cached != "hit":
+            # Production scored it: a copy may go to the shadow, after this answer.
+            self.shadow.offer(deployment.model, body, content_type, outcome.body)
         _route_metrics(self, route).request(
             status, time.perf_counter() - started, outcome.gateway_error
         )
@@ -512,7 +530,30 @@ class Gateway:
             if d.cache is None
             else {"ttl_s": d.cache.ttl_s, "max_entries": d.cache.max_entries},
             "last_error": last_error,
+            "canary": self._variant_state(d.model, "canary", inflight),
+            "shadow": self._variant_state(d.model, "shadow", inflight),
         }
+
+    def _variant_state(
+        self, model: str, role: str, inflight: dict[str, int]
+    ) -> dict[str, Any] | None:
+        route = self.table.variant(model, role)
+        if route is None or route.variant is None:
+            return None
+        d, variant = route.deployment, route.variant
+        state: dict[str, Any] = {
+            "version": d.version,
+            "since": d.since,
+            "replicas": [
+                {"url": u, "healthy": self.table.replica(u).healthy, "inflight": inflight.get(u, 0)}
+                for u in d.replicas
+            ],
+        }
+        if role == "canary":
+            state.update(weight=variant.share, sticky=variant.sticky)
+        else:
+            state.update(sample=variant.share, **self.shadow.stats(model, d.version).to_dict())
+        return state
 
     # --- lifetime ----------------------------------------------------------------------------
 
@@ -528,6 +569,7 @@ class Gateway:
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
+            await self.shadow.aclose()
             await self.capture.drain()
             await self.replicas.aclose()
             await self.cache.aclose()

@@ -144,6 +144,33 @@ class GatewayMetrics:
             ["store"],
             registry=r,
         )
+        # The shadow (serving/gateway/shadow.py); agreement gauges come from its collector.
+        self.shadow_requests = Counter(
+            "flowline_gateway_shadow_requests",
+            "Requests mirrored to a shadow version, by outcome: ok (compared), error, "
+            "timeout, mismatch (answer not row-aligned), dropped (too many in flight).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.shadow_rows = Counter(
+            "flowline_gateway_shadow_rows",
+            "Prediction rows compared with production: equal, different (labels), numeric.",
+            ["model", "version", "result"],
+            registry=r,
+        )
+        self.shadow_abs_diff = Counter(
+            "flowline_gateway_shadow_abs_diff",
+            "Sum of absolute differences of the shadow's numeric predictions from production's.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_seconds = Histogram(
+            "flowline_gateway_shadow_seconds",
+            "Latency of the shadow's mirrored calls.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
 
     def for_route(self, model: str, version: str) -> RouteMetrics:
@@ -179,5 +206,17 @@ class _TableCollector(Collector):
             deployed.add_metric([d.model, d.version], 1)
             for url in d.replicas:
                 up.add_metric([d.model, d.version, url], int(self._table.replica(url).healthy))
+        variants = GaugeMetricFamily(
+            "flowline_gateway_variant_info",
+            "The share of each canary (weight, percent) or shadow (sample, 0-1) version.",
+            labels=["model", "version", "role"],
+        )
+        for route in self._table.variants():
+            d, variant = route.deployment, route.variant
+            if variant is not None:
+                variants.add_metric([d.model, d.version, variant.role], variant.share)
+            for url in d.replicas:
+                up.add_metric([d.model, d.version, url], int(self._table.replica(url).healthy))
         yield deployed
         yield up
+        yield variants

@@ -10,6 +10,11 @@ the `ModelRoute` object they were admitted with and finish on the old replicas.
 The controller polls `inflight(old_replica_url)` until it reaches 0 and only
 then stops the old replicas.
 
+Beside a model's production route the table may hold a canary and a shadow route
+(`Variant`, `set_variant`): each is a `ModelRoute` of its own (own batcher, own
+in-flight count), replaced and drained like a production route, saved in the same
+snapshot, and removed with the model.
+
 All methods are thread-safe (a controller may run in another thread); the
 gateway's event loop only takes the lock for a few dictionary operations.
 """
@@ -23,7 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from serving.deployment import Deployment
+from serving.deployment import Deployment, Variant
+
+Choose = Callable[["ModelRoute", "ModelRoute"], "ModelRoute"]
+"""choose(production route, canary route) -> the route one request takes."""
 
 
 @dataclass
@@ -51,8 +59,9 @@ class ErrorNote:
 class ModelRoute:
     """Runtime state of one admitted deployment (one object per `set_active`)."""
 
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, variant: Variant | None = None) -> None:
         self.deployment = deployment
+        self.variant = variant  # None: the production route
         self.admitted = 0  # requests admitted on this route and not finished
         self.retired = False
         self.last_error: ErrorNote | None = None
@@ -71,12 +80,14 @@ class RouteSnapshot:
 
     deployments: tuple[Deployment, ...]
     default_model: str | None
+    variants: tuple[Variant, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the route file)."""
         return {
             "default_model": self.default_model,
             "deployments": [d.to_dict() for d in self.deployments],
+            "variants": [{"role": v.role, **v.to_dict()} for v in self.variants],
         }
 
     @classmethod
@@ -87,7 +98,16 @@ class RouteSnapshot:
         default = data.get("default_model")
         if default is not None and not isinstance(default, str):
             raise ValueError("'default_model' must be a string or null")
-        return cls(tuple(Deployment.from_dict(d) for d in data["deployments"]), default)
+        # A route file written before canaries existed has no "variants": none, then.
+        variants = data.get("variants", [])
+        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+            raise ValueError("'variants' must be a list of objects")
+        parsed = tuple(
+            Variant.from_dict(str(v.get("role")), {k: x for k, x in v.items() if k != "role"})
+            for v in variants
+        )
+        deployments = tuple(Deployment.from_dict(d) for d in data["deployments"])
+        return cls(deployments, default, parsed)
 
 
 class RouteTable:
@@ -115,6 +135,8 @@ class RouteTable:
         # Copy-on-write: readers take the current dict without locking.
         self._active: dict[str, ModelRoute] = {}
         self._retired: list[ModelRoute] = []
+        # (model, role) -> the canary's or shadow's route; copy-on-write as `_active`.
+        self._variants: dict[tuple[str, str], ModelRoute] = {}
         self._replicas: dict[str, ReplicaState] = {}
         # Models in the order they were first deployed: the first is the sticky default.
         self._order: list[str] = []
@@ -135,13 +157,7 @@ class RouteTable:
             ):
                 self.loaded = True
                 return None
-            for url in deployment.replicas:
-                state = self._replicas.setdefault(url, ReplicaState(url))
-                if not state.healthy or state.held_down:
-                    # The controller puts a deployment after smoke-testing its replicas,
-                    # so a down mark on one of them (say, a reused URL's) is stale.
-                    state.healthy, state.held_down = True, False
-                    state.changed_at = time.time()
+            self._mark_fresh(deployment)
             active = dict(self._active)
             active[deployment.model] = route
             self._active = active
@@ -154,8 +170,60 @@ class RouteTable:
         self._changed()
         return previous.deployment if previous is not None else None
 
+    def _mark_fresh(self, deployment: Deployment) -> None:
+        for url in deployment.replicas:
+            state = self._replicas.setdefault(url, ReplicaState(url))
+            if not state.healthy or state.held_down:
+                # The controller puts a deployment after smoke-testing its replicas,
+                # so a down mark on one of them (say, a reused URL's) is stale.
+                state.healthy, state.held_down = True, False
+                state.changed_at = time.time()
+
+    def set_variant(self, variant: Variant) -> Variant | None:
+        """Make `variant` its model's canary or shadow; return the one it replaced.
+
+        Idempotent like `set_active`. KeyError when the model has no production route:
+        a canary's share is of production's traffic.
+        """
+        key = (variant.model, variant.role)
+        with self._lock:
+            if variant.model not in self._active:
+                raise KeyError(variant.model)
+            previous = self._variants.get(key)
+            if previous is not None and variant.same_as(previous.variant):
+                return None
+            self._mark_fresh(variant.deployment)
+            variants = dict(self._variants)
+            variants[key] = ModelRoute(variant.deployment, variant)
+            self._variants = variants
+            if previous is not None:
+                self._retire(previous)
+        self._changed()
+        return previous.variant if previous is not None else None
+
+    def remove_variant(self, model: str, role: str) -> Variant | None:
+        """Stop the model's canary or shadow (in-flight requests finish); the removed one."""
+        with self._lock:
+            variants = dict(self._variants)
+            previous = variants.pop((model, role), None)
+            self._variants = variants
+            if previous is not None:
+                self._retire(previous)
+        if previous is not None:
+            self._changed()
+        return previous.variant if previous is not None else None
+
+    def variant(self, model: str, role: str) -> ModelRoute | None:
+        """The model's active canary or shadow route, or None."""
+        return self._variants.get((model, role))
+
+    def variants(self) -> list[ModelRoute]:
+        """Active canary and shadow routes, sorted by model and role."""
+        return [self._variants[k] for k in sorted(self._variants)]
+
     def remove(self, model: str) -> Deployment | None:
-        """Stop routing to `model`; in-flight requests finish. Return the removed deployment."""
+        """Stop routing to `model` (its canary and shadow too); in-flight requests finish.
+        Return the removed deployment."""
         with self._lock:
             active = dict(self._active)
             previous = active.pop(model, None)
@@ -163,6 +231,10 @@ class RouteTable:
             if previous is not None:
                 self._order = [m for m in self._order if m != model]
                 self._retire(previous)
+                variants = dict(self._variants)
+                for key in [k for k in variants if k[0] == model]:
+                    self._retire(variants.pop(key))
+                self._variants = variants
             self.loaded = True
         if previous is not None:
             self._changed()
@@ -174,7 +246,9 @@ class RouteTable:
         with self._lock:
             active = self._active
             deployments = tuple(active[m].deployment for m in self._order if m in active)
-        return RouteSnapshot(deployments, deployments[0].model if deployments else None)
+            variants = tuple(r.variant for r in self.variants() if r.variant is not None)
+        default = deployments[0].model if deployments else None
+        return RouteSnapshot(deployments, default, variants)
 
     def restore(self, snapshot: RouteSnapshot) -> None:
         """Load a snapshot into an empty table (at start), keeping its default first."""
@@ -189,6 +263,12 @@ class RouteTable:
                     self._replicas.setdefault(url, ReplicaState(url))
             self._order = [d.model for d in ordered]
             self._active = {d.model: ModelRoute(d) for d in ordered}
+            for variant in snapshot.variants:
+                if variant.model in self._active:
+                    for url in variant.deployment.replicas:
+                        self._replicas.setdefault(url, ReplicaState(url))
+                    key = (variant.model, variant.role)
+                    self._variants[key] = ModelRoute(variant.deployment, variant)
             self.loaded = True
 
     def inflight(self, replica_url: str) -> int:
@@ -201,14 +281,14 @@ class RouteTable:
         url = replica_url.rstrip("/")
         with self._lock:
             self._prune_retired()
-            routes = list(self._active.values()) + self._retired
+            routes = self._all_routes()
             return sum(r.admitted for r in routes if url in r.deployment.replicas)
 
     def inflight_by_replica(self) -> dict[str, int]:
         """`inflight` for every replica URL the table knows, active or draining."""
         with self._lock:
             self._prune_retired()
-            routes = list(self._active.values()) + self._retired
+            routes = self._all_routes()
         counts: dict[str, int] = {}
         for route in routes:
             for url in route.deployment.replicas:
@@ -263,8 +343,14 @@ class RouteTable:
                 return route, ""
         return None, "No model is deployed."
 
-    def admit(self, model: str | None) -> tuple[ModelRoute | None, str]:
-        """Look up and admit a request in one step, so a switch cannot slip between them."""
+    def admit(
+        self, model: str | None, choose: Choose | None = None
+    ) -> tuple[ModelRoute | None, str]:
+        """Look up and admit a request in one step, so a switch cannot slip between them.
+
+        With a canary deployed, `choose(production, canary)` (fast, pure) says which of
+        the two routes the request takes.
+        """
         with self._lock:
             if model is None:
                 route, reason = self.resolve_default()
@@ -272,8 +358,19 @@ class RouteTable:
                 route = self._active.get(model)
                 reason = "" if route else f"Model '{model}' is not deployed."
             if route is not None:
+                canary = self._variants.get((route.deployment.model, "canary"))
+                if canary is not None and choose is not None:
+                    route = choose(route, canary)
                 route.admitted += 1
         return route, reason
+
+    def admit_variant(self, model: str, role: str) -> ModelRoute | None:
+        """Admit one request on the model's canary or shadow route (None: there is none)."""
+        with self._lock:
+            route = self._variants.get((model, role))
+            if route is not None:
+                route.admitted += 1
+        return route
 
     def release(self, route: ModelRoute) -> None:
         """Mark one admitted request of `route` finished."""
@@ -342,6 +439,10 @@ class RouteTable:
                 state = self._replicas.setdefault(url, ReplicaState(url))
         return state
 
+    def _all_routes(self) -> list[ModelRoute]:
+        # Every route a request may be admitted on, or still be running on.
+        return [*self._active.values(), *self._variants.values(), *self._retired]
+
     def _retire(self, route: ModelRoute) -> None:
         route.retired = True
         self._retired.append(route)
@@ -350,8 +451,6 @@ class RouteTable:
     def _prune_retired(self) -> None:
         # Forget drained routes and the health records no route refers to any more.
         self._retired = [r for r in self._retired if r.admitted > 0]
-        used = {
-            u for r in list(self._active.values()) + self._retired for u in r.deployment.replicas
-        }
+        used = {u for r in self._all_routes() for u in r.deployment.replicas}
         for url in [u for u in self._replicas if u not in used]:
             del self._replicas[url]

@@ -74,11 +74,13 @@ class InferenceService:
         return bool(table.loaded and routes) and all(table.healthy_count(r) > 0 for r in routes)
 
     def route(self, name: str, version: str | None) -> ModelRoute | None:
-        """The active route of `name` (and of that version, when one is given)."""
+        """The active route of `name` (and of that version, when one is given: the
+        production or the canary version, the two a pinned request may go to)."""
         route = self.gateway.table.get(name)
-        if route is None or (version and route.deployment.version != version):
-            return None
-        return route
+        if route is None or not version or route.deployment.version == version:
+            return route
+        canary = self.gateway.table.variant(name, "canary")
+        return canary if canary is not None and canary.deployment.version == version else None
 
     def model_ready(self, name: str, version: str | None) -> bool | None:
         """Whether the model (version) has a healthy replica; None when it is not deployed."""

@@ -184,6 +184,8 @@ INPUT_TYPES_METADATA = "flowline.input_types"
 # On a registered model: JSON thresholds of the automatic canary analysis, e.g.
 # {"interval_s": 60, "max_error_rate_increase": 0.01, "promote_after": 5}.
 ANALYSIS_MODEL_TAG = "flowline.analysis"
+# Written by the controller when that tag cannot be used (removed once it is fixed).
+ANALYSIS_ERROR_MODEL_TAG = "flowline.analysis.error"
 # On a model version, written by the controller:
 ANALYSIS_VERDICT_TAG = "flowline.analysis.verdict"  # passing | failed | promoted
 ANALYSIS_CHECK_TAG = "flowline.analysis.check"  # the failing check: error_rate, p99, ...

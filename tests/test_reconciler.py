@@ -24,6 +24,8 @@ from mlflow.exceptions import MlflowException
 
 import serving.controller.reconciler as reconciler_module
 from common.registry import (
+    ANALYSIS_ERROR_MODEL_TAG,
+    ANALYSIS_MODEL_TAG,
     CACHE_MODEL_TAG,
     CANARY_ALIAS,
     CANARY_ERROR_MODEL_TAG,
@@ -128,6 +130,14 @@ class StubRegistry:
     def delete_registered_model_tag(self, name: str, key: str) -> None:
         self.events.append(("model_tag_deleted", name, key))
         self.models[name].tags.pop(key, None)
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.events.append(("alias", name, alias, version))
+        self.models[name].aliases[alias] = version
+
+    def delete_registered_model_alias(self, name: str, alias: str) -> None:
+        self.events.append(("alias_deleted", name, alias))
+        del self.models[name].aliases[alias]
 
     # mlflow.artifacts.download_artifacts, for models:/NAME/VERSION/FILE
     def download_artifacts(self, artifact_uri: str, dst_path: str) -> str:
@@ -925,3 +935,75 @@ def test_canary_replicas_running_at_start_are_adopted_in_their_role(world: World
     assert world.gateway.table["m"].replicas == ("http://127.0.0.1:9101",)
     canary = world.gateway.variants[("m", "canary")]
     assert canary.deployment.replicas == ("http://127.0.0.1:9102",) and canary.share == 20
+
+
+# -- the canary analysis, wired into the pass -------------------------------------------------
+
+
+class Analysed:
+    """The world with a canary analyst reading a real gateway metrics registry."""
+
+    def __init__(self, world: World, tag: str | None) -> None:
+        from prometheus_client import generate_latest
+
+        from serving.controller.analysis import CanaryAnalyst, Sources
+        from serving.gateway.metrics import GatewayMetrics
+
+        self.world, self.now, self.alerts = world, 0.0, []
+        self.metrics = GatewayMetrics()
+        sources = Sources(
+            gateway_metrics=lambda: generate_latest(self.metrics.registry).decode(),
+            gateway_models=lambda: [],
+            post_alert=lambda url, body: self.alerts.append(body),
+            webhooks=("http://hook",),
+        )
+        world.reconciler.analyst = CanaryAnalyst(world.registry, sources, clock=lambda: self.now)
+        _with_canary(world)
+        if tag is not None:
+            world.registry.models["m"].tags[ANALYSIS_MODEL_TAG] = tag
+        world.reconciler.reconcile()  # the canary starts, and so does its first interval
+
+    def interval(self, canary_errors: int) -> None:
+        for version, errors in (("1", 0), ("2", canary_errors)):
+            route = self.metrics.for_route("m", version)
+            for i in range(100):
+                route.request(500 if i < errors else 200, 0.01, False)
+        self.now += 31
+        self.world.reconciler.reconcile()
+
+
+def test_a_failing_canary_is_rolled_back_by_the_pass_and_stopped_by_the_next(
+    world: World,
+) -> None:
+    analysed = Analysed(world, '{"interval_s": 30}')
+    assert world.gateway.variants[("m", "canary")].deployment.version == "2"
+    analysed.interval(canary_errors=0)
+    assert world.registry.tags("m", "2")["flowline.analysis.verdict"] == "passing"
+    analysed.interval(canary_errors=30)
+    assert CANARY_ALIAS not in world.registry.models["m"].aliases
+    assert world.registry.tags("m", "2")["flowline.analysis.check"] == "error_rate"
+    assert [a["event"] for a in analysed.alerts] == ["canary_rolled_back"]
+    world.reconciler.reconcile()
+    assert ("m", "canary") not in world.gateway.variants
+    assert world.gateway.table["m"].version == "1"
+    # Setting the alias again is refused while the version carries the verdict.
+    world.registry.models["m"].aliases[CANARY_ALIAS] = "2"
+    world.reconciler.reconcile()
+    assert (
+        "rolled back by the canary analysis"
+        in world.registry.models["m"].tags[CANARY_ERROR_MODEL_TAG]
+    )
+    assert ("m", "canary") not in world.gateway.variants
+
+
+def test_a_bad_analysis_tag_is_refused_on_the_model_and_the_canary_keeps_serving(
+    world: World,
+) -> None:
+    analysed = Analysed(world, '{"interval_s": -5}')
+    analysed.interval(canary_errors=90)
+    tags = world.registry.models["m"].tags
+    assert "interval_s" in tags[ANALYSIS_ERROR_MODEL_TAG]
+    assert world.gateway.variants[("m", "canary")].deployment.version == "2"
+    tags[ANALYSIS_MODEL_TAG] = '{"interval_s": 30}'
+    analysed.interval(canary_errors=0)  # starts the interval under the fixed tag
+    assert ANALYSIS_ERROR_MODEL_TAG not in tags

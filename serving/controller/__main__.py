@@ -17,12 +17,21 @@ from pydantic import BeforeValidator, Field
 from common.processes import PRIVATE_UMASK
 from common.secrets import persistent_secret
 from common.servers import listening_socket, run_on_socket, url_host
-from common.settings import DEFAULT_HOME, EnvFloat, EnvInt, FlowlineBaseSettings, OptionalStr, Port
+from common.settings import (
+    DEFAULT_HOME,
+    CommaList,
+    EnvFloat,
+    EnvInt,
+    FlowlineBaseSettings,
+    OptionalStr,
+    Port,
+)
 from common.tls import TlsSettings, client_tls, scheme
 from serving.backends.base import BackendError
 from serving.backends.factory import BACKENDS, create_backend
 from serving.backends.ports import PortPool
 from serving.backends.router import BACKEND_MODEL_TAG, BackendRouter
+from serving.controller.analysis import CanaryAnalyst, http_sources
 from serving.controller.app import WEBHOOK_PATH, build_app, register_webhook_safely
 from serving.controller.gateway_client import GatewayClient
 from serving.controller.reconciler import Reconciler
@@ -53,6 +62,10 @@ class ControllerSettings(FlowlineBaseSettings):
     auth: Annotated[bool, BeforeValidator(_exactly_one)] = False
     admin_token: OptionalStr = None
     tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+    # The canary analysis reads the monitor's drift and performance views and posts its
+    # rollbacks where the monitor posts its alerts.
+    monitor_url: str = ""
+    alert_webhooks: CommaList = ()
 
 
 def _parser(env: ControllerSettings) -> argparse.ArgumentParser:
@@ -138,7 +151,14 @@ def _build(
     admin_token = env.admin_token or persistent_secret(home / "admin-token")
     verify, cert = client_tls(tls)
     gateway = GatewayClient(args.gateway_url, admin_token, verify=verify, cert=cert)
-    reconciler = Reconciler(client, backend, gateway, replicas=args.replicas)
+    sources = http_sources(
+        gateway,
+        env.monitor_url.rstrip("/") or None,
+        tuple(env.alert_webhooks),
+        {"verify": verify, "cert": cert},
+    )
+    analyst = CanaryAnalyst(client, sources)
+    reconciler = Reconciler(client, backend, gateway, replicas=args.replicas, analyst=analyst)
     secret = persistent_secret(home / "webhook-secret")
     # Under TLS the registry is told the https URL. MLflow's webhook sender verifies
     # it against its own (certifi) store and presents no client certificate, so with

@@ -27,6 +27,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from common.registry import (
+    ANALYSIS_ERROR_MODEL_TAG,
+    ANALYSIS_MODEL_TAG,
     BATCHING_MODEL_TAG,
     CACHE_MODEL_TAG,
     CANARY_MODEL_TAG,
@@ -43,11 +45,13 @@ from common.registry import (
     production_version,
 )
 from serving.backends.base import Backend, BackendError, Replica
-from serving.controller.desired import desired_state
+from serving.controller.analysis import AnalysisConfig, CanaryAnalyst
+from serving.controller.desired import Wanted, desired_state
 from serving.controller.gateway_client import GatewayClient, GatewayError
 from serving.controller.variants import Variants
 from serving.deployment import (
     CANARY,
+    ROLES,
     SHADOW,
     BatchingSettings,
     CacheSettings,
@@ -141,8 +145,10 @@ class Reconciler:
         gateway: GatewayClient,
         replicas: int = 1,
         drain_timeout: float = 30.0,
+        analyst: CanaryAnalyst | None = None,
     ) -> None:
         self.client = client
+        self.analyst = analyst
         self.backend = backend
         self.gateway = gateway
         self.default_replicas = replicas
@@ -261,7 +267,48 @@ class Reconciler:
         with_variants = {m for m, _ in self.variants.deployed}
         for model in sorted(set(wanted) | with_variants):
             self.variants.converge(model, wanted.get(model), routes)
+        if self.analyst is not None:
+            for model, want in wanted.items():
+                self._analyze(model, want)
         self.last_pass = time.time()
+
+    def _analyze(self, model: str, want: Wanted) -> None:
+        """Judge the model's running canary and shadow (serving/controller/analysis.py)."""
+        assert self.analyst is not None
+        production = self.deployed.get(model)
+        running = {
+            role: d.version
+            for role in ROLES
+            if (d := self.variants.deployed.get((model, role))) is not None
+            and d.version == want.variant_version(role)
+        }
+        if production is None or production.version != want.version or not running:
+            return
+        text = want.tags.get(ANALYSIS_MODEL_TAG)
+        try:
+            config = AnalysisConfig.from_tag(text)
+        except ValueError as exc:
+            self._model_tag(model, ANALYSIS_ERROR_MODEL_TAG, str(exc), want.tags)
+            return
+        self._model_tag(model, ANALYSIS_ERROR_MODEL_TAG, None, want.tags)
+        try:
+            self.analyst.analyze(
+                model, config, production.version, running.get(CANARY), running.get(SHADOW)
+            )
+        except MlflowException as exc:  # the registry is away: the next pass tries again
+            log.warning("canary analysis of %s: %s", model, str(exc).splitlines()[0][:300])
+
+    def _model_tag(self, model: str, key: str, value: str | None, tags: dict[str, str]) -> None:
+        """Set (or, with None, delete) a registered-model tag when it differs."""
+        if tags.get(key) == value:
+            return
+        try:
+            if value is None:
+                self.client.delete_registered_model_tag(model, key)
+            else:
+                self.client.set_registered_model_tag(model, key, value[:500])
+        except MlflowException as exc:
+            log.warning("could not tag %s: %s", model, exc)
 
     def _upkeep(self, current: Deployed, routes: dict[str, Any] | None) -> None:
         """Keep a deployed version whole: replace dead replicas, match the replica count,

@@ -33,12 +33,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from mlflow.exceptions import MlflowException
 
 from common.registry import (
+    ANALYSIS_CHECK_TAG,
+    ANALYSIS_REASON_TAG,
+    ANALYSIS_VERDICT_TAG,
     CANARY_ERROR_MODEL_TAG,
     CANARY_MODEL_TAG,
     GATE_REASON_TAG,
     SHADOW_ERROR_MODEL_TAG,
     SHADOW_MODEL_TAG,
     STATUS_TAG,
+    analysis_blocks,
     gate_blocks,
     parse_canary_tag,
     parse_shadow_tag,
@@ -85,14 +89,19 @@ def wanted_variant(
             share, sticky = parse_shadow_tag(wanted.tags.get(SHADOW_MODEL_TAG)), None
     except ValueError as exc:
         return None, str(exc)
-    if role == CANARY:
-        try:
-            tags = client.get_model_version(model, version).tags
-        except MlflowException as exc:
-            return None, f"version {version}: {str(exc).splitlines()[0][:300]}"
-        if gate_blocks(tags):
-            reason = tags.get(GATE_REASON_TAG, "")
-            return None, f"version {version}: held back by the champion/challenger gate: {reason}"
+    try:
+        tags = client.get_model_version(model, version).tags
+    except MlflowException as exc:
+        return None, f"version {version}: {str(exc).splitlines()[0][:300]}"
+    if role == CANARY and gate_blocks(tags):
+        reason = tags.get(GATE_REASON_TAG, "")
+        return None, f"version {version}: held back by the champion/challenger gate: {reason}"
+    if analysis_blocks(tags):
+        check, reason = tags.get(ANALYSIS_CHECK_TAG, ""), tags.get(ANALYSIS_REASON_TAG, "")
+        return None, (
+            f"version {version} was rolled back by the canary analysis ({check}: {reason}); "
+            f"delete its tag {ANALYSIS_VERDICT_TAG} to allow it again"
+        )
     return Target(version, share, sticky), None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from mlflow import MlflowClient
 
 from common.processes import free_port, free_port_block
 from common.registry import (
+    ANALYSIS_MODEL_TAG,
     CANARY_ALIAS,
     CANARY_ERROR_MODEL_TAG,
     CANARY_MODEL_TAG,
@@ -43,7 +45,7 @@ from pipelines.data import DEMO_DATA
 from pipelines.train import TrainConfig, train
 from serving.controller.webhooks import signature
 from tests.conftest import BIN, subprocess_env, wait_for
-from tests.model_fixtures import log_broken_version
+from tests.model_fixtures import log_broken_version, log_flaky_version
 
 pytestmark = pytest.mark.slow
 DEADLINE = 120.0
@@ -64,7 +66,17 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     """`flowline up` in a fresh home, 2 replicas per version, a fast reconcile loop."""
     home = tmp_path_factory.mktemp("platform")
     running = Platform(home=home, ports=_ports(), replicas=2, reconcile_interval=1.0)
-    running.start()
+    # Small drift windows, so the canary analysis sees a verdict on a canary's own traffic
+    # within seconds; the roles read it at start.
+    previous = os.environ.get("FLOWLINE_WINDOW_ROWS")
+    os.environ["FLOWLINE_WINDOW_ROWS"] = "100"
+    try:
+        running.start()
+    finally:
+        if previous is None:
+            os.environ.pop("FLOWLINE_WINDOW_ROWS")
+        else:
+            os.environ["FLOWLINE_WINDOW_ROWS"] = previous
     mlflow.set_tracking_uri(running.tracking.url)
     try:
         yield running
@@ -252,6 +264,106 @@ def test_a_canary_and_a_shadow_set_in_the_registry_serve_beside_production(
     client.delete_registered_model_alias(name, "production")  # the shadow goes with it
     _wait_for(lambda: _model_state(platform, name) is None, "the undeploy")
     _wait_for(lambda: not any(_up(u) for u in shadow_urls), "the shadow's replicas to stop")
+
+
+class Load:
+    """Callers scoring a model from 4 threads, counting answers by version and status."""
+
+    def __init__(self, platform: Platform, name: str, frame: Any, rows: int = 5) -> None:
+        self.url = f"{_gateway(platform)}/models/{name}/invocations"
+        self.frame, self.rows = frame, rows
+        self.answers: Counter = Counter()  # (version header, status)
+        self.stop = threading.Event()
+        self.workers = [threading.Thread(target=self._load, args=(i,)) for i in range(4)]
+
+    def _load(self, seed: int) -> None:
+        with requests.Session() as session:
+            for i in itertools.count():
+                if self.stop.is_set():
+                    return
+                chunk = self.frame.sample(self.rows, random_state=seed * 100_000 + i)
+                split = json.loads(chunk.to_json(orient="split", index=False))
+                r = session.post(self.url, json={"dataframe_split": split}, timeout=30)
+                self.answers[(r.headers.get("x-flowline-model-version"), r.status_code)] += 1
+
+    def __enter__(self) -> Load:
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for worker in self.workers:
+            worker.join(timeout=60)
+
+    def of(self, label: str) -> dict[int, int]:
+        """Answers of one version by status."""
+        return {s: n for (v, s), n in self.answers.items() if v == label}
+
+
+def _rolled_back(client: MlflowClient, name: str, version: str) -> bool:
+    tags = client.get_model_version(name, version).tags
+    return tags.get("flowline.analysis.verdict") == "failed"
+
+
+def test_a_canary_that_fails_requests_is_rolled_back_and_production_fails_none(
+    platform: Platform,
+) -> None:
+    name = f"flaky-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
+    good = _train(name)
+    client.set_registered_model_alias(name, "production", good)
+    _wait_for(lambda: _served_version(platform, name) == good, "production")
+    flaky = log_flaky_version(name, features)
+    client.set_registered_model_tag(
+        name, ANALYSIS_MODEL_TAG, '{"interval_s": 8, "min_requests": 20}'
+    )
+    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 30}')
+    client.set_registered_model_alias(name, CANARY_ALIAS, flaky)
+    _wait_for(lambda: _status_tag(client, name, flaky) == "canary", "the canary")
+    started = time.monotonic()
+    with Load(platform, name, features) as load:
+        _wait_for(lambda: _rolled_back(client, name, flaky), "the rollback", timeout=60)
+        rolled_back_after = time.monotonic() - started
+        _wait_for(lambda: _model_state(platform, name)["canary"] is None, "the canary route to go")
+        answered = sum(load.of(f"{name}/{good}").values())
+        _wait_for(lambda: sum(load.of(f"{name}/{good}").values()) > answered + 20, "more traffic")
+    # Within two intervals (8 s each) of traffic reaching it, plus a pass.
+    assert rolled_back_after < 2 * 8 + 6, rolled_back_after
+    assert set(load.of(f"{name}/{good}")) == {200}, load.answers  # production failed nobody
+    assert any(status != 200 for status in load.of(f"{name}/{flaky}")), load.answers
+    tags = client.get_model_version(name, flaky).tags
+    assert tags["flowline.analysis.check"] == "error_rate"
+    assert "error rate" in tags["flowline.analysis.reason"]
+    assert CANARY_ALIAS not in client.get_registered_model(name).aliases
+    client.delete_registered_model_alias(name, "production")
+    _wait_for(lambda: _served_version(platform, name) is None, "the undeploy")
+
+
+def test_a_canary_whose_own_traffic_drifts_is_rolled_back(platform: Platform) -> None:
+    name = f"drifty-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
+    first, second = _train(name, seed=1), _train(name, seed=2)
+    client.set_registered_model_alias(name, "production", first)
+    _wait_for(lambda: _served_version(platform, name) == first, "production")
+    config = '{"interval_s": 8, "min_requests": 10, "rollback_on_drift": true}'
+    client.set_registered_model_tag(name, ANALYSIS_MODEL_TAG, config)
+    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 50}')
+    client.set_registered_model_alias(name, CANARY_ALIAS, second)
+    _wait_for(lambda: _status_tag(client, name, second) == "canary", "the canary")
+    # Longer-tenured customers on monthly contracts: a market neither version saw.
+    shifted = features.assign(
+        tenure_months=features["tenure_months"] + 24, contract="month-to-month"
+    )
+    with Load(platform, name, shifted, rows=20) as load:
+        _wait_for(lambda: _rolled_back(client, name, second), "the rollback", timeout=90)
+    tags = client.get_model_version(name, second).tags
+    assert tags["flowline.analysis.check"] == "drift", tags["flowline.analysis.reason"]
+    assert set(load.of(f"{name}/{first}")) == {200}
+    client.delete_registered_model_alias(name, "production")
+    _wait_for(lambda: _served_version(platform, name) is None, "the undeploy")
 
 
 def test_legacy_stage_promotion_deploys_and_archiving_undeploys(platform: Platform) -> None:

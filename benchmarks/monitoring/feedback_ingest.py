@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import httpx  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from monitoring.capture.client import record_id  # noqa: E402
 from tests.helpers_monitor import AUTH, churn_features, start_monitor  # noqa: E402
 
 TARGET = 20_000
@@ -44,12 +45,13 @@ def capture_bodies(model: str, request_ids: list[str]) -> list[bytes]:
     data = json.loads(frame.to_json(orient="values"))
     columns = list(frame.columns)
     records = []
+    client_id, first_seq = uuid.uuid4().hex[:16], time.time_ns()  # ids as the client makes them
     for i, request_id in enumerate(request_ids):
         body = {"dataframe_split": {"columns": columns, "data": [data[i % len(data)]]}}
         records.append(
             json.dumps(
                 {
-                    "id": uuid.uuid4().hex,
+                    "id": record_id(client_id, first_seq + i),
                     "model": model,
                     "version": "1",
                     "time": time.time(),

@@ -357,11 +357,49 @@ def test_a_canary_whose_own_traffic_drifts_is_rolled_back(platform: Platform) ->
     shifted = features.assign(
         tenure_months=features["tenure_months"] + 24, contract="month-to-month"
     )
+    monitor = f"http://{platform.host}:{platform.ports.monitor}"
+
+    def canary_drifted() -> bool:
+        answer = requests.get(f"{monitor}/drift/{name}?version={second}", timeout=5)
+        return answer.status_code == 200 and answer.json()["drifted"]
+
     with Load(platform, name, shifted, rows=20) as load:
-        _wait_for(lambda: _rolled_back(client, name, second), "the rollback", timeout=90)
+        _wait_for(canary_drifted, "the monitor's drift verdict on the canary", timeout=90)
+        drifted_at = time.monotonic()
+        _wait_for(lambda: _rolled_back(client, name, second), "the rollback", timeout=60)
+        # Within two intervals (8 s each) of the verdict, plus a pass.
+        assert time.monotonic() - drifted_at < 2 * 8 + 6
     tags = client.get_model_version(name, second).tags
     assert tags["flowline.analysis.check"] == "drift", tags["flowline.analysis.reason"]
     assert set(load.of(f"{name}/{first}")) == {200}
+    client.delete_registered_model_alias(name, "production")
+    _wait_for(lambda: _served_version(platform, name) is None, "the undeploy")
+
+
+def test_a_canary_passing_k_intervals_is_promoted_when_asked(platform: Platform) -> None:
+    name = f"promoted-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
+    first, second = _train(name, seed=1), _train(name, seed=2)
+    client.set_registered_model_alias(name, "production", first)
+    _wait_for(lambda: _served_version(platform, name) == first, "production")
+    config = '{"interval_s": 5, "min_requests": 10, "promote_after": 2}'
+    client.set_registered_model_tag(name, ANALYSIS_MODEL_TAG, config)
+    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 50}')
+    client.set_registered_model_alias(name, CANARY_ALIAS, second)
+    _wait_for(lambda: _status_tag(client, name, second) == "canary", "the canary")
+    with Load(platform, name, features) as load:
+        _wait_for(
+            lambda: client.get_registered_model(name).aliases.get("production") == second,
+            "the promotion",
+        )
+        _wait_for(lambda: _served_version(platform, name) == second, "version 2 in production")
+    tags = client.get_model_version(name, second).tags
+    assert tags["flowline.analysis.verdict"] == "promoted"
+    assert int(tags["flowline.analysis.passed"]) >= 2
+    assert CANARY_ALIAS not in client.get_registered_model(name).aliases
+    assert {status for (_, status) in load.answers} == {200}, load.answers  # nobody failed
+    _wait_for(lambda: _model_state(platform, name)["canary"] is None, "no canary left")
     client.delete_registered_model_alias(name, "production")
     _wait_for(lambda: _served_version(platform, name) is None, "the undeploy")
 

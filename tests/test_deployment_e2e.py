@@ -110,9 +110,24 @@ def _status_tag(client: MlflowClient, name: str, version: str) -> str | None:
 ANY_RETRAIN = 1.0
 
 
+# Trained versions, once per tracking server and seed: every test then registers a copy
+# under its own model name (the same run's artifacts), as a retrain would be registered.
+_TRAINED: dict[tuple[str, int], Any] = {}
+
+
 def _train(name: str, seed: int = 1) -> str:
-    config = TrainConfig(max_evals=1, registered_model=name, seed=seed, gate_tolerance=ANY_RETRAIN)
-    return train(config, report=lambda _: None).version
+    """A new version of ``name``: the model trained with ``seed`` on this tracking server."""
+    key = (mlflow.get_tracking_uri(), seed)
+    if key not in _TRAINED:
+        config = TrainConfig(
+            max_evals=1,
+            registered_model=f"trained-{seed}-{uuid.uuid4().hex[:6]}",
+            seed=seed,
+            gate_tolerance=ANY_RETRAIN,
+        )
+        _TRAINED[key] = train(config, report=lambda _: None)
+    trained = _TRAINED[key]
+    return str(mlflow.register_model(trained.source, name, tags=trained.tags).version)
 
 
 def _example(name: str, version: str) -> dict:
@@ -345,7 +360,7 @@ def test_a_canary_whose_own_traffic_drifts_is_rolled_back(platform: Platform) ->
     name = f"drifty-{uuid.uuid4().hex[:6]}"
     client = MlflowClient()
     features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
-    first, second = _train(name, seed=1), _train(name, seed=2)
+    first, second = _train(name), _train(name)  # the same model twice: only drift differs
     client.set_registered_model_alias(name, "production", first)
     _wait_for(lambda: _served_version(platform, name) == first, "production")
     config = '{"interval_s": 8, "min_requests": 10, "rollback_on_drift": true}'
@@ -380,7 +395,7 @@ def test_a_canary_passing_k_intervals_is_promoted_when_asked(platform: Platform)
     name = f"promoted-{uuid.uuid4().hex[:6]}"
     client = MlflowClient()
     features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
-    first, second = _train(name, seed=1), _train(name, seed=2)
+    first, second = _train(name), _train(name)
     client.set_registered_model_alias(name, "production", first)
     _wait_for(lambda: _served_version(platform, name) == first, "production")
     config = '{"interval_s": 5, "min_requests": 10, "promote_after": 2}'

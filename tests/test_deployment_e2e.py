@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -321,22 +321,43 @@ def _rolled_back(client: MlflowClient, name: str, version: str) -> bool:
     return tags.get("flowline.analysis.verdict") == "failed"
 
 
+def _canary_beside_production(
+    platform: Platform,
+    prefix: str,
+    analysis: str,
+    weight: int,
+    canary_of: Callable[[str], str] = _train,
+) -> tuple[str, MlflowClient, str, str]:
+    """A new model serving a trained version in production and ``canary_of(name)`` as its
+    canary at ``weight`` %, analysed with ``analysis``: (name, client, production, canary)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient()
+    production = _train(name)
+    client.set_registered_model_alias(name, "production", production)
+    _wait_for(lambda: _served_version(platform, name) == production, "production")
+    canary = canary_of(name)
+    client.set_registered_model_tag(name, ANALYSIS_MODEL_TAG, analysis)
+    client.set_registered_model_tag(name, CANARY_MODEL_TAG, json.dumps({"weight": weight}))
+    client.set_registered_model_alias(name, CANARY_ALIAS, canary)
+    _wait_for(lambda: _status_tag(client, name, canary) == "canary", "the canary")
+    return name, client, production, canary
+
+
+def _features() -> pd.DataFrame:
+    return pd.read_csv(DEMO_DATA).drop(columns=["churned"])
+
+
 def test_a_canary_that_fails_requests_is_rolled_back_and_production_fails_none(
     platform: Platform,
 ) -> None:
-    name = f"flaky-{uuid.uuid4().hex[:6]}"
-    client = MlflowClient()
-    features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
-    good = _train(name)
-    client.set_registered_model_alias(name, "production", good)
-    _wait_for(lambda: _served_version(platform, name) == good, "production")
-    flaky = log_flaky_version(name, features)
-    client.set_registered_model_tag(
-        name, ANALYSIS_MODEL_TAG, '{"interval_s": 8, "min_requests": 20}'
+    features = _features()
+    name, client, good, flaky = _canary_beside_production(
+        platform,
+        "flaky",
+        '{"interval_s": 8, "min_requests": 20}',
+        30,
+        lambda model: log_flaky_version(model, features),
     )
-    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 30}')
-    client.set_registered_model_alias(name, CANARY_ALIAS, flaky)
-    _wait_for(lambda: _status_tag(client, name, flaky) == "canary", "the canary")
     started = time.monotonic()
     with Load(platform, name, features) as load:
         _wait_for(lambda: _rolled_back(client, name, flaky), "the rollback", timeout=60)
@@ -357,17 +378,10 @@ def test_a_canary_that_fails_requests_is_rolled_back_and_production_fails_none(
 
 
 def test_a_canary_whose_own_traffic_drifts_is_rolled_back(platform: Platform) -> None:
-    name = f"drifty-{uuid.uuid4().hex[:6]}"
-    client = MlflowClient()
-    features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
-    first, second = _train(name), _train(name)  # the same model twice: only drift differs
-    client.set_registered_model_alias(name, "production", first)
-    _wait_for(lambda: _served_version(platform, name) == first, "production")
+    # The same model twice: only the drift differs.
     config = '{"interval_s": 8, "min_requests": 10, "rollback_on_drift": true}'
-    client.set_registered_model_tag(name, ANALYSIS_MODEL_TAG, config)
-    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 50}')
-    client.set_registered_model_alias(name, CANARY_ALIAS, second)
-    _wait_for(lambda: _status_tag(client, name, second) == "canary", "the canary")
+    name, client, first, second = _canary_beside_production(platform, "drifty", config, 50)
+    features = _features()
     # Longer-tenured customers on monthly contracts: a market neither version saw.
     shifted = features.assign(
         tenure_months=features["tenure_months"] + 24, contract="month-to-month"
@@ -392,17 +406,9 @@ def test_a_canary_whose_own_traffic_drifts_is_rolled_back(platform: Platform) ->
 
 
 def test_a_canary_passing_k_intervals_is_promoted_when_asked(platform: Platform) -> None:
-    name = f"promoted-{uuid.uuid4().hex[:6]}"
-    client = MlflowClient()
-    features = pd.read_csv(DEMO_DATA).drop(columns=["churned"])
-    first, second = _train(name), _train(name)
-    client.set_registered_model_alias(name, "production", first)
-    _wait_for(lambda: _served_version(platform, name) == first, "production")
     config = '{"interval_s": 5, "min_requests": 10, "promote_after": 2}'
-    client.set_registered_model_tag(name, ANALYSIS_MODEL_TAG, config)
-    client.set_registered_model_tag(name, CANARY_MODEL_TAG, '{"weight": 50}')
-    client.set_registered_model_alias(name, CANARY_ALIAS, second)
-    _wait_for(lambda: _status_tag(client, name, second) == "canary", "the canary")
+    name, client, _, second = _canary_beside_production(platform, "promoted", config, 50)
+    features = _features()
     with Load(platform, name, features) as load:
         _wait_for(
             lambda: client.get_registered_model(name).aliases.get("production") == second,

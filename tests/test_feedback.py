@@ -59,6 +59,7 @@ def churn_model() -> dict[str, Any]:
         "classification", "roc_auc", scores, len(test), list(model.classes_), calibration
     )
     return {
+        "model": model,
         "profile": profile,
         "live": live[NUMERIC].reset_index(drop=True),
         "labels": live["churned"].tolist(),
@@ -390,3 +391,41 @@ def test_without_a_calibration_or_probabilities_nothing_is_estimated(
     monitor.ingest(capture_records(churn_model["live"], churn_model["predicted"], per=20)[0])
     monitor.close_windows()
     assert [s.estimate for s in monitor.store.window_spans("churn", "1")] == [None, None]
+
+
+class RowScorer:
+    """Stands in for the sandboxed worker: the test's own model scores the window's rows."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.calls = model, 0
+
+    def proba(self, model: str, version: str, frame: pd.DataFrame, classes: list) -> np.ndarray:
+        self.calls += 1
+        return self.model.predict_proba(frame[NUMERIC].apply(pd.to_numeric))
+
+    def stop_idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_windows_without_captured_probabilities_are_estimated_later_off_the_detector(
+    tmp_path: Path, churn_model: dict[str, Any]
+) -> None:
+    monitor = make_monitor(tmp_path, churn_model["profile"])
+    scorer = RowScorer(churn_model["model"])
+    monitor.scorer = scorer
+    monitor.ingest(capture_records(churn_model["live"], churn_model["predicted"], per=20)[0])
+    assert len(monitor.close_windows()) == 2 and scorer.calls == 0  # drift does not wait
+    assert [s.estimate for s in monitor.store.window_spans("churn", "1")] == [None, None]
+    monitor.refresh_performance()
+    spans = monitor.store.window_spans("churn", "1")
+    assert scorer.calls == 2 and all(s.estimate["probabilities"] == "scored" for s in spans)
+    labels, proba = churn_model["labels"], churn_model["proba"]
+    for span, (lo, hi) in zip(spans, [(0, 500), (500, 1000)], strict=True):
+        predicted = np.asarray(churn_model["classes"])[proba[lo:hi].argmax(1)]
+        assert abs(span.estimate["accuracy"] - skm.accuracy_score(labels[lo:hi], predicted)) < 0.06
+    monitor.refresh_performance()
+    assert scorer.calls == 2  # estimated once
+    assert "the version scored for this window" in monitor.report_html("churn", spans[0].id)

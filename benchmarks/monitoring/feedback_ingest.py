@@ -29,44 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import httpx  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from monitoring.capture.client import record_id  # noqa: E402
-from tests.helpers_monitor import AUTH, churn_features, start_monitor  # noqa: E402
+from benchmarks.monitoring.ingest_throughput import make_batches  # noqa: E402
+from tests.helpers_monitor import AUTH, start_monitor  # noqa: E402
 
 TARGET = 20_000
 CAPTURE_BATCH = 500
 FEEDBACK_BATCH = 10_000
 TOKEN = "bench-feedback-token"
 OUTPUT = harness.RESULTS / "feedback_ingest.json"
-
-
-def capture_bodies(model: str, request_ids: list[str]) -> list[bytes]:
-    """`POST /ingest` bodies of single-row records, one per request id."""
-    frame = churn_features()
-    data = json.loads(frame.to_json(orient="values"))
-    columns = list(frame.columns)
-    records = []
-    client_id, first_seq = uuid.uuid4().hex[:16], time.time_ns()  # ids as the client makes them
-    for i, request_id in enumerate(request_ids):
-        body = {"dataframe_split": {"columns": columns, "data": [data[i % len(data)]]}}
-        records.append(
-            json.dumps(
-                {
-                    "id": record_id(client_id, first_seq + i),
-                    "model": model,
-                    "version": "1",
-                    "time": time.time(),
-                    "content_type": "application/json",
-                    "body": json.dumps(body),
-                    "predictions": ["yes" if i % 3 == 0 else "no"],
-                    "request_id": request_id,
-                }
-            )  # fmt: skip
-        )
-    head = json.dumps({"id": "bench", "dropped": []})
-    return [
-        f'{{"client":{head},"records":[{",".join(records[i : i + CAPTURE_BATCH])}]}}'.encode()
-        for i in range(0, len(records), CAPTURE_BATCH)
-    ]
 
 
 def feedback_bodies(request_ids: list[str], kind: str) -> list[tuple[bytes, str]]:
@@ -116,10 +86,10 @@ def run(rows: int) -> dict[str, Any]:
                 auth = {"authorization": f"Bearer {TOKEN}"}
                 # Warm-up: the first label of a model asks the (absent) registry for its
                 # type, which imports MLflow once per process.
-                warm = [(b, "application/json") for b in capture_bodies(model, ["w-0"])]
+                warm = [(b, "application/json") for b in make_batches(1, 1, model, ["w-0"])]
                 post_each(client, f"{monitor.url}/ingest", warm, AUTH)
                 post_each(client, feedback_url, feedback_bodies(["w-0"], "json"), auth)
-                capture = capture_bodies(model, ids)
+                capture = make_batches(rows, 1, model, ids)
                 seconds, totals = post_each(
                     client,
                     f"{monitor.url}/ingest",

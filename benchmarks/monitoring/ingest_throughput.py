@@ -45,8 +45,11 @@ POSTGRES_ADMIN = os.environ.get(
 )
 
 
-def make_batches(rows: int, rows_per_record: int, model: str) -> list[bytes]:
-    """Ingest bodies of BATCH records each, like the capture client sends them."""
+def make_batches(
+    rows: int, rows_per_record: int, model: str, request_ids: list[str] | None = None
+) -> list[bytes]:
+    """Ingest bodies of BATCH records each, like the capture client sends them; with
+    ``request_ids``, record ``i`` carries ``request_ids[i]`` as the gateway's would."""
     frame = churn_features()
     data = json.loads(frame.to_json(orient="values"))
     columns = list(frame.columns)
@@ -68,6 +71,7 @@ def make_batches(rows: int, rows_per_record: int, model: str) -> list[bytes]:
                     "content_type": "application/json",
                     "body": json.dumps(body),
                     "predictions": ["no"] * rows_per_record,
+                    **({"request_id": request_ids[i]} if request_ids else {}),
                 }
             )  # fmt: skip
         )

@@ -56,7 +56,9 @@ def fetch_from_registry(model: str, version: str, tracking_uri: str = "") -> dic
                 tracking_uri=tracking_uri or None,
             )
         except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            missing = exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+            # The artifact proxy wraps a missing file's 404 in a generic download failure.
+            if missing or "RESOURCE_DOES_NOT_EXIST" in str(exc):
                 raise ProfileError(f"{model}/{version} has no {path}") from None
             raise
         except FileNotFoundError:

@@ -178,6 +178,20 @@ class MonitoringRuns:
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
+    def log_estimate(
+        self, model: str, version: str, window_index: int, estimate: dict[str, Any]
+    ) -> None:
+        """Log a window's CBPE estimate made after the window was logged (step = index)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, v, now, window_index)
+            for k, v in _performance_metrics("estimated", estimate).items()
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id(model, version), metrics=metrics)
+
 
 def _performance_metrics(kind: str, values: dict[str, Any] | None) -> dict[str, float]:
     """``{"performance.<kind>.<metric>": value}`` for the numeric metrics of ``values``."""

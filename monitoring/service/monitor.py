@@ -60,6 +60,7 @@ from monitoring.service.window_frame import VIOLATION_KINDS, build_window, plot_
 logger = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_S = 3600.0
+ESTIMATE_WINDOW_S = 86400.0  # windows closed this recently get a CBPE estimate
 PERFORMANCE_S = 10.0  # how often changed labels are re-evaluated (gauges, MLflow, alerts)
 PUBLISH_RETRY_S = 5.0
 
@@ -247,13 +248,52 @@ class Monitor:
         return view
 
     def refresh_performance(self, now: float | None = None) -> int:
-        """One pass of the performance thread (see PerformanceTracker.refresh)."""
+        """One pass of the performance thread: estimate the windows that closed without an
+        estimate, then re-evaluate changed labels (see PerformanceTracker.refresh)."""
+        self.estimate_pending(now)
         done = self.performance.refresh(now, self._observe_performance, self._performance_alerts)
         if done:
             self._wake_alerter.set()
         if self.scorer is not None:
             self.scorer.stop_idle()
         return done
+
+    def estimate_pending(self, now: float | None = None, limit: int = 20) -> int:
+        """CBPE for the recent windows of classifiers that closed without an estimate:
+        their rows scored by the version itself, in the sandboxed worker. A window the
+        version cannot score now is tried again at a later pass (the scorer backs off)."""
+        if self.scorer is None:
+            return 0
+        now = time.time() if now is None else now
+        done = 0
+        for span in self.store.unestimated_windows(now - ESTIMATE_WINDOW_S, limit):
+            spec = self.performance_spec(span.model, span.version)
+            if spec is None or not spec.calibration or self._stop.is_set():
+                continue
+            baseline = self.baselines.get(span.model, span.version)
+            records = self.store.records(
+                span.model, span.version, span.first_record_id, span.last_record_id
+            )
+            window = build_window(records, span.model, span.version, list(baseline.columns))
+            estimate = estimate_window(
+                spec, span.model, span.version, window.frame, [], self.scorer.proba
+            )
+            if estimate is None:
+                continue
+            self.store.set_window_estimate(span.id, estimate)
+            self._observe_estimate(span.model, span.version, estimate)
+            if self.runs is not None:
+                try:
+                    self.runs.log_estimate(span.model, span.version, span.window_index, estimate)
+                except Exception as exc:  # the tracking server may be down; the store has it
+                    logger.warning("could not log the estimate to MLflow: %s", exc)
+            done += 1
+        return done
+
+    def _observe_estimate(self, model: str, version: str, estimate: dict[str, Any] | None) -> None:
+        for metric, value in (estimate or {}).items():
+            if metric in ("accuracy", "roc_auc"):
+                self.metrics.estimated.labels(model, version, metric).set(value)
 
     def _performance_alerts(
         self, event: str, model: str, decision: dict[str, Any]
@@ -336,6 +376,7 @@ class Monitor:
         if closed:
             self._wake_publisher.set()
             self._wake_alerter.set()
+            self._wake_performance.set()  # their estimates
         return closed
 
     def _close(
@@ -353,13 +394,16 @@ class Monitor:
         window = build_window(records, model, version, list(baseline.columns))
         report = evaluate_window(baseline, window.frame, window.predictions, self.config)
         drift = report.to_dict()
+        # Only from probabilities the callers were answered: scoring the rows in the
+        # sandboxed worker can take a model load's time, and must not hold drift back
+        # (the performance thread does it: estimate_pending).
         estimate = estimate_window(
             PerformanceSpec.from_profile(baseline.profile),
             model,
             version,
             window.frame,
             window.answered or [],
-            self.scorer.proba if self.scorer is not None else None,
+            None,
         )
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         violations = {kind: int(window.violations.get(kind, 0)) for kind in VIOLATION_KINDS}
@@ -397,9 +441,7 @@ class Monitor:
                 m.schema_violations.labels(model, version, kind).inc(n)
         m.windows.labels(model, version, str(report.drifted).lower()).inc()
         m.observe_window(model, version, summary.window_index, window.rows, now, drift)
-        for metric, value in (estimate or {}).items():
-            if metric in ("accuracy", "roc_auc"):
-                m.estimated.labels(model, version, metric).set(value)
+        self._observe_estimate(model, version, estimate)
         if event:
             logger.warning(
                 "%s: %s v%s at window %d (%s)",
@@ -473,7 +515,10 @@ class Monitor:
             return None
         summary, stored = found
         realized = self.performance.window_performance(model, summary.version, window_id)
-        return render_report(summary.__dict__, {**stored, "performance": realized})
+        estimate = stored.get("estimate") or (realized or {}).get("estimated")
+        return render_report(
+            summary.__dict__, {**stored, "estimate": estimate, "performance": realized}
+        )
 
     def window_json(self, model: str, window_id: int) -> dict[str, Any] | None:
         """A window's summary and full stored report, or None."""

@@ -325,6 +325,8 @@ class WindowSpan:
     started_at: float | None
     ended_at: float | None
     estimate: dict[str, Any] | None
+    model: str = ""  # set by unestimated_windows
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -715,6 +717,41 @@ class MonitorStore:
                 WindowSpan(*row[:-1], json.loads(row[-1]) if row[-1] else None)
                 for row in conn.execute(query)
             ]
+
+    def unestimated_windows(self, since: float, limit: int) -> list[WindowSpan]:
+        """Windows closed after ``since`` that have no estimate yet, oldest first (with
+        ``model`` and ``version`` filled in)."""
+        c = windows.c
+        query = (
+            select(
+                c.id,
+                c.window_index,
+                c.first_record_id,
+                c.last_record_id,
+                c.rows,
+                c.started_at,
+                c.ended_at,
+                c.model,
+                c.version,
+            )
+            .where(and_(c.estimate.is_(None), c.closed_at >= since))
+            .order_by(c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                WindowSpan(*row[:7], None, model=row[7], version=row[8])
+                for row in conn.execute(query)
+            ]
+
+    def set_window_estimate(self, window_id: int, estimate: dict[str, Any]) -> None:
+        """Store the CBPE estimate of a window that closed without one."""
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                update(windows)
+                .where(windows.c.id == window_id)
+                .values(estimate=json.dumps(estimate))
+            )
 
     def window(self, window_id: int) -> tuple[WindowSummary, dict[str, Any]] | None:
         """One window with its full report."""

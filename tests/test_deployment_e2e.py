@@ -249,7 +249,8 @@ def test_a_canary_and_a_shadow_set_in_the_registry_serve_beside_production(
     both = {f"{name}/{first}", f"{name}/{second}"}
     _wait_for(lambda: _answering(platform, name, body) == both, "both versions to answer")
     _wait_for(lambda: refusal() == "", "the refusal tag to be removed")
-    assert _status_tag(client, name, second) == "canary"
+    # The role's tag is written just after its route is put: poll for it.
+    _wait_for(lambda: _status_tag(client, name, second) == "canary", "the canary tag")
     (canary,) = [d for d in _controller_status(platform)["deployments"] if d["role"] == "canary"]
     assert canary["version"] == second and canary["weight"] == 50
     urls = [r["url"] for r in canary["replicas"]]

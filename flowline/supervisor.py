@@ -23,7 +23,8 @@ import requests
 from common.processes import ManagedProcess
 from common.tls import TlsSettings, client_tls
 
-POLL_SECONDS = 0.2
+# Detection and the health checks of a restarting role each wait up to one poll.
+POLL_SECONDS = 0.1
 START_TIMEOUT_SECONDS = 120.0
 
 
@@ -114,7 +115,9 @@ class Supervisor:
                 role.attempt = 0
             role.down_since = now
             self._schedule(role, now, f"exited unexpectedly ({_exit(role.process)})")
-        elif role.state == "waiting" and now >= role.due:
+        # Not elif: a first restart is due at once, so it starts in the pass that saw
+        # the exit rather than one poll later (the gateway's outage is this whole path).
+        if role.state == "waiting" and now >= role.due:
             try:
                 role.process = self.platform.respawn(role.name)
             except OSError as exc:  # no fork, no disk for the log: try again later

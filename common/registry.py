@@ -38,6 +38,10 @@ DROPPED_COLUMNS_TAG = "flowline.dropped_columns"
 TRAINING_ROWS_TAG = "flowline.training_rows"
 PARENT_RUN_TAG = "flowline.parent_run_id"
 REGISTERED_VERSION_TAG = "flowline.registered_version"
+# How the version scores (pipelines/onnx_export.py): "onnx" when training proved the ONNX
+# graph equivalent to the pipeline, else "python"; the reason says which check decided.
+RUNTIME_TAG = "flowline.runtime"
+RUNTIME_REASON_TAG = "flowline.runtime.reason"
 # The baseline profile's path inside the version's run artifacts (see docs/baseline-format.md).
 BASELINE_TAG = "flowline.baseline"
 # On each hyperopt trial's nested run.

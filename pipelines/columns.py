@@ -238,6 +238,14 @@ def coerce(frame: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
     Raises ``ColumnTypeError`` naming the column when a value does not fit its type, and
     ``KeyError`` semantics are left to MLflow's signature check (it names missing columns).
     """
+    return pd.DataFrame(coerce_columns(frame, plan), index=frame.index)
+
+
+def coerce_columns(frame: pd.DataFrame, plan: ColumnPlan) -> dict[str, np.ndarray]:
+    """:func:`coerce`'s columns as arrays: float64 for numbers, object (str) otherwise.
+
+    The compiled scoring path feeds these straight to onnxruntime, without the DataFrame.
+    """
     out: dict[str, np.ndarray] = {}
     for name, type_ in plan.types.items():
         series = frame[name]
@@ -249,7 +257,7 @@ def coerce(frame: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
             out[name] = _text(name, series)
         else:
             out[name] = _numbers(name, series)
-    return pd.DataFrame(out, index=frame.index)
+    return out
 
 
 class InputCoercer(BaseEstimator, TransformerMixin):

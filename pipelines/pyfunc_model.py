@@ -6,10 +6,16 @@ Classifiers answer labels by default; ``params={"predict_method": "predict_proba
 returns one probability column per class instead. A value of the wrong type for its
 column (text in a numeric column, say) is MLflow's INVALID_PARAMETER_VALUE: a 400 from
 ``/invocations`` that names the column.
+
+When training logged an ONNX graph that it proved equivalent (artifact ``compiled``, see
+``pipelines/onnx_export.py``), the model scores with it (``pipelines/compiled.py``); the
+pickled pipeline stays inside as the reference and the fallback, used whenever
+onnxruntime cannot load the graph.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import mlflow.pyfunc
@@ -19,7 +25,10 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.columns import ColumnTypeError
 
+logger = logging.getLogger(__name__)
+
 PREDICT_METHODS = ("predict", "predict_proba")
+COMPILED_ARTIFACT = "compiled"
 
 
 class TabularModel(mlflow.pyfunc.PythonModel):
@@ -28,6 +37,29 @@ class TabularModel(mlflow.pyfunc.PythonModel):
     def __init__(self, pipeline: Any, task: str) -> None:
         self.pipeline = pipeline
         self.task = task
+        self.scorer: Any = None  # the compiled path, set by load_context when logged
+
+    def load_context(self, context: Any) -> None:
+        """Open the ONNX graph when the version has one; else keep the Python pipeline."""
+        self.scorer = None
+        path = (getattr(context, "artifacts", None) or {}).get(COMPILED_ARTIFACT)
+        if not path:
+            return
+        try:
+            from pipelines.compiled import CompiledScorer
+
+            plan = self.pipeline.named_steps["columns"].plan
+            with open(path, "rb") as handle:
+                graph = handle.read()
+            classes = getattr(self.pipeline, "classes_", None)
+            self.scorer = CompiledScorer(graph, plan, self.task, classes)
+        except Exception as exc:  # missing onnxruntime, unreadable graph: still serve
+            logger.warning("scoring with the Python pipeline: cannot load ONNX graph: %s", exc)
+
+    @property
+    def _engine(self) -> Any:
+        # Models pickled before the compiled path have no `scorer` attribute.
+        return getattr(self, "scorer", None) or self.pipeline
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -43,9 +75,10 @@ class TabularModel(mlflow.pyfunc.PythonModel):
                 "predict_proba is only available for classification models"
             )
         try:
+            engine = self._engine
             if method == "predict_proba":
-                proba = self.pipeline.predict_proba(model_input)
+                proba = engine.predict_proba(model_input)
                 return pd.DataFrame(proba, columns=[str(c) for c in self.pipeline.classes_])
-            return np.asarray(self.pipeline.predict(model_input))
+            return np.asarray(engine.predict(model_input))
         except ColumnTypeError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None

@@ -24,13 +24,13 @@ from sklearn.model_selection import train_test_split
 
 from common import registry
 from monitoring.profile import baseline, column_types, performance
-from pipelines import gate, keras_family, sklearn_family
+from pipelines import gate, keras_family, onnx_export, sklearn_family
 from pipelines.columns import ColumnPlan
 from pipelines.data import DEMO_DATA, TrainingData, load_training_data
 from pipelines.errors import UserError
 from pipelines.metrics import SCORERS, TASK_METRICS, resolve_metric
 from pipelines.preprocess import with_preprocessing
-from pipelines.pyfunc_model import TabularModel
+from pipelines.pyfunc_model import COMPILED_ARTIFACT, TabularModel
 from pipelines.spark import check_java, check_master
 from pipelines.tune import SearchResult, SparkSettings, search
 
@@ -144,10 +144,12 @@ def _input_example(features: pd.DataFrame, plan: ColumnPlan) -> pd.DataFrame:
     return features.loc[:, list(plan.types)].head(INPUT_EXAMPLE_ROWS)
 
 
-def _requirements(family: str) -> list[str]:
+def _requirements(family: str, compiled: bool) -> list[str]:
     packages = ["mlflow", "scikit-learn", "pandas", "numpy", "cloudpickle"]
     if family == "keras":
         packages += ["tensorflow-cpu", "keras"]
+    if compiled:
+        packages.append("onnxruntime")
     return [f"{name}=={version(name)}" for name in packages]
 
 
@@ -311,6 +313,16 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
         test_scores = scorer(pipeline, X_test, y_test)
         mlflow.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
         train_predictions = pipeline.predict(X_train)
+        compilation = onnx_export.compile_pipeline(
+            pipeline, plan, data.task, [X_test, onnx_export.stress_rows(X_test, plan)]
+        )
+        report(f"scoring runtime: {compilation.runtime} ({compilation.reason})")
+        mlflow.set_tags(
+            {
+                registry.RUNTIME_TAG: compilation.runtime,
+                registry.RUNTIME_REASON_TAG: compilation.reason[:5000],
+            }
+        )
         with tempfile.TemporaryDirectory() as tmp:
             profile_path = os.path.join(tmp, baseline.FILE_NAME)
             profile = baseline.build_profile(X_train, train_predictions, plan.types, plan.dropped)
@@ -318,14 +330,18 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 pipeline, data.task, metric, test_scores, X_test, y_test, report
             )
             Path(profile_path).write_text(baseline.dumps(profile))
+            artifacts = {"baseline": profile_path}
+            if compilation.model is not None:
+                artifacts[COMPILED_ARTIFACT] = os.path.join(tmp, "model.onnx")
+                Path(artifacts[COMPILED_ARTIFACT]).write_bytes(compilation.model)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=TabularModel(pipeline, data.task),
-                artifacts={"baseline": profile_path},
+                artifacts=artifacts,
                 signature=_signature(plan, train_predictions),
                 input_example=_input_example(X_train, plan),
                 metadata={registry.INPUT_TYPES_METADATA: plan.types},
-                pip_requirements=_requirements(config.family),
+                pip_requirements=_requirements(config.family, compilation.compiled),
                 code_paths=model_code_paths(Path(tmp)),
             )
         verdict = gate.evaluate(
@@ -353,6 +369,8 @@ def train(config: TrainConfig, report: Callable[[str], None] = print) -> ModelVe
                 registry.PARENT_RUN_TAG: parent.info.run_id,
                 registry.BASELINE_TAG: f"artifacts/{baseline.FILE_NAME}",
                 registry.DROPPED_COLUMNS_TAG: _dropped_tag(plan),
+                registry.RUNTIME_TAG: compilation.runtime,
+                registry.RUNTIME_REASON_TAG: compilation.reason[:5000],
             },
         )
         mlflow.set_tag(registry.REGISTERED_VERSION_TAG, f"{name}/{version_.version}")

@@ -137,6 +137,18 @@ def test_sklearn_project_tunes_logs_and_registers(tracking_server) -> None:
     proba = model.predict(rows, params={"predict_method": "predict_proba"})
     assert list(proba.columns) == ["no", "yes"]
     assert np.allclose(proba.sum(axis=1), 1.0)
+    _assert_runtime(model, mv.tags, rows)
+
+
+def _assert_runtime(model, tags: dict[str, str], rows: pd.DataFrame) -> None:
+    """The runtime tag says how the loaded model scores, and the two paths agree."""
+    inner = model.unwrap_python_model()
+    assert tags["flowline.runtime.reason"]
+    if tags["flowline.runtime"] == "onnx":
+        assert type(inner.scorer).__name__ == "CompiledScorer"
+        assert list(model.predict(rows)) == list(inner.pipeline.predict(rows))
+    else:
+        assert tags["flowline.runtime"] == "python" and inner.scorer is None
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +198,7 @@ def test_keras_project_on_parquet_regression(tracking_server, diabetes_parquet: 
     rows.loc[1, "region"] = "atlantis"
     predictions = np.asarray(model.predict(rows), dtype=float)
     assert predictions.shape == (3,) and np.all(np.isfinite(predictions))
+    # No converter for the Keras network: the family keeps the Python path, and says so.
+    assert mv.tags["flowline.runtime"] == "python"
+    assert "KerasMLP" in mv.tags["flowline.runtime.reason"]
+    _assert_runtime(model, mv.tags, rows)

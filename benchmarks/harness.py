@@ -148,6 +148,26 @@ def group_cpu_seconds(pgid: int) -> float:
     return sum(_cpu(fields) for _, fields in _group(pgid))
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process and all its live descendants (a server
+    whose workers start their own sessions, as BentoML's do, is not one process group)."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if fields:
+            stats[int(stat.parent.name)] = fields
+    children: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            total += _cpu(stats[current])
+        todo += children.get(current, [])
+    return total
+
+
 def group_rss_bytes(pgid: int) -> int:
     """Resident memory of every live process in a process group, in bytes."""
     total = 0

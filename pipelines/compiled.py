@@ -51,6 +51,11 @@ def session_options() -> Any:
     return options
 
 
+def graph_columns(plan: ColumnPlan) -> list[str]:
+    """The coerced columns, in the order of the graph's inputs: numbers, then categories."""
+    return plan.numeric + plan.categorical
+
+
 class CompiledScorer:
     """Raw rows in, the Python pipeline's labels, probabilities or values out."""
 
@@ -63,12 +68,18 @@ class CompiledScorer:
         self.session = ort.InferenceSession(
             model, session_options(), providers=["CPUExecutionProvider"]
         )
-        self._inputs = [i.name for i in self.session.get_inputs()]
+        # The graph's inputs are the coerced columns in the exporter's order; skl2onnx
+        # renames some ("mean radius" becomes "mean_radius"), so they are matched by position.
+        inputs = [i.name for i in self.session.get_inputs()]
+        columns = graph_columns(plan)
+        if len(inputs) != len(columns):
+            raise ValueError(f"the graph has {len(inputs)} inputs for {len(columns)} columns")
+        self._feeds = list(zip(inputs, columns, strict=True))
         self._output = [PROBABILITY_OUTPUT if task == "classification" else VALUE_OUTPUT]
 
     def _run(self, frame: pd.DataFrame) -> np.ndarray:
         columns = coerce_columns(frame, self.plan)
-        feeds = {name: columns[name].reshape(-1, 1) for name in self._inputs}
+        feeds = {name: columns[column].reshape(-1, 1) for name, column in self._feeds}
         return self.session.run(self._output, feeds)[0]
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from monitoring.profile import column_types
 from pipelines.columns import ColumnPlan
-from pipelines.compiled import ATOL, RTOL, CompiledScorer
+from pipelines.compiled import ATOL, RTOL, CompiledScorer, graph_columns
 
 ONNX = "onnx"
 PYTHON = "python"
@@ -123,8 +123,11 @@ def convert(pipeline: Any, plan: ColumnPlan, task: str) -> bytes:
     _register_float64_converters()
     steps = dict(pipeline.steps)
     graph_part = Pipeline([("preprocess", steps["preprocess"]), ("model", steps["model"])])
-    inputs = [(name, DoubleTensorType([None, 1])) for name in plan.numeric]
-    inputs += [(name, StringTensorType([None, 1])) for name in plan.categorical]
+    numeric = set(plan.numeric)
+    inputs = [
+        (name, DoubleTensorType([None, 1]) if name in numeric else StringTensorType([None, 1]))
+        for name in graph_columns(plan)
+    ]
     options = {id(steps["model"]): {"zipmap": False}} if task == "classification" else None
     onx = to_onnx(graph_part, initial_types=inputs, options=options, target_opset=TARGET_OPSET)
     return onx.SerializeToString()

@@ -15,6 +15,7 @@ from typing import Any
 
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_WAIT_MS = 50.0
+DEFAULT_HOLD_MS = 10.0
 DEFAULT_CACHE_TTL_S = 60.0
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
 
@@ -31,12 +32,17 @@ class BatchingSettings:
         An idle deployment never delays a request.
     calls_per_replica: backend calls in flight per healthy replica before
         requests start to queue (and so to coalesce).
+    hold_ms: after a merged call, how long its freed slot may wait for the callers it
+        just answered to send their next request, so the next call is full instead of
+        half full (at most the finished call's own duration and `max_wait_ms`; 0 turns
+        it off).
     """
 
     enabled: bool = True
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     calls_per_replica: int = 1
+    hold_ms: float = DEFAULT_HOLD_MS
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -45,13 +51,16 @@ class BatchingSettings:
             raise ValueError("max_wait_ms must be >= 0")
         if self.calls_per_replica < 1:
             raise ValueError("calls_per_replica must be >= 1")
+        if self.hold_ms < 0:
+            raise ValueError("hold_ms must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> BatchingSettings:
         """Build from the admin API's JSON (missing keys keep their defaults)."""
         if data is None:
             return cls()
-        unknown = set(data) - {"enabled", "max_batch_size", "max_wait_ms", "calls_per_replica"}
+        known = {"enabled", "max_batch_size", "max_wait_ms", "calls_per_replica", "hold_ms"}
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown batching settings: {sorted(unknown)}")
         return cls(
@@ -59,6 +68,7 @@ class BatchingSettings:
             max_batch_size=int(data.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
             max_wait_ms=float(data.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)),
             calls_per_replica=int(data.get("calls_per_replica", 1)),
+            hold_ms=float(data.get("hold_ms", DEFAULT_HOLD_MS)),
         )
 
 

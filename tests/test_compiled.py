@@ -157,3 +157,14 @@ def test_the_pyfunc_scores_with_the_graph_and_falls_back_when_it_cannot_load(tmp
     model.load_context(_Context({"compiled": str(graph)}))
     assert model.scorer is None
     assert (model.predict(None, rows) == pipeline.predict(rows)).all()
+
+
+def test_column_names_that_onnx_renames_are_fed_by_position() -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True)
+    frame, target = data.data, data.target  # "mean radius", "worst concave points", ...
+    plan = plan_columns(frame)
+    pipeline = with_preprocessing(plan, LogisticRegression(max_iter=5000)).fit(frame, target)
+    compilation = onnx_export.compile_pipeline(pipeline, plan, "classification", [frame])
+    assert compilation.runtime == "onnx", compilation.reason

@@ -215,6 +215,62 @@ def test_requests_queued_behind_a_busy_slot_are_merged_and_split() -> None:
     asyncio.run(scenario())
 
 
+class SlowReplica:
+    """A replica whose every call takes `call_s`, whatever its rows (as a real one nearly does)."""
+
+    def __init__(self, call_s: float) -> None:
+        self.call_s = call_s
+        self.rows: list[int] = []  # rows of each call
+
+    async def send(self, body: bytes, content_type: str | None, kind: str) -> Outcome:
+        rows = json.loads(body)["dataframe_split"]["data"]
+        self.rows.append(len(rows))
+        await asyncio.sleep(self.call_s)
+        preds = [r[0] * 10 for r in rows]
+        return Outcome(200, json.dumps({"predictions": preds}).encode(), "application/json")
+
+
+def closed_loop_batch_rows(hold_ms: float, clients: int, requests: int) -> list[int]:
+    """Rows per backend call when `clients` callers each send `requests` one after another,
+    starting spread over one call's duration as real callers do."""
+    replica = SlowReplica(0.02)
+    assert SCHEMA is not None
+    batcher = AdaptiveBatcher(
+        BatchingSettings(max_batch_size=64, max_wait_ms=1000, hold_ms=hold_ms),
+        SCHEMA,
+        replica.send,
+        lambda: 1,
+        lambda r, n: None,
+        "t/1",
+    )
+
+    async def caller(i: int) -> None:
+        await asyncio.sleep(replica.call_s * i / clients)
+        for _ in range(requests):
+            outcome = await submit(batcher, float(i))
+            assert json.loads(outcome.body) == {"predictions": [i * 10.0]}
+            await asyncio.sleep(0.001)  # the answer's trip back and the next request's
+
+    async def scenario() -> None:
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(clients))), 60)
+
+    asyncio.run(scenario())
+    return replica.rows
+
+
+def test_holding_the_freed_slot_fills_the_batches_the_two_groups_left_half_empty() -> None:
+    without = closed_loop_batch_rows(0.0, 16, 12)
+    held = closed_loop_batch_rows(5.0, 16, 12)
+    mean_without = sum(without) / len(without)
+    mean_held = sum(held) / len(held)
+    assert mean_without <= 10  # groups take turns, each call carries a part of the callers
+    assert mean_held >= 14 and mean_held >= 1.5 * mean_without, (without, held)
+
+
+def test_a_lone_caller_never_meets_the_hold() -> None:
+    assert closed_loop_batch_rows(5.0, 1, 10) == [1] * 10  # every call went alone, at once
+
+
 def test_a_bad_request_does_not_fail_its_batch_mates() -> None:
     async def scenario() -> None:
         replica = FakeReplica()

@@ -8,6 +8,14 @@ call of at most `max_batch_size` rows, and the predictions are split back.
 A request that has queued for `max_wait_ms` is sent even if no slot is free,
 so one slow backend call cannot hold the queue indefinitely.
 
+Fuller batches: under steady load the callers split into two groups that take turns
+(the ones answered by a merged call come back while the slot already carries the
+others), so each call carries half of what it could. After a merged call the freed slot
+is therefore held for up to `hold_ms` (and never longer than the call just made)
+while the callers it answered send their next requests; it is released as soon as the
+queue holds as many rows as are expected back, or `max_batch_size`. A lone client never
+makes a merged call, so it never meets the hold.
+
 If a merged call fails or its answer is not row-aligned, each request is sent
 again on its own, so every caller gets exactly what the stock scorer gives it.
 """
@@ -30,6 +38,12 @@ from serving.gateway.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The hold lasts at most this share of the merged call just made. Measured (demo model,
+# 64 clients, 2 cores): at 0.5 with a 2 ms cap the hold expired before any caller was back
+# (31.8 rows per call, as with no hold), since the gateway must first write the answers
+# it just split; at 1.0 with 10 ms, 49.6 rows per call and 1.7x the rps.
+HOLD_FRACTION = 1.0
 
 
 @dataclass(slots=True)
@@ -78,6 +92,8 @@ class AdaptiveBatcher:
         self._queue: list[_Pending] = []
         self._busy = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._hold: asyncio.TimerHandle | None = None
+        self._hold_rows = 0  # queued rows that end the hold early
         self._tasks: set[asyncio.Task[None]] = set()
         self.disabled_reason: str | None = None
 
@@ -107,10 +123,35 @@ class AdaptiveBatcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(item, body, content_type, loop.create_future(), loop.time())
         self._queue.append(pending)
+        if self._hold is not None and self._queued_rows() >= self._hold_rows:
+            self._release_hold()
         self._arm_timer(loop)
         return await pending.future
 
     # --- scheduling ------------------------------------------------------------------------
+
+    def _queued_rows(self) -> int:
+        return sum(len(p.item.rows) for p in self._queue)
+
+    def _hold_slot(self, answered_rows: int, call_s: float) -> bool:
+        """Keep the slot just freed for the callers coming back; False if not worth it."""
+        cap_ms = min(self.settings.hold_ms, self.settings.max_wait_ms)
+        hold_s = min(cap_ms / 1000.0, call_s * HOLD_FRACTION)
+        target = min(self.settings.max_batch_size, self._queued_rows() + answered_rows)
+        if hold_s <= 0 or self._hold is not None or self._queued_rows() >= target:
+            return False
+        self._busy += 1
+        self._hold_rows = target
+        self._hold = asyncio.get_running_loop().call_later(hold_s, self._release_hold)
+        return True
+
+    def _release_hold(self) -> None:
+        if self._hold is None:
+            return
+        self._hold.cancel()
+        self._hold = None
+        self._busy -= 1
+        self._pump()
 
     def _pump(self) -> None:
         while self._queue and self._busy < self._slots():
@@ -165,6 +206,7 @@ class AdaptiveBatcher:
     # --- backend calls ---------------------------------------------------------------------
 
     async def _run(self, batch: list[_Pending]) -> None:
+        started = asyncio.get_running_loop().time()
         try:
             if len(batch) == 1:
                 only = batch[0]
@@ -182,7 +224,10 @@ class AdaptiveBatcher:
                     pending.future.set_exception(exc)
         finally:
             self._busy -= 1
-            self._pump()
+            elapsed = asyncio.get_running_loop().time() - started
+            rows = sum(len(p.item.rows) for p in batch)
+            if len(batch) == 1 or not self._hold_slot(rows, elapsed):
+                self._pump()
 
     async def _run_merged(self, batch: list[_Pending]) -> None:
         items = [p.item for p in batch]

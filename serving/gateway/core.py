@@ -522,6 +522,7 @@ class Gateway:
                 "max_batch_size": d.batching.max_batch_size,
                 "max_wait_ms": d.batching.max_wait_ms,
                 "calls_per_replica": d.batching.calls_per_replica,
+                "hold_ms": d.batching.hold_ms,
             },
             "timeout_s": d.timeout_s or self.config.backend_timeout_s,
             # The model's own limit (tag), else the gateway's default; None: unlimited.

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.profile import column_types
+from pipelines import onnx_keras
 from pipelines.columns import ColumnPlan
 from pipelines.compiled import ATOL, RTOL, CompiledScorer, graph_columns
 
@@ -149,6 +150,7 @@ def _register_float64_converters() -> None:
     )
 
     register_converter("SklearnSimpleImputer", _convert_imputer, overwrite=True)
+    onnx_keras.register()
     options = _converter_pool["SklearnOneHotEncoder"].get_allowed_options()
     register_converter(
         "SklearnOneHotEncoder",

@@ -87,9 +87,11 @@ class Service:
         self.process.stop(grace=5.0)
 
 
-def spawn_service(argv: list[str], log: Path, env: dict[str, str], url: str) -> Service:
+def spawn_service(
+    argv: list[str], log: Path, env: dict[str, str], url: str, cwd: Path = REPO
+) -> Service:
     """Start ``argv`` in its own process group (output to ``log``) without waiting for it."""
-    return Service(ManagedProcess(argv, env=env, log_path=log, cwd=REPO).start(), url)
+    return Service(ManagedProcess(argv, env=env, log_path=log, cwd=cwd).start(), url)
 
 
 def _read_port(path: Path) -> int | None:
@@ -101,12 +103,19 @@ def _read_port(path: Path) -> int | None:
 
 
 def start_service(
-    argv: list[str], log: Path, env: dict[str, str], port_file: Path, health: str, timeout: float
+    argv: list[str],
+    log: Path,
+    env: dict[str, str],
+    port_file: Path,
+    health: str,
+    timeout: float,
+    cwd: Path = REPO,
 ) -> Service:
     """Start a server that binds port 0 and writes its port to ``port_file``; wait for
-    ``health`` to answer 200. No other process can take the port in between."""
+    ``health`` to answer 200. No other process can take the port in between. ``cwd``
+    (a checkout of another commit, for a before/after benchmark) is where it runs."""
     port_file.unlink(missing_ok=True)
-    service = spawn_service(argv, log, env, "")
+    service = spawn_service(argv, log, env, "", cwd)
     try:
         port = wait_for(
             lambda: _read_port(port_file) or (not service.alive() and -1),

@@ -101,7 +101,11 @@ def start_scoring_server(
 
 
 def start_gateway(
-    log_dir: str | Path, env: dict[str, str] | None = None, timeout: float = 30.0, port: int = 0
+    log_dir: str | Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    port: int = 0,
+    cwd: Path | None = None,
 ) -> Service:
     """Start `python -m serving.gateway` on port 0 and wait until it serves /ping.
 
@@ -109,7 +113,8 @@ def start_gateway(
     there is no window in which another process can take the port. `port`
     binds a given port instead (a restart on the port a killed gateway had).
     Unless `env` names a FLOWLINE_HOME, each gateway gets its own, so no test
-    gateway restores the routes another one saved.
+    gateway restores the routes another one saved. `cwd`, a checkout of another commit,
+    runs that commit's gateway (`python -m` imports from the working directory first).
     """
     log_dir = Path(log_dir)
     fd, name = tempfile.mkstemp(prefix="gateway-port-", dir=log_dir)
@@ -121,7 +126,8 @@ def start_gateway(
     ]  # fmt: skip
     log_path = log_dir / f"gateway-{port_file.name}.log"
     env = {"FLOWLINE_HOME": str(log_dir / f"home-{port_file.name}"), **(env or {})}
-    return start_service(cmd, log_path, serving_env(env), port_file, "/ping", timeout)
+    where = {} if cwd is None else {"cwd": cwd}
+    return start_service(cmd, log_path, serving_env(env), port_file, "/ping", timeout, **where)
 
 
 @contextlib.contextmanager

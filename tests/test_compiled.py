@@ -92,6 +92,27 @@ def test_regressors_compile_and_match(estimator: object) -> None:
     np.testing.assert_allclose(scorer.predict(rows), pipeline.predict(rows), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_the_keras_network_compiles_and_matches(task: str) -> None:
+    from pipelines.keras_family import KerasMLP
+
+    classify = task == "classification"
+    network = KerasMLP(task=task, hidden_layers=2, units=16, dropout=0.2, epochs=3)
+    pipeline, plan, frame = _fit(network, classify, 8)
+    compilation = onnx_export.compile_pipeline(
+        pipeline, plan, task, [frame, onnx_export.stress_rows(frame, plan)]
+    )
+    assert compilation.runtime == "onnx", compilation.reason
+    rows = _fresh_rows(frame, 8)
+    scorer = CompiledScorer(compilation.model, plan, task, getattr(pipeline, "classes_", None))
+    if classify:
+        assert (scorer.predict(rows) == pipeline.predict(rows)).all()
+        got, expected = scorer.predict_proba(rows), pipeline.predict_proba(rows)
+    else:
+        got, expected = scorer.predict(rows), pipeline.predict(rows)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
 def test_the_stress_rows_hold_nulls_and_unseen_categories() -> None:
     frame = random_table(50, 4)
     plan = plan_columns(frame)

@@ -18,6 +18,7 @@ from serving.gateway.admin import AdminEndpoints
 from serving.gateway.batching import AdaptiveBatcher, Outcome
 from serving.gateway.cache import CachedAnswer, LruTtl, ResponseCache, body_digest
 from serving.gateway.endpoints import ScoringEndpoints
+from serving.gateway.fast_path import ScoringFastPath, scoring_model
 from serving.gateway.limits import RateLimiter, cached_item, key_id
 from serving.gateway.openapi import build_openapi, type_schema
 from serving.gateway.wire import (
@@ -399,10 +400,14 @@ def test_openapi_has_exact_columns_and_types() -> None:
 # --- app without replicas ----------------------------------------------------------------------
 
 
-def test_health_and_errors_without_a_reachable_replica() -> None:
+@pytest.mark.parametrize("fast_path", [False, True], ids=["starlette", "fast-path"])
+def test_health_and_errors_without_a_reachable_replica(fast_path: bool) -> None:
     async def scenario() -> None:
         table = RouteTable()
-        app = create_app(GatewayConfig(admin_token="t"), table)
+        app: Any = create_app(GatewayConfig(admin_token="t"), table)
+        gateway = app.state.gateway
+        if fast_path:  # as the gateway process serves it (serving/gateway/server.py)
+            app = ScoringFastPath(app, gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             assert (await client.get("/ping")).status_code == 200
@@ -428,7 +433,7 @@ def test_health_and_errors_without_a_reachable_replica() -> None:
             assert answer.headers["x-flowline-model-version"] == "m/1"
             health = await client.get("/health")
             assert health.status_code == 503 and health.json()["models"] == {"m": "unavailable"}
-        await app.state.gateway.replicas.aclose()
+        await gateway.replicas.aclose()
 
     asyncio.run(scenario())
 
@@ -531,6 +536,37 @@ def test_upstream_client_resends_when_a_kept_alive_connection_was_closed() -> No
         with pytest.raises(UpstreamError) as refused:
             await client.post(url, b"4", None, 5)
         assert refused.value.connect
+
+    asyncio.run(scenario())
+
+
+def test_the_fast_path_takes_only_the_scoring_paths() -> None:
+    assert scoring_model("/invocations") is None
+    assert scoring_model("/models/churn-v2/invocations") == "churn-v2"
+    for path in ("/models//invocations", "/models/a/b/invocations", "/invocationsx", "/ping"):
+        assert scoring_model(path) is False
+
+
+def test_an_unhandled_error_on_the_fast_path_is_a_500_in_mlflow_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def scenario() -> None:
+        app = create_app(GatewayConfig(admin_token="t"), RouteTable())
+        gateway = app.state.gateway
+
+        async def broken(request: Request, model: str | None) -> Response:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(gateway, "score", broken)
+        transport = httpx.ASGITransport(app=ScoringFastPath(app, gateway))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            answer = await client.post("/invocations", content=b"{}")
+            assert answer.status_code == 500
+            assert answer.json() == {
+                "error_code": "INTERNAL_ERROR",
+                "message": "Internal gateway error.",
+            }
+            assert (await client.get("/ping")).status_code == 200  # the app's own route
 
     asyncio.run(scenario())
 
@@ -938,3 +974,38 @@ async def serve_counting() -> _CountingServer:
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     holder.append(_CountingServer(server))
     return holder[0]
+
+
+# --- capture dispatcher ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_captures_of_one_loop_turn_share_one_delivery_in_order(kind: str) -> None:
+    from serving.gateway.capture import CaptureDispatcher, CapturedRequest
+
+    seen: list[str] = []
+    dropped: list[int] = []
+
+    async def async_hook(model: str, version: str, request: CapturedRequest, predictions: Any):
+        seen.append(request.request_id or "")
+
+    def sync_hook(model: str, version: str, request: CapturedRequest, predictions: Any) -> None:
+        seen.append(request.request_id or "")
+
+    async def scenario() -> None:
+        hook = async_hook if kind == "async" else sync_hook
+        dispatcher = CaptureDispatcher(hook, lambda: dropped.append(1), limit=150)
+        for i in range(200):
+            request = CapturedRequest(b"{}", "application/json", request_id=str(i))
+            dispatcher.submit("m", "1", request, b'{"predictions": [1]}', None)
+        await asyncio.sleep(0)  # the turn ends: its delivery starts
+        assert len(dispatcher._tasks) == 1
+        await dispatcher.drain()
+        # Past the limit of 150 waiting captures the rest are dropped and counted.
+        assert seen == [str(i) for i in range(150)] and len(dropped) == 50
+        request = CapturedRequest(b"{}", "application/json", request_id="later")
+        dispatcher.submit("m", "1", request, b'{"predictions": [1]}', [1])
+        await dispatcher.drain()
+        assert seen[-1] == "later"
+
+    asyncio.run(scenario())

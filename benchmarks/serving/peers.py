@@ -7,8 +7,9 @@ and 64 connections, single-row JSON:
 * ``stock``: `mlflow models serve` of the version scored the Python way (its ONNX graph
   taken out of the copy): what a user of stock MLflow serves;
 * ``stock_onnx``: `mlflow models serve` of the version as registered (compiled path);
-* ``flowline_before``: the gateway with the batcher's hold off, over the Python replica:
-  flowline as it was before the compiled path and the fuller batches;
+* ``flowline_before``: the gateway of the commit before this work (``--before``, checked
+  out into a temporary worktree) over the Python replica: flowline as it was before the
+  compiled path, the fuller batches and the plain-ASGI scoring path;
 * ``flowline``: the gateway (hold on) over the compiled replica;
 * ``bentoml``: BentoML 1.4.40 serving the same version (adaptive batching, 1 worker) from
   its own venv (benchmarks/.bentoml-venv, created when missing; never a flowline
@@ -37,11 +38,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import harness  # noqa: E402
-from serving.deployment import DEFAULT_HOLD_MS  # noqa: E402
 from tests.conftest import Service, spawn_service, wait_for  # noqa: E402
 from tests.helpers_serving import http_ok, start_gateway, start_scoring_servers  # noqa: E402
 
 ADMIN_TOKEN = "benchmark-admin-token"
+# The last commit before the compiled path (issue 14): the anchor of the "before" gateway.
+BEFORE = "8142ecb"
 BENTO_VENV = harness.REPO / "benchmarks" / ".bentoml-venv"
 BENTO_PACKAGES = [
     "bentoml==1.4.40",
@@ -85,6 +87,13 @@ def train_demo(tmp: Path) -> tuple[Path, Path, str]:
     return compiled, python, version.tags.get("flowline.runtime", "?")
 
 
+def checkout(commit: str, folder: Path) -> Path:
+    """A detached worktree of ``commit`` (removed by the caller when done)."""
+    git = ["git", "-C", str(harness.REPO), "worktree", "add", "--detach", str(folder), commit]
+    subprocess.run(git, check=True, capture_output=True)
+    return folder
+
+
 def start_bento(bin_dir: Path, model_dir: Path, tmp: Path) -> Service:
     """`bentoml serve` of bento_service.py on a free port, once it answers /readyz."""
     from common.processes import free_port
@@ -111,18 +120,18 @@ def start_bento(bin_dir: Path, model_dir: Path, tmp: Path) -> Service:
     return service
 
 
-def deploy(gateway: Service, replica: Service, model_dir: Path, hold_ms: float) -> None:
-    """PUT the deployment on the gateway, as the controller does after its smoke test."""
+def deploy(gateway: Service, replica: Service, model_dir: Path) -> None:
+    """PUT the deployment on the gateway, as the controller does after its smoke test
+    (default settings; the old gateway knows no ``hold_ms``, so none is sent)."""
     import httpx
 
-    from serving.deployment import BatchingSettings
     from serving.model_metadata import deployment_from_model_dir
 
-    batching = BatchingSettings(hold_ms=hold_ms)
-    deployment = deployment_from_model_dir(MODEL, "1", [replica.url], model_dir, batching)
+    deployment = deployment_from_model_dir(MODEL, "1", [replica.url], model_dir).to_dict()
+    deployment["batching"].pop("hold_ms")
     answer = httpx.put(
         f"{gateway.url}/admin/deployments/{MODEL}",
-        json=deployment.to_dict(),
+        json=deployment,
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         timeout=30,
     )
@@ -191,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.add_wrk_options(parser)
     harness.add_markdown_only(parser)
     parser.add_argument("--output", default=str(harness.RESULTS / "peers.json"))
+    parser.add_argument("--before", default=BEFORE, help="commit of the flowline_before gateway")
     args = parser.parse_args(argv)
     exit_code = harness.run_or_render(args, summarise)
     if exit_code is not None:
@@ -216,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             env = {"FLOWLINE_ADMIN_TOKEN": ADMIN_TOKEN}
             for folder in ("gw-before", "gw-after"):
                 (tmp / folder).mkdir()
-            before = start_gateway(tmp / "gw-before", env=env)
+            tree = checkout(args.before, tmp / "before")
+            before = start_gateway(tmp / "gw-before", env=env, cwd=tree)
             services.append(before)
             after = start_gateway(tmp / "gw-after", env=env)
             services.append(after)
-            deploy(before, replica_py, python, hold_ms=0.0)
-            deploy(after, replica_onnx, compiled, hold_ms=DEFAULT_HOLD_MS)
+            deploy(before, replica_py, python)
+            deploy(after, replica_onnx, compiled)
             bento = start_bento(bin_dir, compiled, tmp)
             services.append(bento)
 
@@ -258,6 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for service in services:
                 service.stop()
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(harness.REPO),
+                    "worktree",
+                    "remove",
+                    "--force",
+                    str(tmp / "before"),
+                ],
+                capture_output=True,
+            )
     runs = {key: summarise_rounds(value) for key, value in rounds.items()}
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -266,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"the demo version (runtime {runtime}): {MODEL}, 20 trials, seed 42",
         "duration_s": args.duration,
         "rounds": args.rounds,
+        "before": args.before,
         "runs": runs,
         "raw_rounds": rounds,
         "ratios": ratios(runs),
@@ -336,7 +360,8 @@ def summarise(results: dict[str, Any]) -> str:
         "",
         "stock: `mlflow models serve` of the version without its ONNX graph (the Python "
         "pipeline); stock_onnx: the same server on the version as registered. "
-        "flowline_before: the gateway with the batcher's hold off over the Python replica. "
+        f"flowline_before: the gateway of commit {results.get('before', BEFORE)} (before "
+        "this work) over the Python replica. "
         "Rows per model call: requests / replica calls (flowline, from the gateway's "
         "counters) or BentoML's adaptive batch size histogram.",
         "",

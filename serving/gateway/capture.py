@@ -64,7 +64,13 @@ A sync hook runs in a worker thread; an async hook runs as a task.
 
 
 class CaptureDispatcher:
-    """Schedules `on_scored` calls without blocking the request that triggered them."""
+    """Schedules `on_scored` calls without blocking the request that triggered them.
+
+    Captures submitted in one turn of the event loop are delivered by one task, in
+    order, instead of one task each: at 64 clients a task per request cost the gateway
+    about 10 µs of CPU per request for nothing (the CaptureClient hook only appends to
+    a queue). At most `limit` captures wait or run; beyond that they are dropped (counted).
+    """
 
     def __init__(
         self, hook: OnScored | None, on_drop: Callable[[], None], limit: int = MAX_PENDING_CAPTURES
@@ -73,6 +79,8 @@ class CaptureDispatcher:
         self._is_async = hook is not None and inspect.iscoroutinefunction(hook)
         self._on_drop = on_drop
         self._limit = limit
+        self._pending: list[tuple[str, str, CapturedRequest, bytes, list[Any] | None]] = []
+        self._waiting = 0  # submitted and not yet delivered (pending or in a running task)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -91,16 +99,33 @@ class CaptureDispatcher:
         """Schedule one capture and return at once."""
         if self.hook is None:
             return
-        if len(self._tasks) >= self._limit:
+        if self._waiting >= self._limit:
             self._on_drop()
             return
-        task = asyncio.get_running_loop().create_task(
-            self._deliver(model, version, request, answer, predictions)
-        )
+        self._waiting += 1
+        self._pending.append((model, version, request, answer, predictions))
+        if len(self._pending) == 1:  # the first of this turn starts the turn's task
+            asyncio.get_running_loop().call_soon(self._start_delivery)
+
+    def _start_delivery(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._deliver_all(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(
+    async def _deliver_all(
+        self, batch: list[tuple[str, str, CapturedRequest, bytes, list[Any] | None]]
+    ) -> None:
+        try:
+            if self._is_async:
+                for item in batch:
+                    await self._deliver_async(*item)
+            else:  # one thread hop for the whole turn
+                await asyncio.to_thread(self._deliver_sync, batch)
+        finally:
+            self._waiting -= len(batch)
+
+    async def _deliver_async(
         self,
         model: str,
         version: str,
@@ -108,23 +133,28 @@ class CaptureDispatcher:
         answer: bytes,
         predictions: list[Any] | None,
     ) -> None:
-        hook = self.hook
-        assert hook is not None
         try:
-            if self._is_async:
-                if predictions is None:
-                    predictions = _decode_predictions(answer)
-                await hook(model, version, request, predictions)  # type: ignore[misc]
-            else:
-                await asyncio.to_thread(
-                    _call_sync, hook, model, version, request, answer, predictions
-                )
+            if predictions is None:
+                predictions = _decode_predictions(answer)
+            await self.hook(model, version, request, predictions)  # type: ignore[misc]
         except Exception:
             self._on_drop()
             logger.exception("capture hook failed for %s/%s", model, version)
 
+    def _deliver_sync(
+        self, batch: list[tuple[str, str, CapturedRequest, bytes, list[Any] | None]]
+    ) -> None:
+        for model, version, request, answer, predictions in batch:
+            try:
+                _call_sync(self.hook, model, version, request, answer, predictions)  # type: ignore[arg-type]
+            except Exception:
+                self._on_drop()
+                logger.exception("capture hook failed for %s/%s", model, version)
+
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) for scheduled captures, e.g. at shutdown."""
+        if self._pending:
+            self._start_delivery()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
 

@@ -17,6 +17,7 @@ from serving.deployment import Deployment
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
 from serving.gateway.config import GatewayConfig
+from serving.gateway.fast_path import ScoringFastPath
 from serving.gateway.route_store import RouteStore
 from serving.gateway.routes import RouteTable
 
@@ -97,7 +98,7 @@ def serve_gateway(
     gc.collect()
     gc.freeze()
     run_on_socket(
-        app,
+        ScoringFastPath(app, app.state.gateway),
         sock,
         tls,
         log_level=log_level,

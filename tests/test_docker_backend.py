@@ -163,6 +163,12 @@ def test_promotion_serves_the_version_from_locked_down_containers(
         assert not [k for k in env if k.startswith(("FLOWLINE_", "MLFLOW_TRACKING"))], env
         # The model is baked into the image: the replica needs no registry credentials.
         assert container.image.labels[f"{LABEL}.version"] == version
+    # A compiled version scores with onnxruntime inside the container (the image got it
+    # from the version's requirements); the replica says so when it cannot.
+    runtime = MlflowClient().get_model_version(name, version).tags["flowline.runtime"]
+    assert runtime in ("onnx", "python")
+    logs = b"".join(c.logs() for c in containers)
+    assert (b"cannot load ONNX graph" in logs) is False, logs[-2000:]
 
 
 def test_switching_versions_under_load_fails_no_request(

@@ -570,6 +570,30 @@ def cmd_score(args: argparse.Namespace) -> int:
     return _checked_mlflow_run(args, "score")
 
 
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    """Write the Kustomize base of the whole platform (docs/kubernetes.md)."""
+    from flowline import k8s
+
+    options = k8s.RenderOptions(
+        image=args.image,
+        namespace=args.namespace,
+        database_url=args.database_url,
+        monitor_database_url=args.monitor_database_url,
+        artifacts=args.artifacts,
+        gateways=args.gateways,
+        max_gateways=args.gateways,
+        monitors=args.monitors,
+    )
+    try:
+        written = k8s.render(Path(args.out), options)
+    except (ValueError, OSError) as exc:
+        print(f"flowline: error: {exc}", file=sys.stderr)
+        return 2
+    _say(f"wrote {len(written)} files to {args.out}; apply with: kubectl apply -k {args.out}")
+    _say(f"the tokens are in {args.out}/secret.yaml (mode 0600): keep it out of version control")
+    return 0
+
+
 def cmd_image_base(args: argparse.Namespace) -> int:
     """Make the offline base image with debootstrap, unless the daemon already has it."""
     from serving.images.base import BaseImageError, ensure_base_image
@@ -676,6 +700,34 @@ def build_parser() -> argparse.ArgumentParser:
     build = images.add_parser("build", help="build the serving image of a registry version")
     build.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     build.set_defaults(func=cmd_image_build)
+
+    k8s = commands.add_parser("k8s", help="Kubernetes manifests for the whole platform")
+    k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True)
+    render = k8s_commands.add_parser("render", help="write a Kustomize base (docs/kubernetes.md)")
+    render.add_argument("--out", required=True, help="folder to write (created 0700)")
+    render.add_argument("--image", default="flowline:latest", help="the flowline image")
+    render.add_argument("--namespace", default="flowline")
+    render.add_argument(
+        "--database-url",
+        default="postgresql://flowline@postgres:5432/mlflow",
+        help="the tracking server's PostgreSQL (stored in the Secret)",
+    )
+    render.add_argument(
+        "--monitor-database-url",
+        default="postgresql://flowline@postgres:5432/flowline_monitor",
+        help="the monitor's store (stored in the Secret)",
+    )
+    render.add_argument(
+        "--artifacts", default="pvc", help="'pvc' (a PersistentVolumeClaim) or an s3:// URI"
+    )
+    render.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway pods (HPA minimum and maximum); more than 1 needs issue 15's route sync",
+    )
+    render.add_argument("--monitors", type=int, default=1)
+    render.set_defaults(func=cmd_k8s_render)
 
     def tls_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(

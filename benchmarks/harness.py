@@ -312,6 +312,20 @@ def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 # --- processes the benchmarks start -----------------------------------------------------
 
 
+def put_deployment(gateway_url: str, token: str, model: str, body: dict[str, Any]) -> None:
+    """PUT a deployment on a gateway's admin API, as the controller does after its smoke
+    test; raises on a refusal."""
+    import httpx
+
+    answer = httpx.put(
+        f"{gateway_url}/admin/deployments/{model}",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+
+
 def store_only_monitor_env(home: Path, **extra: str) -> dict[str, str]:
     """Environment of a monitor that only stores captures: no MLflow registry to ask."""
     return {

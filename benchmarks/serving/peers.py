@@ -123,19 +123,11 @@ def start_bento(bin_dir: Path, model_dir: Path, tmp: Path) -> Service:
 def deploy(gateway: Service, replica: Service, model_dir: Path) -> None:
     """PUT the deployment on the gateway, as the controller does after its smoke test
     (default settings; the old gateway knows no ``hold_ms``, so none is sent)."""
-    import httpx
-
     from serving.model_metadata import deployment_from_model_dir
 
     deployment = deployment_from_model_dir(MODEL, "1", [replica.url], model_dir).to_dict()
     deployment["batching"].pop("hold_ms")
-    answer = httpx.put(
-        f"{gateway.url}/admin/deployments/{MODEL}",
-        json=deployment,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=30,
-    )
-    answer.raise_for_status()
+    harness.put_deployment(gateway.url, ADMIN_TOKEN, MODEL, deployment)
 
 
 def _metric_sums(url: str, fragment: str) -> tuple[float, float]:

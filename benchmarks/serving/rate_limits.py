@@ -64,19 +64,11 @@ end
 
 def deploy(gateway: Service, model: str, replica: str, model_dir: Path, **fields: Any) -> None:
     """PUT a deployment of the benchmark model under `model`, with extra fields."""
-    import httpx
-
     from serving.model_metadata import deployment_from_model_dir
 
     body = deployment_from_model_dir(model, "1", [replica], model_dir).to_dict()
     body.update(fields)
-    answer = httpx.put(
-        f"{gateway.url}/admin/deployments/{model}",
-        json=body,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=30,
-    )
-    answer.raise_for_status()
+    harness.put_deployment(gateway.url, ADMIN_TOKEN, model, body)
 
 
 def counters(gateway: Service) -> dict[str, float]:

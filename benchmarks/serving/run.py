@@ -34,18 +34,10 @@ ADMIN_TOKEN = "benchmark-admin-token"
 
 def register(gateway: Service, replicas: list[str], model_dir: Path) -> None:
     """PUT the deployment through the admin API (as the controller does after its smoke test)."""
-    import httpx
-
     from serving.model_metadata import deployment_from_model_dir
 
     deployment = deployment_from_model_dir("breast_cancer", "1", replicas, model_dir)
-    answer = httpx.put(
-        f"{gateway.url}/admin/deployments/breast_cancer",
-        json=deployment.to_dict(),
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=30,
-    )
-    answer.raise_for_status()
+    harness.put_deployment(gateway.url, ADMIN_TOKEN, "breast_cancer", deployment.to_dict())
 
 
 def backend_calls(gateway: Service) -> dict[str, float]:

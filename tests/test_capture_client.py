@@ -422,3 +422,46 @@ def test_a_senders_row_count_is_checked_never_trusted() -> None:
     for bad in (0, -1, True, "2", 2**70, 2.0):
         with pytest.raises(MalformedRecord, match="rows must be an integer"):
             CaptureRecord.from_dict({**envelope, "body": body, "rows": bad})
+
+
+def test_a_list_of_monitors_fails_over_and_loses_nothing(tmp_path: Path) -> None:
+    # Two monitors sharing one store, behind a URL nobody listens on: each batch goes to
+    # the first that answers; a 5xx or a lost answer moves it on; all down spools it.
+    store = MonitorStore(f"sqlite:///{tmp_path / 'monitor.db'}")
+    first, second = FakeMonitor(store), FakeMonitor(store)
+    urls = f"http://127.0.0.1:{free_port()}, {first.url}/,{second.url}"
+    client = make_client(urls, tmp_path / "spool", batch_size=20)
+    try:
+        assert client.ingest_urls[1] == f"{first.url}/ingest"
+
+        def send(start: int, count: int) -> None:
+            for i in range(start, start + count):
+                client.submit("m", "1", request(i), ["yes"])
+            assert client.flush(20)
+
+        send(0, 40)
+        assert len(first.records) == 40 and not second.records
+        assert client.ingest_url == f"{first.url}/ingest"
+        first.mode = "down"
+        send(40, 40)
+        assert len(second.records) == 40 and client.ingest_url == f"{second.url}/ingest"
+        second.mode = "lose_ack"  # stored, then 500: the batch goes to the first again
+        first.mode = "ok"
+        send(80, 20)
+        first.mode = second.mode = "down"
+        for i in range(100, 140):
+            client.submit("m", "1", request(i), ["yes"])
+        wait_for(lambda: client.stats()["spool_pending"] == 40, "spooled while all are down")
+        second.mode = "ok"
+        assert client.flush(30)
+    finally:
+        client.close()
+        first.stop()
+        second.stop()
+    try:
+        assert store.row_count("m") == 140  # each record once, the redelivered one too
+        stream = store.stream("m", "1")
+        assert stream is not None and stream.duplicates_total >= 1
+        assert client.stats()["records_dropped"] == 0
+    finally:
+        store.close()

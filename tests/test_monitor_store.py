@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from monitoring.service.store import MonitorStore, NewWindow
+from monitoring.service.store import MonitorStore, NewWindow, WindowAlreadyClosed
 
 NOW = 1_800_000_000.0  # every test's data is recent relative to the retention test's cutoff
 
@@ -250,5 +250,32 @@ def test_a_store_made_before_the_cached_column_gets_it(tmp_path: Path) -> None:
         [pending] = reopened.pending(m, "1", 0, 10)
         [stored] = reopened.records(m, "1", pending.id, pending.id)
         assert stored.cached is True
+    finally:
+        reopened.close()
+
+
+def test_a_store_made_before_the_claims_gets_their_columns_and_index(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    MonitorStore(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as db:  # the tables as an older flowline created them
+        db.execute("DROP INDEX flowline_mon_uq_window_first_record")
+        db.execute("ALTER TABLE flowline_mon_alerts DROP COLUMN claimed_until")
+        db.execute("ALTER TABLE flowline_mon_alerts DROP COLUMN claimed_by")
+    m = model_name()
+    reopened = MonitorStore(f"sqlite:///{path}")
+    try:
+        reopened.ingest([record(m, i, rows=1) for i in range(2)])
+        first = reopened.pending(m, "1", 0, 10)[0].id
+        reopened.record_window(window(m, first, first, drifted=True), lambda e, w, i: [("u", e)])
+        [claimed] = reopened.claim_due_alerts(NOW + 10, "me", 60.0)
+        assert claimed.event == "drift_started"
+        assert reopened.claim_due_alerts(NOW + 10, "other", 60.0) == []
+        with sqlite3.connect(path) as db:
+            names = {row[1] for row in db.execute("PRAGMA index_list(flowline_mon_windows)")}
+        assert "flowline_mon_uq_window_first_record" in names
+        with pytest.raises(WindowAlreadyClosed):  # the cursor is past it
+            reopened.record_window(window(m, first, first, drifted=False))
     finally:
         reopened.close()

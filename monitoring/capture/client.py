@@ -16,6 +16,13 @@ exactly like the stock scorer reads it. That keeps the gateway's CPU free for
 scoring, and a body the monitor cannot read becomes a counted schema violation
 there rather than an error in the gateway.
 
+``monitor_url`` may name several monitors, comma-separated (FLOWLINE_MONITOR_URL=
+``http://127.0.0.1:8082,http://127.0.0.1:8083``): monitors sharing one PostgreSQL
+store. A batch goes to the current one; on a connection error, a timeout or a 5xx
+it goes at once to the next, which becomes current. Only when every monitor
+fails is the batch spooled, as with one. A batch retried elsewhere after a lost
+answer is stored once: the store deduplicates by record id.
+
 Wire format of ``POST /ingest``::
 
     {"client": {"id": "...", "dropped": [{"model": m, "version": v, "records": n}]},
@@ -128,8 +135,15 @@ def _stripped(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
+def monitor_urls(value: str) -> list[str]:
+    """The monitor base URLs of a FLOWLINE_MONITOR_URL value: comma-separated, blanks
+    and trailing slashes dropped (one URL is a list of one)."""
+    return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+
+
 class CaptureTargetSettings(FlowlineBaseSettings):
-    """FLOWLINE_MONITOR_URL: where captured requests go; unset or blank turns capture off."""
+    """FLOWLINE_MONITOR_URL: where captured requests go (one monitor URL, or several
+    comma-separated ones to fail over between); unset or blank turns capture off."""
 
     monitor_url: Annotated[str, BeforeValidator(_stripped)] = ""
 
@@ -202,7 +216,11 @@ class CaptureClient:
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be >= 1")
-        self.ingest_url = monitor_url.rstrip("/") + "/ingest"
+        urls = monitor_urls(monitor_url)
+        if not urls:
+            raise ValueError("monitor_url names no monitor")
+        self.ingest_urls = [url + "/ingest" for url in urls]
+        self._current = 0  # the monitor batches go to until it fails
         self.sampling = sampling or SamplingPolicy()
         self.queue_size = queue_size
         self.batch_size = batch_size
@@ -307,6 +325,11 @@ class CaptureClient:
             logger.exception("capture: final delivery failed; records stay spooled")
         self._http.close()
         self.spool.close()
+
+    @property
+    def ingest_url(self) -> str:
+        """The ingest URL batches go to now (the first one until it fails)."""
+        return self.ingest_urls[self._current]
 
     def stats(self) -> dict[str, int]:
         """Counters: submitted, sampled_out, delivered, spooled, redelivered, ... (records)."""
@@ -432,14 +455,7 @@ class CaptureClient:
         headers = {"content-type": "application/json"}
         if self._token:
             headers["authorization"] = f"Bearer {self._token}"
-        answer: httpx.Response | None = None
-        try:
-            answer = self._http.post(self.ingest_url, content=body, headers=headers)
-            status = answer.status_code
-        except httpx.HTTPError as exc:
-            status, reason = 0, type(exc).__name__
-        else:
-            reason = f"HTTP {status}"
+        answer, status, reason = self._post_anywhere(body, headers)
         if 200 <= status < 300:
             if self._failures:
                 logger.warning("capture: monitor at %s reachable again", self.ingest_url)
@@ -494,9 +510,37 @@ class CaptureClient:
             self._stats.delivery_failures += 1
         # One warning per outage; the retries in between only at debug level.
         log = logger.warning if self._failures == 0 else logger.debug
-        log("capture: monitor at %s unavailable (%s); spooling to disk", self.ingest_url, reason)
+        where = ", ".join(self.ingest_urls)
+        log("capture: monitor at %s unavailable (%s); spooling to disk", where, reason)
         self._backoff()
         return "retry"
+
+    def _post_anywhere(
+        self, body: bytes, headers: dict[str, str]
+    ) -> tuple[httpx.Response | None, int, str]:
+        """POST to the current monitor, then to each other one while the answer is a
+        connection error, a timeout or a 5xx: (answer, status, reason), status 0 when
+        no monitor answered. The one that answers otherwise becomes current."""
+        answer: httpx.Response | None = None
+        status, reason = 0, "no monitor"
+        count = len(self.ingest_urls)
+        for step in range(count):
+            index = (self._current + step) % count
+            url = self.ingest_urls[index]
+            try:
+                answer = self._http.post(url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                answer, status, reason = None, 0, type(exc).__name__
+            else:
+                status, reason = answer.status_code, f"HTTP {answer.status_code}"
+            if status and status < 500:
+                if index != self._current:
+                    logger.warning("capture: failing over from %s to %s", self.ingest_url, url)
+                    self._current = index
+                return answer, status, reason
+            if count > 1:
+                logger.debug("capture: monitor at %s unavailable (%s)", url, reason)
+        return answer, status, reason
 
     def _dead_letter(self, record: SpooledRecord, reason: str) -> None:
         """Keep a record the monitor refused in the spool's dead-letter table, and count it."""

@@ -6,13 +6,22 @@ webhook URL, so it is delivered once per change even across restarts. The
 sender posts the oldest pending entry of each URL, retries failures with
 exponential backoff, and gives up (logged, kept in the outbox with the error)
 after ``alert_max_attempts``.
+
+Several monitors may share the store: a sender first claims the entries it is
+about to post (``claimed_until``, a lease of CLAIM_S), so no two monitors post the
+same alert; a monitor killed mid-delivery leaves a claim that expires, and
+another one retries. A kill between the POST and its bookkeeping is the one case
+that posts twice, so each POST names its outbox entry in ``X-Flowline-Alert-Id``
+for receivers that want to drop a repeat.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 EVENTS = ("drift_started", "drift_ended")
 TIMEOUT_S = 10.0
+# Entries claimed per pass, and for how long: every one may take a whole timeout.
+CLAIM_BATCH = 10
+CLAIM_S = CLAIM_BATCH * TIMEOUT_S + 30.0
 
 
 def alert_body(
@@ -80,6 +92,8 @@ class AlertSender:
         self.settings = settings
         self.metrics = metrics
         self._http = httpx.Client(timeout=TIMEOUT_S)
+        # Who claims deliveries: unique per sender, so another monitor's claims are not ours.
+        self.holder = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
     def close(self) -> None:
         """Close the HTTP client."""
@@ -91,14 +105,13 @@ class AlertSender:
         return min(s.alert_max_backoff_s, s.alert_backoff_s * 2 ** max(0, attempts - 1))
 
     def deliver_due(self, now: float | None = None) -> int:
-        """Try every due delivery once; returns how many succeeded."""
+        """Claim the due deliveries and try each once; returns how many succeeded."""
         now = time.time() if now is None else now
         delivered = 0
-        for alert in self.store.due_alerts(now):
+        for alert in self.store.claim_due_alerts(now, self.holder, CLAIM_S, CLAIM_BATCH):
+            headers = {"content-type": "application/json", "x-flowline-alert-id": str(alert.id)}
             try:
-                answer = self._http.post(
-                    alert.url, content=alert.body, headers={"content-type": "application/json"}
-                )
+                answer = self._http.post(alert.url, content=alert.body, headers=headers)
                 error = None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"

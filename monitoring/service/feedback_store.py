@@ -116,7 +116,7 @@ class FeedbackStore:
             latest[(item.request_id, item.row)] = item.label
         result = FeedbackResult(received=len(latest))
         request_ids = sorted({rid for rid, _ in latest})
-        with self.store._write_lock, self.engine.begin() as conn:
+        with self.store.write() as conn:
             stored = self._stored_labels(conn, model, request_ids)
             captures = _captures(conn, model, request_ids)
             inserts, updates = [], []
@@ -231,7 +231,7 @@ class FeedbackStore:
                             }
                         )
         if joined:
-            with self.store._write_lock, self.engine.begin() as conn:
+            with self.store.write() as conn:
                 conn.execute(
                     update(feedback)
                     .where(feedback.c.id == bindparam("k_id"))
@@ -292,7 +292,7 @@ class FeedbackStore:
 
     def apply_retention(self, older_than: float) -> int:
         """Delete labels last changed before ``older_than``; returns how many."""
-        with self.store._write_lock, self.engine.begin() as conn:
+        with self.store.write() as conn:
             return conn.execute(delete(feedback).where(feedback.c.updated_at < older_than)).rowcount
 
 

@@ -3,7 +3,8 @@
 The run lives in the experiment ``flowline-monitoring`` (FLOWLINE_MONITOR_EXPERIMENT),
 is named ``monitor-{model}-v{version}`` and tagged ``flowline.monitor.model`` /
 ``flowline.monitor.version``; after a restart it is found again by those tags,
-never created twice. Each window logs its metrics with ``step = window index``,
+never created twice (two monitors creating it at once both keep the oldest). Each
+window logs its metrics with ``step = window index``,
 so MLflow's charts show drift over time, and its HTML report as
 ``reports/window-0007.html``.
 """
@@ -136,6 +137,12 @@ class MonitoringRuns:
                     },
                 )
                 run_id = run.info.run_id
+                # Another monitor sharing the store may have created one at the same
+                # time: every monitor keeps the oldest, and a later twin is deleted.
+                oldest = self.find_run(model, version)
+                if oldest is not None and oldest != run_id:
+                    self.client.delete_run(run_id)
+                    run_id = oldest
             self._runs[key] = run_id
             return run_id
 

@@ -13,6 +13,10 @@ all progress lives in the store:
 * alerter: delivers the webhook outbox;
 * performance: joins label feedback with captured predictions and re-evaluates the
   realized performance of models whose labels changed (monitoring.service.performance).
+
+Several monitors may share one PostgreSQL store: each job that must happen once is
+claimed per model version (:mod:`monitoring.service.claims`), and what a monitor
+shows (gauges, views) is read from the store, whichever monitor did the work.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from monitoring.drift.evaluate import DriftConfig, PreparedBaseline, evaluate_wi
 from monitoring.drift.report_html import render_report
 from monitoring.service.alerts import AlertSender, alert_body
 from monitoring.service.baselines import BaselineCache, BaselineUnavailable, fetch_from_registry
+from monitoring.service.claims import Claims
 from monitoring.service.feedback import FeedbackItem, check_labels, parse_feedback
 from monitoring.service.feedback_store import FeedbackResult, FeedbackStore
 from monitoring.service.ingest_checks import (
@@ -52,6 +57,9 @@ from monitoring.service.store import (
     MonitorStore,
     NewWindow,
     PendingRecord,
+    Stream,
+    WindowAlreadyClosed,
+    WindowSpan,
     WindowSummary,
 )
 from monitoring.service.stream_gate import StreamGate, registry_lookup
@@ -125,15 +133,16 @@ class Monitor:
         self.alerts = AlertSender(self.store, settings, self.metrics)
         self.public_url = (settings.public_url or public_url).rstrip("/")
         self.feedback = FeedbackStore(self.store)
+        self.claims = Claims(self.store)
         self.performance = PerformanceTracker(
             self.store,
             self.feedback,
             self.performance_spec,
             settings.performance_margin,
             settings.performance_min_rows,
+            claims=self.claims,
         )
         self.scorer = ProbaScorer(settings.tracking_uri) if settings.estimate_enabled else None
-        self._logged_performance: dict[tuple[str, str, Any], int] = {}
         self._stop = threading.Event()
         self._wake_performance = threading.Event()
         self._wake_detector = threading.Event()
@@ -141,6 +150,8 @@ class Monitor:
         self._wake_alerter = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_retention = 0.0
+        # (model, version) -> windows whose gauges this monitor shows (its next_window).
+        self._observed: dict[tuple[str, str], int] = {}
         self._restore_gauges()
 
     # --- ingest -----------------------------------------------------------------------
@@ -172,6 +183,10 @@ class Monitor:
         batch = prepare_batch(records, dropped)
         known = self.store.known_streams()
         new = batch.new_streams(known)
+        if new:
+            # Another monitor sharing the store may have opened them: ask the store.
+            known = self.store.known_streams(refresh=True)
+            new = batch.new_streams(known)
         if new and not batch.invalid:
             batch.refuse_streams(self.gate.refusals(new, len(known)))
         refuse_invalid(batch)
@@ -270,25 +285,32 @@ class Monitor:
             spec = self.performance_spec(span.model, span.version)
             if spec is None or not spec.calibration or self._stop.is_set():
                 continue
-            baseline = self.baselines.get(span.model, span.version)
-            records = self.store.records(
-                span.model, span.version, span.first_record_id, span.last_record_id
-            )
-            window = build_window(records, span.model, span.version, list(baseline.columns))
-            estimate = estimate_window(
-                spec, span.model, span.version, window.frame, [], self.scorer.proba
-            )
-            if estimate is None:
-                continue
-            self.store.set_window_estimate(span.id, estimate)
-            self._observe_estimate(span.model, span.version, estimate)
-            if self.runs is not None:
-                try:
-                    self.runs.log_estimate(span.model, span.version, span.window_index, estimate)
-                except Exception as exc:  # the tracking server may be down; the store has it
-                    logger.warning("could not log the estimate to MLflow: %s", exc)
-            done += 1
+            with self.claims.hold("estimate", span.model, span.version) as held:
+                # Claimed and checked again: another monitor may have estimated it since.
+                if held and not self.store.has_estimate(span.id):
+                    done += self._estimate(spec, span)
         return done
+
+    def _estimate(self, spec: PerformanceSpec, span: WindowSpan) -> int:
+        """Score one window's rows and store (and log) its CBPE estimate; 1 if done."""
+        assert self.scorer is not None
+        baseline = self.baselines.get(span.model, span.version)
+        records = self.store.records(
+            span.model, span.version, span.first_record_id, span.last_record_id
+        )
+        window = build_window(records, span.model, span.version, list(baseline.columns))
+        estimate = estimate_window(
+            spec, span.model, span.version, window.frame, [], self.scorer.proba
+        )
+        if estimate is None or not self.store.set_window_estimate(span.id, estimate):
+            return 0
+        self._observe_estimate(span.model, span.version, estimate)
+        if self.runs is not None:
+            try:
+                self.runs.log_estimate(span.model, span.version, span.window_index, estimate)
+            except Exception as exc:  # the tracking server may be down; the store has it
+                logger.warning("could not log the estimate to MLflow: %s", exc)
+        return 1
 
     def _observe_estimate(self, model: str, version: str, estimate: dict[str, Any] | None) -> None:
         for metric, value in (estimate or {}).items():
@@ -312,11 +334,13 @@ class Monitor:
         m.performance_degraded.labels(model, v).set(1 if version["degraded"] else 0)
         if self.runs is None:
             return
+        # What was logged lives in the store, not in this process: a monitor sharing it
+        # (this runs under the model's performance claim) does not log a window again.
+        logged = self.performance.logged_rows(model, v)
         steps = []
         for window in version["windows"]:
             index = window["window_index"]
-            key = (model, v, index)
-            if index == "open" or self._logged_performance.get(key) == window["labelled_rows"]:
+            if index == "open" or logged.get(index) == window["labelled_rows"]:
                 continue
             steps.append((index, window))
         if not steps:
@@ -326,58 +350,107 @@ class Monitor:
         except Exception as exc:  # the tracking server may be down: next change retries
             logger.warning("could not log performance of %s/%s to MLflow: %s", model, v, exc)
             return
-        for index, window in steps:
-            self._logged_performance[(model, v, index)] = window["labelled_rows"]
+        self.performance.mark_logged(model, v, [(i, w["labelled_rows"]) for i, w in steps])
 
     # --- windows ------------------------------------------------------------------------
 
     def close_windows(self, now: float | None = None) -> list[WindowSummary]:
-        """One detector pass: close and evaluate every window that is due."""
+        """One detector pass: close and evaluate every window that is due.
+
+        A stream with a window due is claimed first (:mod:`monitoring.service.claims`):
+        when another monitor sharing the store holds it, that monitor closes the
+        window and this one only mirrors the result into its gauges.
+        """
         closed: list[WindowSummary] = []
-        rows_per_window = self.settings.window_rows
         for stream in self.store.streams():
-            cursor = stream.last_record_id
-            while not self._stop.is_set():
-                at = time.time() if now is None else now
-                # At most one window's worth of records (each holds at least one row).
-                waiting = self.store.pending_summary(
-                    stream.model, stream.version, cursor, rows_per_window
-                )
-                self.metrics.pending_rows.labels(stream.model, stream.version).set(waiting.rows)
-                if not waiting.records or waiting.oldest_ingested_at is None:
-                    break
-                by_rows = waiting.rows >= rows_per_window
-                if not by_rows and at - waiting.oldest_ingested_at < self.settings.window_seconds:
-                    break
-                try:
-                    baseline = self.baselines.get(stream.model, stream.version, at)
-                except BaselineUnavailable:
-                    self.metrics.baseline_missing.labels(stream.model, stream.version).set(1)
-                    break
-                # A window is due: only now read the ids it spans.
-                pending = self.store.pending(stream.model, stream.version, cursor, rows_per_window)
-                if not pending:  # removed by retention since the summary
-                    break
-                take, _ = _take_window(pending, rows_per_window)
-                self.metrics.baseline_missing.labels(stream.model, stream.version).set(0)
+            self._sync_gauges(stream)
+            due = self._due(stream.model, stream.version, stream.last_record_id, now)
+            if due is None:
+                continue
+            with self.claims.hold("windows", stream.model, stream.version) as held:
+                if held:
+                    closed += self._close_due(stream.model, stream.version, now)
+        if closed:
+            self._wake_publisher.set()
+            self._wake_alerter.set()
+            self._wake_performance.set()  # their estimates
+        return closed
+
+    def _due(
+        self, model: str, version: str, cursor: int, now: float | None
+    ) -> tuple[PreparedBaseline, bool, float] | None:
+        """When a window of the stream is due after ``cursor``: its baseline, whether
+        it closes by rows (else by time) and the time it closes at."""
+        rows_per_window = self.settings.window_rows
+        at = time.time() if now is None else now
+        # At most one window's worth of records (each holds at least one row).
+        waiting = self.store.pending_summary(model, version, cursor, rows_per_window)
+        self.metrics.pending_rows.labels(model, version).set(waiting.rows)
+        if not waiting.records or waiting.oldest_ingested_at is None:
+            return None
+        by_rows = waiting.rows >= rows_per_window
+        if not by_rows and at - waiting.oldest_ingested_at < self.settings.window_seconds:
+            return None
+        try:
+            baseline = self.baselines.get(model, version, at)
+        except BaselineUnavailable:
+            self.metrics.baseline_missing.labels(model, version).set(1)
+            return None
+        self.metrics.baseline_missing.labels(model, version).set(0)
+        return baseline, by_rows, at
+
+    def _close_due(self, model: str, version: str, now: float | None) -> list[WindowSummary]:
+        """Close the stream's due windows, oldest first; the caller holds its claim.
+
+        The cursor is read again under the claim: the listing the caller saw may be
+        older than a window another monitor closed since.
+        """
+        closed: list[WindowSummary] = []
+        stream = self.store.stream(model, version)
+        cursor = stream.last_record_id if stream else 0
+        while not self._stop.is_set():
+            due = self._due(model, version, cursor, now)
+            if due is None:
+                break
+            baseline, by_rows, at = due
+            # A window is due: only now read the ids it spans.
+            pending = self.store.pending(model, version, cursor, self.settings.window_rows)
+            if not pending:  # removed by retention since the summary
+                break
+            take, _ = _take_window(pending, self.settings.window_rows)
+            try:
                 summary = self._close(
-                    stream.model,
-                    stream.version,
+                    model,
+                    version,
                     pending[0].id,
                     pending[take - 1].id,
                     baseline,
                     at,
                     "rows" if by_rows else "time",
                 )
-                closed.append(summary)
-                cursor = summary.last_record_id
-                if not by_rows:
-                    break
-        if closed:
-            self._wake_publisher.set()
-            self._wake_alerter.set()
-            self._wake_performance.set()  # their estimates
+            except WindowAlreadyClosed as exc:
+                # Only when a claim expired under a slow holder: the store kept one copy.
+                logger.info("window not stored twice: %s", exc)
+                break
+            closed.append(summary)
+            cursor = summary.last_record_id
+            if not by_rows:
+                break
         return closed
+
+    def _sync_gauges(self, stream: Stream) -> None:
+        """Set the stream's window gauges from the store when a window was closed that
+        this monitor has not observed (another monitor sharing the store closed it)."""
+        key = (stream.model, stream.version)
+        if stream.next_window == 0 or self._observed.get(key) == stream.next_window:
+            return
+        latest = self.store.windows(stream.model, stream.version, limit=1)
+        found = self.store.window(latest[0].id) if latest else None
+        if found is None:
+            return
+        summary, stored = found
+        self._show_window(summary, stored)
+        self._observe_estimate(summary.model, summary.version, stored.get("estimate"))
 
     def _close(
         self,
@@ -441,6 +514,7 @@ class Monitor:
                 m.schema_violations.labels(model, version, kind).inc(n)
         m.windows.labels(model, version, str(report.drifted).lower()).inc()
         m.observe_window(model, version, summary.window_index, window.rows, now, drift)
+        self._observed[(model, version)] = summary.window_index + 1
         self._observe_estimate(model, version, estimate)
         if event:
             logger.warning(
@@ -487,13 +561,23 @@ class Monitor:
         logged = 0
         while not self._stop.is_set():
             batch = self.store.unlogged_windows(limit=20)
-            if not batch:
+            keys = list(dict.fromkeys((s.model, s.version) for s, _ in batch))
+            before = logged
+            for model, version in keys:
+                # One monitor logs a stream's windows at a time; it re-reads them under
+                # the claim, so none is logged twice by monitors sharing the store.
+                with self.claims.hold("publish", model, version) as held:
+                    if not held:
+                        continue
+                    for summary, stored in self.store.unlogged_windows(20, model, version):
+                        if self._stop.is_set():
+                            break
+                        html = render_report(summary.__dict__, stored)
+                        self.runs.log_window(summary, stored, html)
+                        self.store.mark_logged(summary.id)
+                        logged += 1
+            if logged == before:  # nothing left, or every stream claimed by another monitor
                 break
-            for summary, stored in batch:
-                html = render_report(summary.__dict__, stored)
-                self.runs.log_window(summary, stored, html)
-                self.store.mark_logged(summary.id)
-                logged += 1
         return logged
 
     def apply_retention(self, now: float | None = None) -> dict[str, int]:
@@ -502,8 +586,11 @@ class Monitor:
         if days <= 0:
             return {}
         now = time.time() if now is None else now
-        counts = self.store.apply_retention(now - days * 86400.0)
-        counts["labels"] = self.feedback.apply_retention(now - days * 86400.0)
+        with self.claims.hold("retention") as held:
+            if not held:  # another monitor is deleting the same rows right now
+                return {}
+            counts = self.store.apply_retention(now - days * 86400.0)
+            counts["labels"] = self.feedback.apply_retention(now - days * 86400.0)
         if any(counts.values()):
             logger.info("retention (%g days) deleted %s", days, counts)
         return counts
@@ -603,17 +690,22 @@ class Monitor:
             entry["drift_url"] = self.drift_url(entry["model"])
         return sorted(out.values(), key=lambda e: e["model"])
 
+    def _show_window(self, summary: WindowSummary, stored: dict[str, Any]) -> None:
+        # The gauges of a stored window, whichever monitor closed it.
+        self._observed[(summary.model, summary.version)] = summary.window_index + 1
+        self.metrics.touch(summary.model, summary.version)
+        self.metrics.observe_window(
+            summary.model,
+            summary.version,
+            summary.window_index,
+            summary.rows,
+            summary.closed_at,
+            stored.get("drift") or {},
+        )
+
     def _restore_gauges(self) -> None:
         for summary, stored in self.store.latest_windows():
-            self.metrics.touch(summary.model, summary.version)
-            self.metrics.observe_window(
-                summary.model,
-                summary.version,
-                summary.window_index,
-                summary.rows,
-                summary.closed_at,
-                stored.get("drift") or {},
-            )
+            self._show_window(summary, stored)
 
     # --- background threads ---------------------------------------------------------------
 

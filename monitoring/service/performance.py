@@ -33,13 +33,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Boolean, Column, Double, String, Table, and_, insert, select, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Double,
+    Integer,
+    String,
+    Table,
+    and_,
+    delete,
+    insert,
+    select,
+    update,
+)
 
 from monitoring.profile.performance import (
     estimate_performance,
     realized_classification,
     realized_regression,
 )
+from monitoring.service.claims import Claims
 from monitoring.service.feedback_store import FeedbackStore, LabelledPrediction
 from monitoring.service.store import PREFIX, MonitorStore, WindowSpan, alerts, metadata
 
@@ -60,6 +73,17 @@ performance_state = Table(
     Column("since", Double, nullable=False),
     Column("metric", String(64), nullable=False),
     Column("realized", Double),
+)
+
+# The labelled rows each window's realized metrics were last logged to MLflow with: kept
+# in the store, so that of several monitors sharing it only one logs each change.
+performance_logged = Table(
+    f"{PREFIX}performance_logged",
+    metadata,
+    Column("model", String(255), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("window_index", Integer, primary_key=True),
+    Column("labelled_rows", Integer, nullable=False),
 )
 
 
@@ -244,12 +268,16 @@ class PerformanceTracker:
         spec_of: Callable[[str, str], PerformanceSpec | None],
         margin: float,
         min_rows: int,
+        claims: Claims | None = None,
     ) -> None:
         self.store = store
         self.feedback = feedback
         self.spec_of = spec_of
         self.margin = margin
         self.min_rows = min_rows
+        self.claims = claims or Claims(store)
+        performance_state.create(store.engine, checkfirst=True)
+        performance_logged.create(store.engine, checkfirst=True)
         self._seen: dict[str, float] = {}  # model -> last label change handled
         self._lock = threading.Lock()
 
@@ -354,14 +382,47 @@ class PerformanceTracker:
                 changed = self.feedback.last_change(model)
                 if self._seen.get(model) == changed:
                     continue
-                view = self.view(model)
-                for version in (view or {}).get("versions", []):
-                    if on_version is not None:
-                        on_version(model, version)
-                    self._settle(model, version, now, alert_bodies)
+                # Under the model's claim, the view is read after any other monitor's
+                # settled state, so a stale view never overturns a fresher one; when
+                # another monitor holds it, this one comes back at its next pass.
+                with self.claims.hold("performance", model) as held:
+                    if not held:
+                        continue
+                    view = self.view(model)
+                    for version in (view or {}).get("versions", []):
+                        if on_version is not None:
+                            on_version(model, version)
+                        self._settle(model, version, now, alert_bodies)
                 self._seen[model] = changed
                 done += 1
         return done
+
+    def logged_rows(self, model: str, version: str) -> dict[int, int]:
+        """Window index -> the labelled rows its realized metrics were logged with."""
+        p = performance_logged.c
+        query = select(p.window_index, p.labelled_rows).where(
+            and_(p.model == model, p.version == version)
+        )
+        with self.store.engine.connect() as conn:
+            return {int(i): int(n) for i, n in conn.execute(query)}
+
+    def mark_logged(self, model: str, version: str, steps: list[tuple[int, int]]) -> None:
+        """Remember that these (window index, labelled rows) are in MLflow."""
+        p = performance_logged.c
+        with self.store.write() as conn:
+            indexes = [i for i, _ in steps]
+            conn.execute(
+                delete(performance_logged).where(
+                    and_(p.model == model, p.version == version, p.window_index.in_(indexes))
+                )
+            )
+            conn.execute(
+                insert(performance_logged),
+                [
+                    {"model": model, "version": version, "window_index": i, "labelled_rows": n}
+                    for i, n in steps
+                ],
+            )
 
     def _settle(
         self,
@@ -377,7 +438,7 @@ class PerformanceTracker:
             return
         s = performance_state.c
         key = and_(s.model == model, s.version == version["version"])
-        with self.store._write_lock, self.store.engine.begin() as conn:
+        with self.store.write() as conn:
             before = conn.execute(select(s.degraded).where(key)).scalar()
             degraded = bool(decision["degraded"])
             values = {

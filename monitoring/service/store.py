@@ -18,16 +18,26 @@ database with other tools.
 * ``alert_state`` and ``alerts``: the drift state per stream and an outbox of
   webhook deliveries. A state change and its outbox entries are written with
   the window that caused them, so a restart never alerts twice for one change.
+  A delivery is claimed (``claimed_until``) before it is posted, so two monitors
+  never post the same alert at once, and a killed one's claim expires.
+
+Several monitors may share one PostgreSQL store (docs/monitoring.md, "Several
+monitors"): ingest takes a per-stream lock so that a stream's ids commit in id
+order (the cursor never passes a row still to commit), and every window is
+stored by a transaction that locks its stream's row and re-checks the cursor, with
+a unique (model, version, first_record_id) index as the last line of defence.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from operator import itemgetter
 from pathlib import Path
@@ -58,10 +68,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from common.db import sqlalchemy_url, sqlite_engine
 from monitoring.capture.record import CaptureRecord, loads_text
+from monitoring.service.claims import stream_locks
 from monitoring.service.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "flowline_mon_"
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
@@ -131,6 +145,16 @@ windows = Table(
     UniqueConstraint("model", "version", "window_index", name=f"{PREFIX}uq_window_index"),
     Index(f"{PREFIX}ix_windows_closed_at", "closed_at"),
 )
+# No two windows of a stream start at the same record: the last line of defence if two
+# monitors ever raced past the cursor check. An index, not a table constraint, so that
+# a store created before it gets it too (_add_new_indexes).
+window_starts = Index(
+    f"{PREFIX}uq_window_first_record",
+    windows.c.model,
+    windows.c.version,
+    windows.c.first_record_id,
+    unique=True,
+)
 
 alert_state = Table(
     f"{PREFIX}alert_state",
@@ -158,6 +182,9 @@ alerts = Table(
     Column("delivered_at", Double),
     Column("failed_at", Double),
     Column("last_error", Text),
+    # A monitor posting this delivery, until when: no other monitor posts it meanwhile.
+    Column("claimed_until", Double),
+    Column("claimed_by", String(80)),
     Index(f"{PREFIX}ix_alerts_pending", "delivered_at", "failed_at", "next_attempt_at"),
 )
 
@@ -343,13 +370,19 @@ class AlertDelivery:
     attempts: int
 
 
+class WindowAlreadyClosed(RuntimeError):
+    """The window starts at or before its stream's cursor: another monitor stored it."""
+
+
 # Builds (url, body) pairs for a state change: (event, window id, window index) -> deliveries.
 AlertBuilder = Callable[[str, int, int], list[tuple[str, str]]]
 
 _STORED_RECORD_COLUMNS = [captured_records.c[f.name] for f in fields(StoredRecord)]
 _SUMMARY_COLUMNS = [windows.c[f.name] for f in fields(WindowSummary)]
 # The outbox as the API shows it: without the webhook body and the retry schedule.
-_ALERT_LOG_COLUMNS = [c for c in alerts.c if c.name not in ("body", "next_attempt_at")]
+_ALERT_LOG_COLUMNS = [
+    c for c in alerts.c if c.name not in ("body", "next_attempt_at", "claimed_until", "claimed_by")
+]
 _WINDOW_FIELDS = [f.name for f in fields(WindowFields)]
 # Stored as JSON text; every other window field is stored as it is.
 _JSON_LIST_COLUMNS = ("drifted_features", "reasons")
@@ -385,6 +418,7 @@ class MonitorStore:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5)
         metadata.create_all(self.engine)
         _add_new_columns(self.engine)
+        _add_new_indexes(self.engine)
         # One writer at a time in this process: SQLite needs it, and it makes the
         # duplicate check of ingest race-free (the unique key is the final guard).
         self._write_lock = threading.Lock()
@@ -399,9 +433,36 @@ class MonitorStore:
         """Release connections."""
         self.engine.dispose()
 
-    def known_streams(self) -> set[tuple[str, str]]:
-        """The (model, version) pairs stored so far (a copy)."""
+    def known_streams(self, refresh: bool = False) -> set[tuple[str, str]]:
+        """The (model, version) pairs stored so far (a copy).
+
+        ``refresh`` reads them from the store again: another monitor sharing it may
+        have registered streams this one has not seen.
+        """
+        if refresh:
+            with self.engine.connect() as conn:
+                self._known.update(
+                    (m, v) for m, v in conn.execute(select(streams.c.model, streams.c.version))
+                )
         return set(self._known)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: one at a time in this process, committed at the end.
+
+        On SQLite it is BEGIN IMMEDIATE: the write lock is taken before the first
+        read, so a read-check-write (the window cursor, an alert claim) cannot be
+        overtaken by another process's commit between its read and its write.
+        """
+        with self._write_lock, self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
 
     # --- ingest ---------------------------------------------------------------------------
 
@@ -434,8 +495,12 @@ class MonitorStore:
         parsed = {prepared.record.id: prepared for prepared in batch.records}
         dropped_by_stream = batch.dropped
         result.dropped_by_stream = dropped_by_stream
-        with self._write_lock, self.engine.begin() as conn:
-            rows = [_record_row(prepared, now) for prepared in parsed.values()]
+        rows = [_record_row(prepared, now) for prepared in parsed.values()]
+        with self.write() as conn:
+            # Another monitor may ingest the same streams now: one at a time per stream,
+            # so a stream's ids commit in id order and the window cursor never moves
+            # past an id still to commit (PostgreSQL allocates ids before commit).
+            stream_locks(conn, {(r["model"], r["version"]) for r in rows} | set(dropped_by_stream))
             inserted = self._insert_new_records(conn, rows) if rows else set()
             for prepared, row in zip(parsed.values(), rows, strict=True):
                 record = prepared.record
@@ -478,8 +543,10 @@ class MonitorStore:
         about as much as the insert on SQLite, and on PostgreSQL its cached
         generic plan could turn into a sequential scan (0.7 s per batch).
         Redelivered records are rare, so only then are the new ids looked up:
-        they are the rows with ids above the highest id before the insert (one
-        writer at a time, under ``_write_lock``).
+        they are the rows of these streams with ids above the highest id before the
+        insert. Only this transaction writes these streams meanwhile (the stream
+        locks, and ``_write_lock`` in this process); another monitor's rows of other
+        streams may also lie above, so the stream is compared too.
         """
         before = conn.execute(select(func.max(captured_records.c.id))).scalar() or 0
         if self._insert_sql is None:
@@ -495,7 +562,9 @@ class MonitorStore:
         if stored == len(rows):
             return None
         c = captured_records.c
-        return set(conn.execute(select(c.record_id).where(c.id > before)).scalars())
+        mine = {(r["record_id"], r["model"], r["version"]) for r in rows}
+        above = conn.execute(select(c.record_id, c.model, c.version).where(c.id > before))
+        return {rid for rid, model, version in above if (rid, model, version) in mine}
 
     def _register_streams(
         self, conn: Connection, keys: Iterable[tuple[str, str]], now: float
@@ -516,6 +585,7 @@ class MonitorStore:
             {"model": m, "version": v, "first_seen": now} for m, v in new if (m, v) not in have
         ]
         if missing:
+            # Under the stream locks no other monitor inserts these meanwhile.
             conn.execute(insert(streams), missing)
         return new
 
@@ -597,14 +667,23 @@ class MonitorStore:
 
         Returns the stored window and the state change it caused ("drift_started",
         "drift_ended" or None). Outbox rows for the change are written in the same
-        transaction, from ``alerts_for(event, window_id, window_index)``.
+        transaction, from ``alerts_for(event, window_id, window_index)``. Raises
+        WindowAlreadyClosed, storing nothing, when the window does not start after
+        the stream's cursor (another monitor closed it first).
         """
-        with self._write_lock, self.engine.begin() as conn:
+        with self.write() as conn:
+            # The stream's row, locked until commit: two monitors storing a window of
+            # one stream take turns here, and the second sees the first's cursor.
             stream = conn.execute(
-                select(streams.c.next_window, streams.c.last_record_id).where(
-                    and_(streams.c.model == new.model, streams.c.version == new.version)
-                )
+                select(streams.c.next_window, streams.c.last_record_id)
+                .where(and_(streams.c.model == new.model, streams.c.version == new.version))
+                .with_for_update()
             ).one()
+            if new.first_record_id <= stream.last_record_id:
+                raise WindowAlreadyClosed(
+                    f"{new.model}/{new.version}: a window starting at record "
+                    f"{new.first_record_id} is already stored (cursor {stream.last_record_id})"
+                )
             index = int(stream.next_window)
             window = {name: getattr(new, name) for name in _WINDOW_FIELDS}
             row = {
@@ -744,13 +823,22 @@ class MonitorStore:
                 for row in conn.execute(query)
             ]
 
-    def set_window_estimate(self, window_id: int, estimate: dict[str, Any]) -> None:
-        """Store the CBPE estimate of a window that closed without one."""
-        with self._write_lock, self.engine.begin() as conn:
-            conn.execute(
-                update(windows)
-                .where(windows.c.id == window_id)
-                .values(estimate=json.dumps(estimate))
+    def has_estimate(self, window_id: int) -> bool:
+        """Whether a window has its estimate (another monitor may have just stored it)."""
+        query = select(windows.c.estimate.is_not(None)).where(windows.c.id == window_id)
+        with self.engine.connect() as conn:
+            return bool(conn.execute(query).scalar())
+
+    def set_window_estimate(self, window_id: int, estimate: dict[str, Any]) -> bool:
+        """Store the CBPE estimate of a window that closed without one; False (nothing
+        changed) when the window has one already."""
+        with self.write() as conn:
+            return bool(
+                conn.execute(
+                    update(windows)
+                    .where(and_(windows.c.id == window_id, windows.c.estimate.is_(None)))
+                    .values(estimate=json.dumps(estimate))
+                ).rowcount
             )
 
     def window(self, window_id: int) -> tuple[WindowSummary, dict[str, Any]] | None:
@@ -772,51 +860,92 @@ class MonitorStore:
         with self.engine.connect() as conn:
             return [(_summary(row), json.loads(row.report)) for row in conn.execute(query)]
 
-    def unlogged_windows(self, limit: int = 20) -> list[tuple[WindowSummary, dict[str, Any]]]:
-        """Windows not yet logged to MLflow, oldest first."""
-        query = (
-            select(windows)
-            .where(windows.c.mlflow_logged.is_(False))
-            .order_by(windows.c.id)
-            .limit(limit)
-        )
+    def unlogged_windows(
+        self, limit: int = 20, model: str | None = None, version: str | None = None
+    ) -> list[tuple[WindowSummary, dict[str, Any]]]:
+        """Windows not yet logged to MLflow (of every stream, or of one), oldest first."""
+        cond = [windows.c.mlflow_logged.is_(False)]
+        if model is not None:
+            cond += [windows.c.model == model, windows.c.version == version]
+        query = select(windows).where(and_(*cond)).order_by(windows.c.id).limit(limit)
         with self.engine.connect() as conn:
             return [(_summary(row), json.loads(row.report)) for row in conn.execute(query)]
 
     def mark_logged(self, window_id: int) -> None:
         """Remember that a window's metrics and report are in MLflow."""
-        with self._write_lock, self.engine.begin() as conn:
+        with self.write() as conn:
             conn.execute(
                 update(windows).where(windows.c.id == window_id).values(mlflow_logged=True)
             )
 
     # --- alert outbox ---------------------------------------------------------------------
 
+    def _due_query(self, now: float, limit: int) -> Any:
+        c = alerts.c
+        open_ = and_(c.delivered_at.is_(None), c.failed_at.is_(None))
+        oldest = select(func.min(c.id)).where(open_).group_by(c.url).scalar_subquery()
+        # A claimed oldest entry holds its URL back too: order per URL is kept.
+        unclaimed = or_(c.claimed_until.is_(None), c.claimed_until <= now)
+        return (
+            select(c.id, c.model, c.version, c.event, c.window_id, c.url, c.body, c.attempts)
+            .where(and_(c.id.in_(oldest), c.next_attempt_at <= now, unclaimed))
+            .order_by(c.id)
+            .limit(limit)
+        )
+
     def due_alerts(self, now: float, limit: int = 50) -> list[AlertDelivery]:
-        """The oldest undelivered alert per URL, if its next attempt is due.
+        """The oldest undelivered alert per URL, if its next attempt is due and no
+        monitor has it claimed (read only: :meth:`claim_due_alerts` is what senders use).
 
         Only the oldest per URL, so a receiver never sees "drift ended" before
         the "drift started" that is still being retried.
         """
-        c = alerts.c
-        open_ = and_(c.delivered_at.is_(None), c.failed_at.is_(None))
-        oldest = select(func.min(c.id)).where(open_).group_by(c.url).scalar_subquery()
-        query = (
-            select(c.id, c.model, c.version, c.event, c.window_id, c.url, c.body, c.attempts)
-            .where(and_(c.id.in_(oldest), c.next_attempt_at <= now))
-            .order_by(c.id)
-            .limit(limit)
-        )
         with self.engine.connect() as conn:
-            return [AlertDelivery(*row) for row in conn.execute(query)]
+            return [AlertDelivery(*row) for row in conn.execute(self._due_query(now, limit))]
+
+    def claim_due_alerts(
+        self, now: float, holder: str, lease_s: float, limit: int = 10
+    ) -> list[AlertDelivery]:
+        """The due alerts (as :meth:`due_alerts`), claimed for ``holder`` until
+        ``now + lease_s``: no other monitor gets them before this one settles them
+        (:meth:`alert_delivered`, :meth:`alert_failed`) or the claim expires.
+
+        On PostgreSQL the candidates are locked FOR UPDATE SKIP LOCKED, so a monitor
+        claiming at the same moment passes over them instead of waiting; on SQLite
+        the IMMEDIATE transaction excludes it. The claim is committed before any
+        POST: a monitor killed while posting leaves a claim that simply expires.
+        """
+        query = self._due_query(now, limit)
+        if not self.is_sqlite:
+            query = query.with_for_update(skip_locked=True, of=alerts)
+        with self.write() as conn:
+            due = [AlertDelivery(*row) for row in conn.execute(query)]
+            if due:
+                conn.execute(
+                    update(alerts)
+                    .where(alerts.c.id.in_([a.id for a in due]))
+                    .values(claimed_until=now + lease_s, claimed_by=holder[:80])
+                )
+        return due
 
     def alert_delivered(self, alert_id: int, now: float) -> None:
-        """Mark one delivery done."""
-        self._update_alert(alert_id, delivered_at=now, attempts=alerts.c.attempts + 1)
+        """Mark one delivery done (and its claim released)."""
+        self._update_alert(
+            alert_id,
+            delivered_at=now,
+            attempts=alerts.c.attempts + 1,
+            claimed_until=None,
+            claimed_by=None,
+        )
 
     def alert_failed(self, alert_id: int, error: str, retry_at: float | None, now: float) -> None:
         """Record a failed attempt: retry at ``retry_at``, or give up when it is None."""
-        values: dict[str, Any] = {"attempts": alerts.c.attempts + 1, "last_error": error[:2000]}
+        values: dict[str, Any] = {
+            "attempts": alerts.c.attempts + 1,
+            "last_error": error[:2000],
+            "claimed_until": None,
+            "claimed_by": None,
+        }
         if retry_at is None:
             values["failed_at"] = now
         else:
@@ -824,7 +953,7 @@ class MonitorStore:
         self._update_alert(alert_id, **values)
 
     def _update_alert(self, alert_id: int, **values: Any) -> None:
-        with self._write_lock, self.engine.begin() as conn:
+        with self.write() as conn:
             conn.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
 
     def alert_log(self, model: str | None = None) -> list[dict[str, Any]]:
@@ -841,7 +970,7 @@ class MonitorStore:
     def apply_retention(self, older_than: float) -> dict[str, int]:
         """Delete captured rows, windows and settled alerts from before ``older_than``."""
         counts = {}
-        with self._write_lock, self.engine.begin() as conn:
+        with self.write() as conn:
             counts["records"] = conn.execute(
                 delete(captured_records).where(captured_records.c.captured_at < older_than)
             ).rowcount
@@ -860,6 +989,8 @@ class MonitorStore:
 _NEW_COLUMNS = (
     (captured_records, "cached", "BOOLEAN NOT NULL DEFAULT FALSE"),
     (windows, "estimate", "TEXT"),
+    (alerts, "claimed_until", "DOUBLE PRECISION"),
+    (alerts, "claimed_by", "VARCHAR(80)"),
 )
 
 
@@ -871,6 +1002,20 @@ def _add_new_columns(engine: Engine) -> None:
         if column not in present:
             with engine.begin() as conn:
                 conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column} {ddl}")
+
+
+def _add_new_indexes(engine: Engine) -> None:
+    """Create the unique window-start index on a store made before it (create_all adds
+    no index to an existing table).
+
+    A store that already holds two windows starting at one record (written by
+    monitors racing before the claims existed) cannot take it: the monitor still
+    starts, with a warning, and the cursor check keeps new windows single.
+    """
+    try:
+        window_starts.create(engine, checkfirst=True)
+    except IntegrityError as exc:
+        logger.warning("monitor store: duplicate windows, unique index not added: %s", exc)
 
 
 def _compiled_insert(conn: Connection) -> tuple[str, list[str] | None]:

@@ -224,6 +224,8 @@ def _controller(options: RenderOptions) -> list[dict[str, Any]]:
                 "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
             },
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            # The last line a crash-looping scorer wrote goes into the rollout's reason.
+            {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
             {
                 "apiGroups": ["autoscaling"],
                 "resources": ["horizontalpodautoscalers"],

@@ -170,6 +170,13 @@ def _platform(args: argparse.Namespace, create_pki: bool = False) -> Platform:
         monitor=args.monitor_port,
         replicas_from=args.replica_port_from,
     )
+    try:
+        return _new_platform(args, ports, create_pki)
+    except ValueError as exc:  # a bad topology (--monitors 2 without PostgreSQL, say)
+        raise SettingsError(str(exc)) from None
+
+
+def _new_platform(args: argparse.Namespace, ports: Ports, create_pki: bool) -> Platform:
     return Platform(
         home=home(),
         ports=ports,
@@ -179,6 +186,9 @@ def _platform(args: argparse.Namespace, create_pki: bool = False) -> Platform:
         auth=args.auth,
         backend=args.backend,
         tls=_tls_settings(args, create_pki),
+        gateways=args.gateways,
+        controllers=args.controllers,
+        monitors=args.monitors,
     )
 
 
@@ -691,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=settings.backend,
             help="where replicas run: local processes, or docker containers",
         )
+        for role, what in (
+            ("gateways", "gateway processes (ports --gateway-port, +10, +20, ...)"),
+            ("controllers", "controllers: one leads, the others take over if it dies"),
+            ("monitors", "drift monitors sharing one PostgreSQL store (FLOWLINE_MONITOR_DB)"),
+        ):
+            sub.add_argument(f"--{role}", type=int, default=1, metavar="N", help=what)
 
     image = commands.add_parser("image", help="container images for the docker backend")
     images = image.add_subparsers(dest="image_command", required=True)

@@ -133,7 +133,7 @@ class Supervisor:
                     f"{role.name} is back (pid {role.process.pid}), "
                     f"{role.since - role.down_since:.1f}s after it went down"
                 )
-                if role.name == "gateway":
+                if role.name.startswith("gateway"):
                     # A new gateway starts with no routes; the controller pushes them.
                     self.platform.wake_controller()
             elif now - role.since > self.start_timeout:

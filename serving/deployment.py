@@ -299,6 +299,48 @@ class Variant:
         return cls(role, deployment, data.get(share_key, 1.0), data.get("sticky"))
 
 
+# The admin API header with which a coordinated controller says which published route
+# generation (serving/coordination.py) a change makes.
+GENERATION_HEADER = "X-Flowline-Generation"
+
+
+@dataclass(frozen=True)
+class RouteSnapshot:
+    """What a restarted gateway needs to route as before: the active deployments, in the
+    order they were first deployed, and the default model of `POST /invocations`."""
+
+    deployments: tuple[Deployment, ...]
+    default_model: str | None
+    variants: tuple[Variant, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the route file)."""
+        return {
+            "default_model": self.default_model,
+            "deployments": [d.to_dict() for d in self.deployments],
+            "variants": [{"role": v.role, **v.to_dict()} for v in self.variants],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RouteSnapshot:
+        """Parse `to_dict`'s form; ValueError when it is not that."""
+        if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+            raise ValueError("expected an object with a 'deployments' list")
+        default = data.get("default_model")
+        if default is not None and not isinstance(default, str):
+            raise ValueError("'default_model' must be a string or null")
+        # A route file written before canaries existed has no "variants": none, then.
+        variants = data.get("variants", [])
+        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+            raise ValueError("'variants' must be a list of objects")
+        parsed = tuple(
+            Variant.from_dict(str(v.get("role")), {k: x for k, x in v.items() if k != "role"})
+            for v in variants
+        )
+        deployments = tuple(Deployment.from_dict(d) for d in data["deployments"])
+        return cls(deployments, default, parsed)
+
+
 def parse_timeout(value: Any) -> float:
     """A per-model replica timeout in seconds: a positive, finite number (ValueError if not)."""
     try:

@@ -745,7 +745,7 @@ def test_admin_endpoints_alone() -> None:
         inflight = await admin.inflight(
             make_request("GET", "/admin/inflight", token="adm", query=b"replica=http://r:1")
         )
-        assert decoded(inflight) == {"replica": "http://r:1", "inflight": 0}
+        assert decoded(inflight) == {"replica": "http://r:1", "inflight": 0, "generation": 0}
         removed = await admin.delete_deployment(
             make_request("DELETE", "/admin/deployments/m", token="adm", path_params={"model": "m"})
         )

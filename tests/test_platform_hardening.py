@@ -65,7 +65,9 @@ def flowline_up(tmp: Path, *extra: str, **env: str) -> Iterator[Up]:
     home = tmp / "home"
     argv = flowline_up_argv(ports, *extra)
     log = tmp / "up.log"
-    environment = subprocess_env(FLOWLINE_HOME=str(home), FLOWLINE_RECONCILE_INTERVAL_S="1", **env)
+    environment = subprocess_env(
+        **{"FLOWLINE_HOME": str(home), "FLOWLINE_RECONCILE_INTERVAL_S": "1", **env}
+    )
     service = spawn_service(argv, log, environment, f"http://127.0.0.1:{ports.gateway}")
     up = Up(service, home, log, ports)
     try:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BeforeValidator, Field
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.processes import PRIVATE_UMASK
 from common.secrets import persistent_secret
@@ -34,8 +35,12 @@ from serving.backends.router import BACKEND_MODEL_TAG, BackendRouter
 from serving.controller.analysis import CanaryAnalyst, http_sources
 from serving.controller.app import WEBHOOK_PATH, build_app, register_webhook_safely
 from serving.controller.gateway_client import GatewayClient
+from serving.controller.gateway_fleet import GatewayFleet
+from serving.controller.leader import Election, Elector, sql_elector
+from serving.controller.leadership import Leadership
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import WebhookVerifier
+from serving.coordination import CONTROLLER, CoordinationStore, instance_id
 
 LISTEN_BACKLOG = 2048  # uvicorn's own default, what the controller had when uvicorn bound
 
@@ -66,6 +71,12 @@ class ControllerSettings(FlowlineBaseSettings):
     # rollbacks where the monitor posts its alerts.
     monitor_url: str = ""
     alert_webhooks: CommaList = ()
+    # Several controllers: the shared database (serving/coordination.py) and how they
+    # elect one: "auto" (the database's lock when it is set, else none), "kubernetes"
+    # (a coordination.k8s.io Lease) or "none" (this one always acts).
+    coordination_url: OptionalStr = None
+    leader_election: str = "auto"
+    advertise_url: OptionalStr = None
 
 
 def _parser(env: ControllerSettings) -> argparse.ArgumentParser:
@@ -127,7 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         app = _build(args, env, env.tracking_uri, tls, sock.getsockname()[1])
     except BackendError as exc:
         _fail(str(exc))
-    except (OSError, OverflowError, ValueError, MlflowException, sqlite3.Error) as exc:
+    except (
+        OSError,
+        OverflowError,
+        ValueError,
+        MlflowException,
+        sqlite3.Error,
+        SQLAlchemyError,
+    ) as exc:
         _fail(f"the controller cannot start: {exc}")
     run_on_socket(app, sock, tls, log_level="warning")
 
@@ -150,7 +168,15 @@ def _build(
     )
     admin_token = env.admin_token or persistent_secret(home / "admin-token")
     verify, cert = client_tls(tls)
-    gateway = GatewayClient(args.gateway_url, admin_token, verify=verify, cert=cert)
+    store = CoordinationStore(env.coordination_url) if env.coordination_url else None
+    fleet = None
+    gateway: GatewayClient | GatewayFleet
+    if store is None:
+        gateway = GatewayClient(args.gateway_url, admin_token, verify=verify, cert=cert)
+    else:
+        gateway = fleet = GatewayFleet(
+            store, lambda url: GatewayClient(url, admin_token, verify=verify, cert=cert)
+        )
     sources = http_sources(
         gateway,
         env.monitor_url.rstrip("/") or None,
@@ -164,17 +190,51 @@ def _build(
     # it against its own (certifi) store and presents no client certificate, so with
     # a private CA or mutual TLS deliveries fail and the reconcile loop deploys
     # promotions within its interval instead (docs/tls.md).
-    url = f"{scheme(tls)}://{url_host(args.host)}:{port}{WEBHOOK_PATH}"
-    return build_app(
+    base = env.advertise_url or f"{scheme(tls)}://{url_host(args.host)}:{port}"
+    url = f"{base.rstrip('/')}{WEBHOOK_PATH}"
+    verifier = WebhookVerifier(secret, seen_path=home / "webhook-deliveries.db")
+    elector = make_elector(env.leader_election, store, args.interval)
+    if elector is None:
+        return build_app(
+            reconciler,
+            verifier,
+            args.interval,
+            on_start=[
+                lambda: reconciler.adopt(backend.adopt_running()),
+                lambda: register_webhook_safely(client, url, secret),
+            ],
+            admin_token=admin_token,
+        )
+    # A quarter interval between rounds: a dead leader's lock is taken well within 2.
+    election = Election(elector, poll_s=max(0.2, min(1.0, args.interval / 4)))
+    leadership = Leadership(
+        election,
         reconciler,
-        WebhookVerifier(secret, seen_path=home / "webhook-deliveries.db"),
-        args.interval,
-        on_start=[
-            lambda: reconciler.adopt(backend.adopt_running()),
-            lambda: register_webhook_safely(client, url, secret),
-        ],
-        admin_token=admin_token,
+        backend,
+        store=store,
+        fleet=fleet,
+        url=base,
+        on_elected=[lambda: register_webhook_safely(client, url, secret)],
     )
+    return build_app(
+        reconciler, verifier, args.interval, admin_token=admin_token, leadership=leadership
+    )
+
+
+def make_elector(kind: str, store: CoordinationStore | None, interval: float) -> Elector | None:
+    """The elector ``FLOWLINE_LEADER_ELECTION`` names; None for a lone controller."""
+    if kind == "none" or (kind == "auto" and store is None):
+        return None
+    identity = instance_id(CONTROLLER)
+    if kind == "kubernetes":
+        from serving.controller.leader_k8s import KubernetesLeaseElector
+
+        return KubernetesLeaseElector.in_cluster(identity, ttl_s=interval)
+    if kind not in ("auto", "sql"):
+        raise ValueError(f"FLOWLINE_LEADER_ELECTION must be auto, sql, kubernetes or none: {kind}")
+    if store is None:
+        raise ValueError("FLOWLINE_LEADER_ELECTION=sql needs FLOWLINE_COORDINATION_URL")
+    return sql_elector(store, identity, interval)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from common.registry import CANARY_ALIAS, PRODUCTION_ALIAS, SHADOW_ALIAS
+from serving.controller.leadership import Leadership
 from serving.controller.reconciler import Reconciler
 from serving.controller.webhooks import ALIAS_EVENTS, WebhookRejected, WebhookVerifier
 
@@ -60,11 +61,17 @@ class LoopControl:
 WATCHED_ALIASES = (PRODUCTION_ALIAS, CANARY_ALIAS, SHADOW_ALIAS)
 
 
-def run_loop(reconciler: Reconciler, control: LoopControl, interval: float) -> None:
-    """Reconcile every ``interval`` seconds, or at once when woken."""
+def run_loop(
+    reconciler: Reconciler,
+    control: LoopControl,
+    interval: float,
+    leadership: Leadership | None = None,
+) -> None:
+    """Reconcile every ``interval`` seconds, or at once when woken; only while leading."""
     while not control.stop.is_set():
         try:
-            reconciler.reconcile()
+            if leadership is None or leadership.act():
+                reconciler.reconcile()
         except Exception:  # a failing pass (registry down, say) must not end the loop
             log.exception("reconcile pass failed; retrying in %.0fs", interval)
         control.wake.wait(interval)
@@ -77,9 +84,16 @@ def build_app(
     interval: float,
     on_start: list | None = None,
     admin_token: str | None = None,
+    leadership: Leadership | None = None,
 ) -> Starlette:
-    """The controller's HTTP app; the reconcile loop lives as long as the app."""
+    """The controller's HTTP app; the reconcile loop lives as long as the app.
+
+    With ``leadership`` (several controllers), only the elected one reconciles; the
+    others answer /health and /status and wait to take over.
+    """
     control = LoopControl(threading.Event(), threading.Event())
+    if leadership is not None:
+        leadership.wake = control.wake.set  # a new leader's first pass runs at once
 
     async def reconcile_now(request: Request) -> JSONResponse:
         # Internal: `flowline up` asks for a pass when it restarted the gateway.
@@ -112,7 +126,10 @@ def build_app(
         return JSONResponse({"accepted": name})
 
     async def status(_: Request) -> JSONResponse:
-        return JSONResponse(reconciler.status())
+        shown = reconciler.status()
+        if leadership is not None:
+            shown["leadership"] = leadership.describe()
+        return JSONResponse(shown)
 
     started = time.time()
 
@@ -121,6 +138,10 @@ def build_app(
         # outage, a stuck loop): liveness alone would say ok while nothing converges.
         age = time.time() - (reconciler.fresh_since() or started)
         body = {"last_reconcile": reconciler.last_pass, "seconds_since_success": round(age, 1)}
+        if leadership is not None and not leadership.active:
+            # A follower is healthy while its election rounds run: it has nothing to pass.
+            age = time.time() - (leadership.election.last_check or started)
+            body = {"role": "follower", "seconds_since_election": round(age, 1)}
         if age > STALE_INTERVALS * interval:
             reason = f"no successful reconcile pass for {age:.0f}s"
             return JSONResponse({"status": "unhealthy", "reason": reason, **body}, 503)
@@ -130,8 +151,13 @@ def build_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         for hook in on_start or []:
             hook()
+        if leadership is not None:
+            leadership.election.start()
         thread = threading.Thread(
-            target=run_loop, args=(reconciler, control, interval), name="reconcile", daemon=True
+            target=run_loop,
+            args=(reconciler, control, interval, leadership),
+            name="reconcile",
+            daemon=True,
         )
         thread.start()
         try:
@@ -140,7 +166,10 @@ def build_app(
             control.stop.set()
             control.wake.set()
             thread.join(timeout=60)
-            reconciler.stop_all()
+            if leadership is None:
+                reconciler.stop_all()
+            else:
+                leadership.step_down()
 
     return Starlette(
         routes=[

@@ -7,7 +7,7 @@ from typing import Any
 
 import requests
 
-from serving.deployment import Deployment, Variant
+from serving.deployment import GENERATION_HEADER, Deployment, Variant
 
 
 class GatewayError(RuntimeError):
@@ -56,26 +56,29 @@ class GatewayClient:
             raise GatewayError(f"gateway answered {response.status_code}: {message[:500]}")
         return response
 
-    def put(self, deployment: Deployment) -> None:
+    def put(self, deployment: Deployment, generation: int | None = None) -> None:
         """Make ``deployment`` the model's active route (the blue/green switch).
 
         The replicas were smoke-tested by the reconciler before this call, so the
-        gateway is asked to switch, not to check them again.
+        gateway is asked to switch, not to check them again. ``generation``: the
+        published route generation this change makes (serving/controller/gateway_fleet.py).
         """
-        self._call("PUT", f"/admin/deployments/{deployment.model}", json=deployment.to_dict())
+        path = f"/admin/deployments/{deployment.model}"
+        self._call("PUT", path, json=deployment.to_dict(), headers=_stamp(generation))
 
-    def delete(self, model: str) -> None:
+    def delete(self, model: str, generation: int | None = None) -> None:
         """Stop routing ``model``; absent already is fine."""
-        self._call("DELETE", f"/admin/deployments/{model}")
+        self._call("DELETE", f"/admin/deployments/{model}", headers=_stamp(generation))
 
-    def put_variant(self, variant: Variant) -> None:
+    def put_variant(self, variant: Variant, generation: int | None = None) -> None:
         """Make ``variant`` its model's canary or shadow (smoke-tested before, as ``put``)."""
         path = f"/admin/deployments/{variant.model}/{variant.role}"
-        self._call("PUT", path, json=variant.to_dict())
+        self._call("PUT", path, json=variant.to_dict(), headers=_stamp(generation))
 
-    def delete_variant(self, model: str, role: str) -> None:
+    def delete_variant(self, model: str, role: str, generation: int | None = None) -> None:
         """Remove the model's canary or shadow; absent already is fine."""
-        self._call("DELETE", f"/admin/deployments/{model}/{role}")
+        path = f"/admin/deployments/{model}/{role}"
+        self._call("DELETE", path, headers=_stamp(generation))
 
     def routes(self) -> dict[str, dict[str, Any]]:
         """{model: the gateway's view of its deployment}."""
@@ -84,9 +87,11 @@ class GatewayClient:
 
     def inflight(self, replica_url: str) -> int:
         """Requests the gateway is sending to ``replica_url`` right now."""
-        return int(
-            self._call("GET", "/admin/inflight", params={"replica": replica_url}).json()["inflight"]
-        )
+        return int(self.inflight_report(replica_url)["inflight"])
+
+    def inflight_report(self, replica_url: str) -> dict[str, Any]:
+        """{"inflight": n, "generation": the published route generation it holds}."""
+        return self._call("GET", "/admin/inflight", params={"replica": replica_url}).json()
 
     def drain(self, replica_urls: list[str], timeout: float) -> bool:
         """Wait until no request is in flight to any of ``replica_urls``; False on timeout."""
@@ -96,3 +101,7 @@ class GatewayClient:
                 return True
             time.sleep(0.05)
         return False
+
+
+def _stamp(generation: int | None) -> dict[str, str]:
+    return {} if generation is None else {GENERATION_HEADER: str(generation)}

@@ -573,6 +573,13 @@ class Reconciler:
         """Write a version's deployment status and reason (reason first)."""
         self._tag(model, version, status, reason)
 
+    def forget(self) -> None:
+        """Drop what this controller knows of its deployments, stopping nothing: another
+        controller now leads (or is about to), and adopts the replicas as they run."""
+        with self._lock:
+            self.deployed.clear()
+            self.variants.deployed.clear()
+
     def stop_all(self) -> None:
         """Stop every replica (clean shutdown); routes vanish with the gateway."""
         with self._lock:

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from common import http_auth
-from serving.deployment import ROLES, Deployment, Variant
+from serving.deployment import GENERATION_HEADER, ROLES, Deployment, Variant
 from serving.gateway import errors
 from serving.gateway.core import Gateway
 from serving.gateway.routes import ModelRoute
@@ -65,6 +65,7 @@ class AdminEndpoints:
         except (ValueError, TypeError) as exc:
             return errors.error_response(400, errors.INVALID_PARAMETER_VALUE, str(exc))
         previous = self.table.set_active(deployment)
+        self.table.note_pushed(pushed_generation(request))
         active = self.table.get(model)
         payload = {
             "deployment": (active.deployment if active else deployment).to_dict(),
@@ -78,6 +79,7 @@ class AdminEndpoints:
             return denied
         model = request.path_params["model"]
         removed = self.table.remove(model)
+        self.table.note_pushed(pushed_generation(request))
         if removed is None:
             return errors.error_response(
                 404, errors.RESOURCE_DOES_NOT_EXIST, f"Model '{model}' is not deployed."
@@ -134,6 +136,7 @@ class AdminEndpoints:
                 errors.RESOURCE_DOES_NOT_EXIST,
                 f"Model '{model}' has no production deployment for a {role} to join.",
             )
+        self.table.note_pushed(pushed_generation(request))
         payload = {"role": role, **variant.to_dict()}
         return JSONResponse({role: payload, "previous": previous.to_dict() if previous else None})
 
@@ -145,6 +148,7 @@ class AdminEndpoints:
         if role not in ROLES:
             return _no_such_role(role)
         removed = self.table.remove_variant(model, role)
+        self.table.note_pushed(pushed_generation(request))
         if removed is None:
             return errors.error_response(
                 404, errors.RESOURCE_DOES_NOT_EXIST, f"Model '{model}' has no {role}."
@@ -157,7 +161,15 @@ class AdminEndpoints:
             return denied
         replica = request.query_params.get("replica")
         if replica is not None:
-            return JSONResponse({"replica": replica, "inflight": self.table.inflight(replica)})
+            # With the generation: the controller drains only once every gateway has
+            # applied the switch, not just once this count is 0.
+            return JSONResponse(
+                {
+                    "replica": replica,
+                    "inflight": self.table.inflight(replica),
+                    "generation": self.table.generation,
+                }
+            )
         return JSONResponse({"replicas": self.table.inflight_by_replica()})
 
     async def replica_health(self, request: Request) -> Response:
@@ -183,6 +195,15 @@ class AdminEndpoints:
             self.table.mark_down(url, reason, hold=True)
         state = self.table.replica(url)
         return JSONResponse({"url": url, "healthy": state.healthy})
+
+
+def pushed_generation(request: Request) -> int | None:
+    """The published generation a controller's change carries (GENERATION_HEADER)."""
+    value = request.headers.get(GENERATION_HEADER)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _describe(gateway: Gateway, route: ModelRoute) -> dict[str, Any]:

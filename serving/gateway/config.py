@@ -38,6 +38,9 @@ DEFAULT_REDIS_PREFIX = "flowline:"
 # Mirrored shadow calls running at once; more are dropped (counted), never queued.
 DEFAULT_SHADOW_MAX_INFLIGHT = 32
 DEFAULT_GRPC_HOST = "127.0.0.1"
+# How often a coordinated gateway polls the published routes: well within the
+# controller's 5 s reconcile interval, one cheap SELECT per second.
+DEFAULT_ROUTE_SYNC_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ class GatewayConfig:
     shadow_max_inflight: mirrored shadow calls at once; beyond it a mirror is dropped.
     routes_file: where the route table is persisted and restored from at start;
         None keeps it in memory only (the default in code; `from_env` sets
-        $FLOWLINE_HOME/gateway/routes.json).
+        FLOWLINE_ROUTES_FILE, else $FLOWLINE_HOME/gateway/routes.json).
+    coordination_url: the database where the active controller publishes routes
+        (serving/coordination.py); when set, the gateway converges to them by itself
+        every `route_sync_s` and heartbeats as `advertise_url`, where controllers push.
     """
 
     api_keys: frozenset[str] = field(default_factory=frozenset)
@@ -92,6 +98,9 @@ class GatewayConfig:
     grpc_host: str = DEFAULT_GRPC_HOST
     routes_file: Path | None = None
     shadow_max_inflight: int = DEFAULT_SHADOW_MAX_INFLIGHT
+    coordination_url: str | None = None
+    advertise_url: str | None = None
+    route_sync_s: float = DEFAULT_ROUTE_SYNC_S
 
     def __post_init__(self) -> None:
         if self.rate_limits is not None:
@@ -104,7 +113,13 @@ class GatewayConfig:
         for name in (*positive, "shadow_max_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number")
-        seconds = ("backend_timeout_s", "health_interval_s", "body_timeout_s", "header_timeout_s")
+        seconds = (
+            "backend_timeout_s",
+            "health_interval_s",
+            "body_timeout_s",
+            "header_timeout_s",
+            "route_sync_s",
+        )
         for name in seconds:
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):
@@ -116,7 +131,9 @@ class GatewayConfig:
         env = GatewaySettings.from_env(environ)
         values = dataclass_values(env, cls)
         values["api_keys"] = frozenset(env.api_keys) | load_api_keys(None, env.api_keys_file)
-        return cls(**values, routes_file=env.home / ROUTES_FILE)
+        given = values.pop("routes_file", None)
+        routes_file = Path(given) if given else env.home / ROUTES_FILE
+        return cls(**values, routes_file=routes_file)
 
 
 def _rate_limit(value: str | None) -> str | None:
@@ -153,6 +170,10 @@ class GatewaySettings(HomeSettings):
     grpc_port: OptionalPort = None
     grpc_host: str = DEFAULT_GRPC_HOST
     shadow_max_inflight: PositiveInt = DEFAULT_SHADOW_MAX_INFLIGHT
+    routes_file: OptionalStr = None
+    coordination_url: OptionalStr = None
+    advertise_url: OptionalStr = None
+    route_sync_s: PositiveFloat = DEFAULT_ROUTE_SYNC_S
 
 
 def flowline_home(env: Mapping[str, str]) -> Path:

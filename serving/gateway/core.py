@@ -39,6 +39,7 @@ from serving.gateway.csv_bodies import (
 from serving.gateway.limits import RateLimiter, cached_item, key_id
 from serving.gateway.metrics import GatewayMetrics, RouteMetrics
 from serving.gateway.replicas import ReplicaPool
+from serving.gateway.route_sync import RouteSync
 from serving.gateway.routes import ErrorNote, ModelRoute, RouteTable
 from serving.gateway.shadow import ShadowMirror
 from serving.gateway.wire import BatchSchema, is_json_content_type, parse_tabular, scrub_error_body
@@ -92,6 +93,8 @@ class Gateway:
             self.table, self.dispatch, self.metrics, self.config.shadow_max_inflight
         )
         self._inflight = 0
+        # Set by serve_gateway when a coordination database is configured.
+        self.route_sync: RouteSync | None = None
         # Request ids: unique across restarts and gateway processes by the random prefix.
         self._request_prefix = secrets.token_hex(4)
         self._request_count = 0
@@ -564,12 +567,22 @@ class Gateway:
         prober = asyncio.create_task(
             self.replicas.probe_down_replicas(self.config.health_interval_s)
         )
+        syncer = None
+        if self.route_sync is not None:
+            # Before the first request: a restarted gateway routes as published, not
+            # as its route file said when it died.
+            await self.route_sync.sync_once()
+            syncer = asyncio.create_task(self.route_sync.run())
         try:
             yield
         finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await prober
+            for task in (prober, syncer):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if self.route_sync is not None:
+                await asyncio.to_thread(self.route_sync.leave)
             await self.shadow.aclose()
             await self.capture.drain()
             await self.replicas.aclose()

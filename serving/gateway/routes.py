@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from serving.deployment import Deployment, Variant
+from serving.deployment import Deployment, RouteSnapshot, Variant
 
 Choose = Callable[["ModelRoute", "ModelRoute"], "ModelRoute"]
 """choose(production route, canary route) -> the route one request takes."""
@@ -73,43 +73,6 @@ class ModelRoute:
         return next(self._cursor)
 
 
-@dataclass(frozen=True)
-class RouteSnapshot:
-    """What a restarted gateway needs to route as before: the active deployments, in the
-    order they were first deployed, and the default model of `POST /invocations`."""
-
-    deployments: tuple[Deployment, ...]
-    default_model: str | None
-    variants: tuple[Variant, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (the route file)."""
-        return {
-            "default_model": self.default_model,
-            "deployments": [d.to_dict() for d in self.deployments],
-            "variants": [{"role": v.role, **v.to_dict()} for v in self.variants],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any) -> RouteSnapshot:
-        """Parse `to_dict`'s form; ValueError when it is not that."""
-        if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
-            raise ValueError("expected an object with a 'deployments' list")
-        default = data.get("default_model")
-        if default is not None and not isinstance(default, str):
-            raise ValueError("'default_model' must be a string or null")
-        # A route file written before canaries existed has no "variants": none, then.
-        variants = data.get("variants", [])
-        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
-            raise ValueError("'variants' must be a list of objects")
-        parsed = tuple(
-            Variant.from_dict(str(v.get("role")), {k: x for k, x in v.items() if k != "role"})
-            for v in variants
-        )
-        deployments = tuple(Deployment.from_dict(d) for d in data["deployments"])
-        return cls(deployments, default, parsed)
-
-
 class RouteTable:
     """The in-memory table of active deployments, replica health and in-flight counts.
 
@@ -140,6 +103,9 @@ class RouteTable:
         self._replicas: dict[str, ReplicaState] = {}
         # Models in the order they were first deployed: the first is the sticky default.
         self._order: list[str] = []
+        # The published generation (serving/coordination.py) this table holds in full:
+        # 0 until a coordinated gateway has caught up, or when it is not coordinated.
+        self.generation = 0
 
     # --- controller side -------------------------------------------------------------------
 
@@ -169,6 +135,15 @@ class RouteTable:
             self.loaded = True
         self._changed()
         return previous.deployment if previous is not None else None
+
+    def note_pushed(self, generation: int | None) -> None:
+        """Count a pushed change of published ``generation`` as applied.
+
+        Only the next generation counts: after a missed push the table is not whole,
+        and the route sync (serving/gateway/route_sync.py) applies the full table.
+        """
+        if generation is not None and generation == self.generation + 1:
+            self.generation = generation
 
     def _mark_fresh(self, deployment: Deployment) -> None:
         for url in deployment.replicas:

@@ -10,15 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.servers import listening_socket, run_on_socket, url_host, write_port_file
 from common.tls import TlsSettings, grpc_server_credentials, scheme
+from serving.coordination import GATEWAY, CoordinationStore, instance_id
 from serving.deployment import Deployment
 from serving.gateway.app import create_app
 from serving.gateway.capture import OnScored
 from serving.gateway.config import GatewayConfig
 from serving.gateway.fast_path import ScoringFastPath
 from serving.gateway.route_store import RouteStore
+from serving.gateway.route_sync import RouteSync
 from serving.gateway.routes import RouteTable
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,16 @@ def bounded_http(config: GatewayConfig, http: str) -> dict[str, Any]:
         return {"http": bounded_protocol(config.max_header_bytes, config.header_timeout_s)}
     # h11 only bounds the size (it answers 400 and closes); httptools is a pinned dependency.
     return {"http": "h11", "h11_max_incomplete_event_size": config.max_header_bytes}
+
+
+def coordination_store(url: str) -> CoordinationStore:
+    """The shared database of published routes; a one-line ValueError when unusable."""
+    try:
+        return CoordinationStore(url)
+    except SQLAlchemyError as exc:
+        raise ValueError(
+            f"the coordination database cannot be used: {str(exc).splitlines()[0][:200]}"
+        ) from None
 
 
 def load_deployments(path: str | Path) -> list[Deployment]:
@@ -90,6 +103,15 @@ def serve_gateway(
     logger.warning(
         "flowline gateway on %s://%s:%d (%s)", scheme(tls), url_host(host), bound, runtime
     )
+    if config.coordination_url:
+        advertised = config.advertise_url or f"{scheme(tls)}://{url_host(host)}:{bound}"
+        app.state.gateway.route_sync = RouteSync(
+            table,
+            coordination_store(config.coordination_url),
+            instance_id(GATEWAY),
+            advertised.rstrip("/"),
+            config.route_sync_s,
+        )
     if port_file is not None:
         write_port_file(port_file, bound)
     # Everything imported and built so far (pandas, numpy, the app: 100k+ objects) lives

@@ -591,7 +591,8 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
         monitor_database_url=args.monitor_database_url,
         artifacts=args.artifacts,
         gateways=args.gateways,
-        max_gateways=args.gateways,
+        max_gateways=args.max_gateways,
+        controllers=args.controllers,
         monitors=args.monitors,
     )
     try:
@@ -736,13 +737,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--artifacts", default="pvc", help="'pvc' (a PersistentVolumeClaim) or an s3:// URI"
     )
+    render.add_argument("--gateways", type=int, default=2, help="gateway pods (HPA minimum)")
+    render.add_argument("--max-gateways", type=int, default=6, help="the HPA's maximum")
+    render.add_argument("--controllers", type=int, default=2, help="one leads (a Lease)")
     render.add_argument(
-        "--gateways",
-        type=int,
-        default=1,
-        help="gateway pods (HPA minimum and maximum); more than 1 needs issue 15's route sync",
+        "--monitors", type=int, default=1, help="monitor pods (they share the monitor store)"
     )
-    render.add_argument("--monitors", type=int, default=1)
     render.set_defaults(func=cmd_k8s_render)
 
     def tls_options(sub: argparse.ArgumentParser) -> None:

@@ -20,9 +20,11 @@ Kustomize rather than Helm: the output is plain manifests a reviewer can read an
 applies them with no extra tool. Every manifest is validated offline against the
 Kubernetes OpenAPI schemas in the tests (tests/test_k8s_manifests.py).
 
-What is not here yet (issue 15): a Kubernetes serving backend, leader election and
-gateways that converge their routes by themselves, so the controller runs as one
-instance and starts replicas as processes in its own pod, and one gateway serves.
+Several instances of each role (docs/scaling.md): controllers elect one leader with a
+``coordination.k8s.io`` Lease and run replicas as Deployments of their own through the
+Kubernetes backend (``serving/backends/kubernetes.py``); gateways converge to the routes
+the leader publishes in the tracking server's PostgreSQL database and are found by pod
+IP (the downward API); monitors share the monitor's PostgreSQL store.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ class RenderOptions:
     database_url: str = "postgresql://flowline@postgres:5432/mlflow"
     monitor_database_url: str = "postgresql://flowline@postgres:5432/flowline_monitor"
     artifacts: str = "pvc"  # "pvc", or an s3:// URI (credentials from the Secret)
-    # One gateway until gateways converge their routes by themselves (issue 15): today the
-    # controller pushes routes to the gateway Service, which reaches one pod per push.
-    gateways: int = 1
-    max_gateways: int = 1
+    # Two of each stateless role, so one pod's loss (a node drain) interrupts nothing.
+    gateways: int = 2
+    max_gateways: int = 6
+    controllers: int = 2
     monitors: int = 1
 
 
@@ -113,6 +115,14 @@ def _secret_env(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
         {"name": name, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}}
         for name, key in pairs
     ]
+
+
+def _advertised(role: str) -> list[dict[str, Any]]:
+    """FLOWLINE_ADVERTISE_URL from the pod's IP: the leader pushes to every gateway pod,
+    not to the Service (which reaches one pod per call), and webhooks find the leader."""
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    url = {"name": "FLOWLINE_ADVERTISE_URL", "value": f"http://$(POD_IP):{PORTS[role]}"}
+    return [pod_ip, url]
 
 
 def _deployment(
@@ -198,7 +208,8 @@ def _controller(options: RenderOptions) -> list[dict[str, Any]]:
     env = _secret_env(
         ("FLOWLINE_ADMIN_TOKEN", "admin-token"),
         ("FLOWLINE_WEBHOOK_SECRET", "webhook-secret"),
-    )
+        ("FLOWLINE_COORDINATION_URL", "database-url"),
+    ) + _advertised("controller")
     container = _container("controller", options, command, "/health", env)
     account = {
         "apiVersion": "v1",
@@ -254,9 +265,10 @@ def _controller(options: RenderOptions) -> list[dict[str, Any]]:
         },
         "subjects": [{"kind": "ServiceAccount", "name": "flowline-controller"}],
     }
-    # One instance until leader election lands (issue 15): two would fight.
-    deployment = _deployment("controller", 1, container, service_account="flowline-controller")
-    deployment["spec"]["strategy"] = {"type": "Recreate"}
+    # One leads (the Lease), the others take over within two reconcile intervals.
+    deployment = _deployment(
+        "controller", options.controllers, container, service_account="flowline-controller"
+    )
     return [account, role, binding, deployment, _service("controller")]
 
 
@@ -266,7 +278,8 @@ def _gateway(options: RenderOptions) -> list[dict[str, Any]]:
         ("FLOWLINE_ADMIN_TOKEN", "admin-token"),
         ("FLOWLINE_API_KEYS", "api-keys"),
         ("FLOWLINE_INGEST_TOKEN", "ingest-token"),
-    )
+        ("FLOWLINE_COORDINATION_URL", "database-url"),
+    ) + _advertised("gateway")
     container = _container("gateway", options, command, "/ping", env)
     target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "flowline-gateway"}
     cpu = {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
@@ -353,6 +366,12 @@ def _config(options: RenderOptions) -> dict[str, Any]:
             "FLOWLINE_GATEWAY_URL": f"http://flowline-gateway:{PORTS['gateway']}",
             "FLOWLINE_MONITOR_URL": f"http://flowline-monitor:{PORTS['monitor']}",
             "FLOWLINE_CONTROLLER_URL": f"http://flowline-controller:{PORTS['controller']}",
+            # Replicas as Deployments of their own, labelled for this platform, so that
+            # whichever controller leads adopts them; the leader holds a Lease.
+            "FLOWLINE_BACKEND": "kubernetes",
+            "FLOWLINE_K8S_NAMESPACE": options.namespace,
+            "FLOWLINE_K8S_INSTANCE": APP,
+            "FLOWLINE_LEADER_ELECTION": "kubernetes",
         },
     }
 
@@ -395,8 +414,8 @@ def render(target: Path, options: RenderOptions) -> list[Path]:
     """Write the base into ``target`` (created 0700); the Secret's file is 0600."""
     if options.artifacts != "pvc" and not options.artifacts.startswith("s3://"):
         raise ValueError(f"artifacts must be 'pvc' or an s3:// URI, got {options.artifacts!r}")
-    if options.gateways < 1 or options.monitors < 1:
-        raise ValueError("gateways and monitors must be at least 1")
+    if min(options.gateways, options.controllers, options.monitors) < 1:
+        raise ValueError("gateways, controllers and monitors must be at least 1")
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     files = resources(options)
     kustomization = {

@@ -25,7 +25,7 @@ from serving.coordination import GATEWAY, CoordinationStore, instance_id
 from serving.deployment import Deployment, RouteSnapshot
 from serving.gateway.route_sync import RouteSync, apply_snapshot
 from serving.gateway.routes import RouteTable
-from tests.conftest import REPO, wait_for
+from tests.conftest import BIN, REPO, subprocess_env, wait_for
 from tests.k8s_fake import FakeCluster
 
 
@@ -285,3 +285,29 @@ def test_the_fleet_publishes_then_pushes_to_every_live_gateway(
     again = GatewayFleet(sqlite_store, gateways.__getitem__)
     again.load()
     assert again.generation == 1 and again.snapshot().deployments[0].version == "1"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--monitors", "2"], "more than one monitor needs one PostgreSQL store"),
+        (["--gateways", "0"], "--gateways must be between 1 and 8"),
+        (["--controllers", "9"], "--controllers must be between 1 and 8"),
+    ],
+)
+def test_a_topology_flowline_up_cannot_run_is_one_line_and_exit_2(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    env = subprocess_env(FLOWLINE_HOME=str(tmp_path / "home"))
+    env.pop("FLOWLINE_MONITOR_DB", None)
+    done = subprocess.run(
+        [str(BIN / "flowline"), "up", "--port", "1", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("flowline: error: ") and message in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr

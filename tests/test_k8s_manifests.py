@@ -113,7 +113,23 @@ def test_every_role_runs_with_probes_limits_and_a_restricted_security_context(re
             assert security["capabilities"]["drop"] == ["ALL"]
         # Only the controller talks to the Kubernetes API.
         assert pod["automountServiceAccountToken"] is (role == "controller")
-    assert deployments["gateway"]["spec"]["replicas"] == 1  # until routes sync (issue 15)
+    # Several of each: gateways and controllers find each other by pod IP, the controllers
+    # elect a leader with a Lease and run replicas through the Kubernetes backend.
+    assert deployments["gateway"]["spec"]["replicas"] == 2
+    assert deployments["controller"]["spec"]["replicas"] == 2
+    for role in ("gateway", "controller"):
+        env = {
+            e["name"]: e
+            for e in deployments[role]["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["FLOWLINE_ADVERTISE_URL"]["value"] == f"http://$(POD_IP):{k8s.PORTS[role]}"
+        assert (
+            env["FLOWLINE_COORDINATION_URL"]["valueFrom"]["secretKeyRef"]["key"] == "database-url"
+        )
+    config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+    assert config["FLOWLINE_LEADER_ELECTION"] == "kubernetes"
+    assert config["FLOWLINE_BACKEND"] == "kubernetes"
     kinds = {(d["kind"], d["metadata"]["name"]) for d in rendered}
     assert ("HorizontalPodAutoscaler", "flowline-gateway") in kinds
     assert ("PodDisruptionBudget", "flowline-gateway") in kinds

@@ -9,6 +9,7 @@ is itself a `Backend`, so the controller does not know there are several.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
@@ -91,6 +92,8 @@ class BackendRouter:
         """Replicas left running on any backend; one whose runtime is gone is skipped."""
         adopted: list[Replica] = []
         for kind in BACKENDS:
+            if kind == "kubernetes" and not self._may_use_kubernetes():
+                continue
             try:
                 found = self.backend(kind).adopt_running()
             except BackendError as exc:
@@ -100,3 +103,10 @@ class BackendRouter:
                 self._owner.update({r.url: kind for r in found})
             adopted.extend(found)
         return adopted
+
+    def _may_use_kubernetes(self) -> bool:
+        # Only a controller that runs Kubernetes replicas (its default, or one set up for
+        # a cluster) asks a cluster: a kubeconfig on a laptop must not slow every start.
+        return self.default == "kubernetes" or any(
+            name in os.environ for name in ("KUBERNETES_SERVICE_HOST", "FLOWLINE_K8S_NAMESPACE")
+        )

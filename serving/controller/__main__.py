@@ -179,7 +179,9 @@ def _build(
         )
     sources = http_sources(
         gateway,
-        env.monitor_url.rstrip("/") or None,
+        # FLOWLINE_MONITOR_URL may list several monitors (they share one store): any
+        # of them answers the same drift and performance views.
+        next((u.strip().rstrip("/") for u in env.monitor_url.split(",") if u.strip()), None),
         tuple(env.alert_webhooks),
         {"verify": verify, "cert": cert},
     )

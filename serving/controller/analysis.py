@@ -150,28 +150,31 @@ class Traffic:
         return lower
 
 
-def scrape(text: str, model: str) -> dict[str, Traffic]:
-    """Each version's traffic of ``model`` in the gateway's Prometheus text."""
+def scrape(text: str | list[str], model: str) -> dict[str, Traffic]:
+    """Each version's traffic of ``model`` in the gateway's Prometheus text, or summed
+    over the texts of several gateways (counters and histogram buckets add up)."""
     requests_: dict[str, float] = {}
     errors: dict[str, float] = {}
-    buckets: dict[str, list[tuple[float, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name not in (REQUESTS_METRIC, LATENCY_METRIC):
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("model") != model:
+    buckets: dict[str, dict[float, float]] = {}
+    for one in [text] if isinstance(text, str) else text:
+        for family in text_string_to_metric_families(one):
+            if family.name not in (REQUESTS_METRIC, LATENCY_METRIC):
                 continue
-            version = labels.get("version", "")
-            if sample.name == f"{REQUESTS_METRIC}_total":
-                requests_[version] = requests_.get(version, 0.0) + sample.value
-                if not labels.get("code", "").startswith("2"):
-                    errors[version] = errors.get(version, 0.0) + sample.value
-            elif sample.name == f"{LATENCY_METRIC}_bucket":
-                bound = float(labels["le"])
-                buckets.setdefault(version, []).append((bound, sample.value))
+            for sample in family.samples:
+                labels = sample.labels
+                if labels.get("model") != model:
+                    continue
+                version = labels.get("version", "")
+                if sample.name == f"{REQUESTS_METRIC}_total":
+                    requests_[version] = requests_.get(version, 0.0) + sample.value
+                    if not labels.get("code", "").startswith("2"):
+                        errors[version] = errors.get(version, 0.0) + sample.value
+                elif sample.name == f"{LATENCY_METRIC}_bucket":
+                    bound = float(labels["le"])
+                    counts = buckets.setdefault(version, {})
+                    counts[bound] = counts.get(bound, 0.0) + sample.value
     return {
-        v: Traffic(requests_[v], errors.get(v, 0.0), tuple(sorted(buckets.get(v, []))))
+        v: Traffic(requests_[v], errors.get(v, 0.0), tuple(sorted(buckets.get(v, {}).items())))
         for v in requests_
     }
 
@@ -267,7 +270,7 @@ class _Interval:
 class Sources:
     """Where the analyst reads: the gateway's metrics and models, the monitor's views."""
 
-    gateway_metrics: Callable[[], str]
+    gateway_metrics: Callable[[], str | list[str]]
     gateway_models: Callable[[], list[dict[str, Any]]]
     monitor: Callable[[str], dict[str, Any] | None] | None = None  # GET path -> JSON
     post_alert: Callable[[str, dict[str, Any]], None] | None = None  # (url, body)
@@ -455,11 +458,11 @@ def http_sources(
     over HTTP(S), and post alerts as JSON."""
     tls = tls or {}
 
-    def metrics() -> str:
-        return gateway._call("GET", "/metrics").text
+    def metrics() -> list[str]:
+        return gateway.metrics_texts()
 
     def models() -> list[dict[str, Any]]:
-        return gateway._call("GET", "/models").json().get("models", [])
+        return gateway.models()
 
     def monitor(path: str) -> dict[str, Any] | None:
         try:

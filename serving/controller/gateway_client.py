@@ -85,6 +85,14 @@ class GatewayClient:
         data = self._call("GET", "/admin/deployments").json()
         return {d["model"]: d for d in data.get("deployments", [])}
 
+    def metrics_texts(self) -> list[str]:
+        """The gateway's Prometheus text (a list: a fleet answers one per gateway)."""
+        return [self._call("GET", "/metrics").text]
+
+    def models(self) -> list[dict[str, Any]]:
+        """What the gateway's ``GET /models`` lists."""
+        return self._call("GET", "/models").json().get("models", [])
+
     def inflight(self, replica_url: str) -> int:
         """Requests the gateway is sending to ``replica_url`` right now."""
         return int(self.inflight_report(replica_url)["inflight"])

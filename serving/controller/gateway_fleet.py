@@ -125,6 +125,27 @@ class GatewayFleet:
                 agreed[model] = route
         return agreed
 
+    def metrics_texts(self) -> list[str]:
+        """Every live gateway's Prometheus text: the canary analysis sums them."""
+        texts = []
+        for url, client in self._live():
+            try:
+                texts.extend(client.metrics_texts())
+            except GatewayError as exc:
+                log.warning("gateway %s: %s", url, exc)
+        if not texts:
+            raise GatewayError("no gateway answered GET /metrics")
+        return texts
+
+    def models(self) -> list[dict[str, Any]]:
+        """``GET /models`` of the first live gateway that answers."""
+        for url, client in self._live():
+            try:
+                return client.models()
+            except GatewayError as exc:
+                log.warning("gateway %s: %s", url, exc)
+        raise GatewayError("no gateway answered GET /models")
+
     def inflight(self, replica_url: str) -> int:
         """Requests every live gateway is sending to ``replica_url``, summed."""
         return sum(self._inflight_of(client, replica_url)[0] for _, client in self._live())

@@ -447,7 +447,7 @@ def test_admin_api_contract(
                         "batching", "since"}  # fmt: skip
     assert post(f"{gateway.url}/models/tmp/invocations", split([ROW]), JSON).status_code == 200
     inflight = httpx.get(f"{base}/inflight", params={"replica": bc2}, headers=ADMIN_HEADERS)
-    assert inflight.json() == {"replica": bc2, "inflight": 0}
+    assert inflight.json() == {"replica": bc2, "inflight": 0, "generation": 0}
 
     marked = httpx.post(f"{base}/replicas/health", json={"url": bc2, "healthy": False},
                         headers=ADMIN_HEADERS)  # fmt: skip

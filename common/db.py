@@ -8,11 +8,13 @@ SQLite file is owner-only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -57,3 +59,25 @@ def sqlite_engine(path: Path, synchronous: str = "FULL") -> Engine:
         cursor.close()
 
     return engine
+
+
+@contextlib.contextmanager
+def schema_lock(engine: Engine, name: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock named ``name`` while the block creates tables.
+
+    Several processes starting at once (two monitors, controllers, gateway pods) would
+    otherwise race in CREATE TABLE and one would fail on PostgreSQL's catalog unique
+    index. On SQLite, which serializes writers itself, this does nothing.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()

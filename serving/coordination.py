@@ -43,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from common.db import sqlalchemy_url, sqlite_engine
+from common.db import schema_lock, sqlalchemy_url, sqlite_engine
 from serving.deployment import RouteSnapshot
 
 COORDINATION_URL_ENV = "FLOWLINE_COORDINATION_URL"
@@ -128,7 +128,8 @@ class CoordinationStore:
                 f"not {url.split(':', 1)[0]!r}"
             )
         self.url = url
-        metadata.create_all(self.engine, checkfirst=True)
+        with schema_lock(self.engine, "flowline-coordination-schema"):
+            metadata.create_all(self.engine, checkfirst=True)
 
     @property
     def dialect(self) -> str:

@@ -12,9 +12,13 @@ import datetime as dt
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from serving.controller.gateway_client import GatewayError
@@ -25,7 +29,7 @@ from serving.coordination import GATEWAY, CoordinationStore, instance_id
 from serving.deployment import Deployment, RouteSnapshot
 from serving.gateway.route_sync import RouteSync, apply_snapshot
 from serving.gateway.routes import RouteTable
-from tests.conftest import BIN, REPO, subprocess_env, wait_for
+from tests.conftest import BIN, POSTGRES_ADMIN, REPO, subprocess_env, wait_for
 from tests.k8s_fake import FakeCluster
 
 
@@ -311,3 +315,44 @@ def test_a_topology_flowline_up_cannot_run_is_one_line_and_exit_2(
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("flowline: error: ") and message in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.postgres
+def test_processes_starting_together_on_an_empty_postgresql_database_all_start(
+    postgres_database: str,
+) -> None:
+    # Two monitors (or controller and gateway pods) starting at once used to race in
+    # CREATE TABLE, and one died on PostgreSQL's catalog unique index.
+    from monitoring.service.store import MonitorStore
+
+    admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
+    name = f"flowline_race_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"{POSTGRES_ADMIN.rsplit('/', 1)[0]}/{name}"
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+    stores: list[Any] = []
+
+    def start(kind: type) -> None:
+        barrier.wait()
+        try:
+            stores.append(kind(url))
+        except BaseException as exc:  # recorded, asserted below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=start, args=(kind,))
+        for kind in (MonitorStore, CoordinationStore) * 3
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert errors == [], errors[:1]
+        assert len(stores) == 6
+    finally:
+        for store in stores:
+            store.close()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -70,7 +70,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from common.db import sqlalchemy_url, sqlite_engine
+from common.db import schema_lock, sqlalchemy_url, sqlite_engine
 from monitoring.capture.record import CaptureRecord, loads_text
 from monitoring.service.claims import stream_locks
 from monitoring.service.ingest_checks import PreparedBatch, PreparedRecord, prepare_batch
@@ -416,9 +416,10 @@ class MonitorStore:
             self.engine: Engine = sqlite_engine(path, synchronous="NORMAL")
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5)
-        metadata.create_all(self.engine)
-        _add_new_columns(self.engine)
-        _add_new_indexes(self.engine)
+        with schema_lock(self.engine, "flowline-monitor-schema"):
+            metadata.create_all(self.engine)
+            _add_new_columns(self.engine)
+            _add_new_indexes(self.engine)
         # One writer at a time in this process: SQLite needs it, and it makes the
         # duplicate check of ingest race-free (the unique key is the final guard).
         self._write_lock = threading.Lock()

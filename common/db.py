@@ -61,6 +61,11 @@ def sqlite_engine(path: Path, synchronous: str = "FULL") -> Engine:
     return engine
 
 
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit PostgreSQL advisory-lock key for the lock called ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
 @contextlib.contextmanager
 def schema_lock(engine: Engine, name: str) -> Iterator[None]:
     """Hold a PostgreSQL advisory lock named ``name`` while the block creates tables.
@@ -72,7 +77,7 @@ def schema_lock(engine: Engine, name: str) -> Iterator[None]:
     if engine.dialect.name != "postgresql":
         yield
         return
-    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    key = advisory_key(name)
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
         conn.commit()

@@ -207,3 +207,13 @@ class ManagedProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def pid_running(pid: int) -> bool:
+    """True while process ``pid`` exists on this host and is not a zombie (killed, not
+    yet reaped). Read from /proc, so another user's process counts as running too."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -42,6 +42,8 @@ from sqlalchemy import Column, Double, Engine, MetaData, String, Table, delete, 
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
+from common.processes import pid_running
+
 # How long an SQLite lease lasts without its holder: longer than any one job's pass
 # (a window evaluation takes well under a second; an MLflow upload a few seconds).
 DEFAULT_LEASE_S = 300.0
@@ -179,10 +181,4 @@ def _process_alive(holder: str) -> bool:
         pid = int(holder.split("-", 1)[0])
     except ValueError:
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
+    return pid_running(pid)

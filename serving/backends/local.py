@@ -16,6 +16,7 @@ import requests
 from common.processes import (
     ManagedProcess,
     option_args,
+    pid_running,
     replica_environment,
     venv_bin,
 )
@@ -205,11 +206,7 @@ class AdoptedProcess:
 
     def alive(self) -> bool:
         """True while the process exists and is not a zombie."""
-        try:
-            state = Path(f"/proc/{self.pid}/stat").read_text().split(") ", 1)[1][0]
-        except (OSError, IndexError):
-            return False
-        return state != "Z"
+        return pid_running(self.pid)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL it if it outlives ``grace`` seconds."""

@@ -18,7 +18,6 @@ while a long rollout holds the reconcile loop.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -30,6 +29,8 @@ from typing import Any, Protocol
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from common.db import advisory_key
+from common.processes import pid_running
 from serving.coordination import CoordinationStore, leases
 
 log = logging.getLogger("flowline.controller")
@@ -64,18 +65,13 @@ class AlwaysLeader:
         """Nothing to give up."""
 
 
-def _lock_key(name: str) -> int:
-    # A stable signed 64-bit key for pg_advisory_lock, derived from the lease name.
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
 class AdvisoryLockElector:
     """PostgreSQL: a session advisory lock on a connection kept open while leading."""
 
     def __init__(self, store: CoordinationStore, identity: str, name: str = LEADER_LEASE) -> None:
         self.store = store
         self.identity = identity
-        self.key = _lock_key(name)
+        self.key = advisory_key(name)
         self._conn: Any = None
 
     def try_lead(self) -> bool:
@@ -195,22 +191,7 @@ def holder_is_dead(holder: str) -> bool:
         return False
     if not rest.endswith(f"-{socket.gethostname()}") or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    # A killed controller whose parent has not reaped it yet still has a pid.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return not pid_running(pid)
 
 
 def sql_elector(store: CoordinationStore, identity: str, interval_s: float) -> Elector:

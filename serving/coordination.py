@@ -76,7 +76,6 @@ leases = Table(
     metadata,
     Column("name", String(128), primary_key=True),
     Column("holder", String(128), nullable=False),
-    Column("term", BigInteger, nullable=False),
     Column("expires_at", Float, nullable=False),
 )
 ROUTE_ROW = 1
@@ -176,16 +175,14 @@ class CoordinationStore:
     def published(self, newer_than: int = 0) -> Published | None:
         """The published table when its generation is above ``newer_than``, else None."""
         with self.engine.connect() as conn:
-            generation = conn.execute(
-                select(route_state.c.generation).where(route_state.c.id == ROUTE_ROW)
-            ).scalar()
-            if generation is None or generation <= newer_than:
-                return None
+            # One round trip, and no body unless it is newer: gateways poll every second.
             row = conn.execute(
                 select(route_state.c.generation, route_state.c.body).where(
-                    route_state.c.id == ROUTE_ROW
+                    route_state.c.id == ROUTE_ROW, route_state.c.generation > newer_than
                 )
-            ).one()
+            ).first()
+        if row is None:
+            return None
         return Published(int(row.generation), RouteSnapshot.from_dict(json.loads(row.body)))
 
     # -- members ---------------------------------------------------------------------

@@ -154,7 +154,7 @@ class LeaseElector:
                     return bool(taken)
                 conn.execute(
                     insert(leases).values(
-                        name=self.name, holder=self.identity, term=1, expires_at=now + self.ttl_s
+                        name=self.name, holder=self.identity, expires_at=now + self.ttl_s
                     )
                 )
                 return True
